@@ -1,0 +1,303 @@
+//! Configuration: defaults, the TOML file, `VOLLEY_*` environment overrides, validation.
+//!
+//! Owns [`Config`], the one immutable settings value every other module reads. Loading
+//! layers, lowest first: embedded defaults, the TOML file, `VOLLEY_<KEY>` environment
+//! variables, command-line flags. It must not start anything or touch sockets; a bad value
+//! is a [`ConfigError`] naming the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Every setting, with PROTOCOL.md's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the one listener serving every route.
+    pub listen: SocketAddr,
+    /// Reactor threads; 0 means one per available core.
+    pub shards: usize,
+    /// TCP connections at once, every kind counted.
+    pub max_connections: usize,
+    /// TCP connections at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Largest WebSocket message in, and largest encoded event.
+    pub max_message_bytes: usize,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
+    /// Subscriptions one WebSocket connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Sustained messages per second one connection may send.
+    pub rate_per_second: u32,
+    /// Messages one connection may send in a burst.
+    pub rate_burst: u32,
+    /// Seconds of continuous rate limiting before a WebSocket is closed with 1008.
+    pub rate_limit_close_after_ms: u64,
+    /// Bytes queued for one connection before it is closed as a slow consumer (1013).
+    pub max_outbound_bytes: usize,
+    /// Events kept for resume and `/history`.
+    pub history_max_events: usize,
+    /// Age after which a retained event is dropped.
+    pub history_max_age_ms: u64,
+    /// Bytes of encoded events kept, whatever their count.
+    pub history_max_bytes: usize,
+    /// Interval of WebSocket pings and SSE `: ping` comments.
+    pub heartbeat_interval_ms: u64,
+    /// Reconnect delay told to clients (`retry:`, connect `ack`).
+    pub reconnect_delay_ms: u64,
+    /// Longest graceful drain on SIGTERM/SIGINT.
+    pub drain_timeout_ms: u64,
+    /// Time a client has to send a whole request head.
+    pub http_header_timeout_ms: u64,
+    /// Time an idle keep-alive HTTP connection is kept.
+    pub http_idle_timeout_ms: u64,
+    /// Events waiting in one shard's inbound queue before publishes are refused.
+    pub shard_queue_capacity: usize,
+    /// Origins allowed for CORS and WebSocket upgrades; `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Testing only: a WebSocket route that echoes messages (for Autobahn). Empty: off.
+    pub echo_path: String,
+    /// `tracing` filter, e.g. `info` or `volley=debug`.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            max_connections: 65_536,
+            max_connections_per_ip: 4_096,
+            max_message_bytes: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            max_subscriptions_per_connection: 128,
+            rate_per_second: 1_000,
+            rate_burst: 2_000,
+            rate_limit_close_after_ms: 5_000,
+            max_outbound_bytes: 1024 * 1024,
+            history_max_events: 10_000,
+            history_max_age_ms: 300_000,
+            history_max_bytes: 64 * 1024 * 1024,
+            heartbeat_interval_ms: 25_000,
+            reconnect_delay_ms: 1_000,
+            drain_timeout_ms: 10_000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            shard_queue_capacity: 65_536,
+            allowed_origins: vec!["*".into()],
+            echo_path: String::new(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key has a value it cannot take.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// The key, as in the file (`VOLLEY_` + upper case in the environment).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The keys, in file order, as the environment sees them after `VOLLEY_`.
+fn keys() -> Vec<String> {
+    match toml::Table::try_from(Config::default()) {
+        Ok(table) => table.keys().cloned().collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then `VOLLEY_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            None => toml::Table::new(),
+            Some(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax { path: shown, message: e.message().to_string() })?
+            }
+        };
+        let known = keys();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("VOLLEY_").map(str::to_ascii_lowercase) else {
+                continue;
+            };
+            if !known.contains(&key) {
+                continue;
+            }
+            table.insert(key.clone(), env_value(&key, &value));
+        }
+        for key in table.keys() {
+            if !known.contains(key) {
+                return Err(ConfigError::Invalid { key: key.clone(), message: "unknown key".into() });
+            }
+        }
+        // Each key on its own first, so a type error names its key.
+        for (key, value) in &table {
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            toml::Value::Table(one)
+                .try_into::<Config>()
+                .map_err(|e| ConfigError::Invalid { key: key.clone(), message: e.message().to_string() })?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| ConfigError::Invalid { key: "?".into(), message: e.message().to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&str, u64); 14] = [
+            ("max_connections", self.max_connections as u64),
+            ("max_connections_per_ip", self.max_connections_per_ip as u64),
+            ("max_message_bytes", self.max_message_bytes as u64),
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_subscriptions_per_connection", self.max_subscriptions_per_connection as u64),
+            ("rate_per_second", self.rate_per_second as u64),
+            ("rate_burst", self.rate_burst as u64),
+            ("max_outbound_bytes", self.max_outbound_bytes as u64),
+            ("history_max_age_ms", self.history_max_age_ms),
+            ("history_max_bytes", self.history_max_bytes as u64),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("http_header_timeout_ms", self.http_header_timeout_ms),
+            ("http_idle_timeout_ms", self.http_idle_timeout_ms),
+            ("shard_queue_capacity", self.shard_queue_capacity as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key: key.into(), message: "must be greater than 0".into() });
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max_message_bytes".into(),
+                message: format!("{} is below the minimum of 1024", self.max_message_bytes),
+            });
+        }
+        if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {
+            return Err(ConfigError::Invalid { key: "echo_path".into(), message: "must start with /".into() });
+        }
+        if self.shards > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "shards".into(),
+                message: format!("{} is over 1024", self.shards),
+            });
+        }
+        Ok(())
+    }
+
+    /// The number of shard threads to run.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 { self.shards } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+    }
+
+    /// The configuration as TOML, every key shown.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Whether an `Origin` header value may use the broker from a browser.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+
+    /// [`Self::heartbeat_interval_ms`] as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+}
+
+/// Reads an environment value as the TOML type its key expects: numbers as integers,
+/// lists from commas, anything else as a string (so a typo still names the key).
+fn env_value(key: &str, raw: &str) -> toml::Value {
+    let default = toml::Table::try_from(Config::default()).ok().and_then(|t| t.get(key).cloned());
+    match default {
+        Some(toml::Value::Integer(_)) => match raw.trim().replace('_', "").parse::<i64>() {
+            Ok(n) => toml::Value::Integer(n),
+            Err(_) => toml::Value::String(raw.into()),
+        },
+        Some(toml::Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" => toml::Value::Boolean(true),
+            "false" | "0" => toml::Value::Boolean(false),
+            _ => toml::Value::String(raw.into()),
+        },
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+        _ => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_protocol() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.max_message_bytes, 65_536);
+        assert_eq!(c.heartbeat_interval_ms, 25_000);
+        assert_eq!(c.allowed_origins, vec!["*"]);
+    }
+
+    #[test]
+    fn env_overrides_and_errors_name_the_key() {
+        let c = Config::load(
+            None,
+            env(&[("VOLLEY_MAX_OUTBOUND_BYTES", "4096"), ("VOLLEY_ALLOWED_ORIGINS", "http://a, http://b")]),
+        )
+        .unwrap();
+        assert_eq!(c.max_outbound_bytes, 4096);
+        assert_eq!(c.allowed_origins, vec!["http://a", "http://b"]);
+        let err = Config::load(None, env(&[("VOLLEY_MAX_MESSAGE_BYTES", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("max_message_bytes"), "{err}");
+        let err = Config::load(None, env(&[("VOLLEY_HEARTBEAT_INTERVAL_MS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("heartbeat_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn file_layer_and_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("volley-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.toml");
+        std::fs::write(&path, "max_connections = 10\nlisten = \"127.0.0.1:9\"\n").unwrap();
+        let c = Config::load(Some(&path), env(&[("VOLLEY_MAX_CONNECTIONS", "20")])).unwrap();
+        assert_eq!(c.max_connections, 20);
+        assert_eq!(c.listen.port(), 9);
+        std::fs::write(&path, "max_conections = 10\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,385 @@
+//! One connection's state: what phase it is in and what is queued for it.
+//!
+//! Owns [`Conn`] with its explicit [`State`] (`Http` → `WebSocket` | `Sse` → `Closing`),
+//! the bounded outbound queue of whole frames ([`Outbound`]: owned bytes or references
+//! to shared events, written with one vectored write), and subscription filters. It
+//! decides nothing about routing or fan-out (the shard does) and never registers with
+//! the poll; writing goes to any `Write`, so it is tested without sockets.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::bus::Event;
+use crate::limits::TokenBucket;
+use crate::topic::Pattern;
+use crate::ws::Codec;
+
+/// What the outbound queue holds: whole frames or responses.
+#[derive(Debug)]
+pub enum Chunk {
+    /// Bytes made for this connection only (responses, control frames).
+    Owned(Vec<u8>),
+    /// A shared event as a WebSocket frame.
+    WsEvent(Arc<Event>),
+    /// A shared event as an SSE frame.
+    SseEvent(Arc<Event>),
+}
+
+const SSE_END: &[u8] = b"\n\n";
+
+impl Chunk {
+    fn parts(&self) -> [&[u8]; 3] {
+        match self {
+            Chunk::Owned(bytes) => [bytes, &[], &[]],
+            Chunk::WsEvent(event) => [event.ws_frame(), &[], &[]],
+            Chunk::SseEvent(event) => [event.sse_head(), event.json(), SSE_END],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
+    fn event(&self) -> Option<&Arc<Event>> {
+        match self {
+            Chunk::Owned(_) => None,
+            Chunk::WsEvent(e) | Chunk::SseEvent(e) => Some(e),
+        }
+    }
+}
+
+/// Most slices handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// A connection's queue of frames to write, bounded by the caller through [`Self::bytes`].
+#[derive(Debug, Default)]
+pub struct Outbound {
+    queue: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    written: usize,
+    bytes: usize,
+}
+
+impl Outbound {
+    /// Bytes queued and not yet written.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Nothing left to write.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues a chunk.
+    pub fn push(&mut self, chunk: Chunk) {
+        let len = chunk.len();
+        if len == 0 {
+            return;
+        }
+        self.bytes += len;
+        self.queue.push_back(chunk);
+    }
+
+    /// Queues owned bytes.
+    pub fn push_bytes(&mut self, bytes: Vec<u8>) {
+        self.push(Chunk::Owned(bytes));
+    }
+
+    /// Drops every queued event not yet begun (a slow consumer's backlog); returns how
+    /// many. Frames already partly written stay, so the stream stays well-formed.
+    pub fn drop_unstarted_events(&mut self) -> usize {
+        let keep_front = usize::from(self.written > 0);
+        let before = self.queue.len();
+        let mut index = 0;
+        self.queue.retain(|chunk| {
+            let keep = index < keep_front || chunk.event().is_none();
+            index += 1;
+            keep
+        });
+        self.bytes = self.queue.iter().map(Chunk::len).sum::<usize>() - self.written;
+        before - self.queue.len()
+    }
+
+    /// Writes as much as `w` takes. Calls `on_event` for each event whose frame was
+    /// completely written. Returns `Ok(true)` when the queue is empty.
+    pub fn write_to(&mut self, w: &mut impl Write, mut on_event: impl FnMut(&Event)) -> io::Result<bool> {
+        while !self.queue.is_empty() {
+            let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            let mut skip = self.written;
+            'fill: for chunk in &self.queue {
+                for part in chunk.parts() {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    if count == MAX_IOV {
+                        break 'fill;
+                    }
+                    slices[count] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    count += 1;
+                }
+            }
+            let mut n = match w.write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.bytes -= n;
+            while n > 0 {
+                let Some(front) = self.queue.front() else { break };
+                let remaining = front.len() - self.written;
+                if n < remaining {
+                    self.written += n;
+                    break;
+                }
+                n -= remaining;
+                self.written = 0;
+                if let Some(chunk) = self.queue.pop_front()
+                    && let Some(event) = chunk.event()
+                {
+                    on_event(event);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Which events a subscription (or an SSE stream) wants, beyond the topic index.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// Topic patterns (registered in the shard's index).
+    pub patterns: Vec<Pattern>,
+    /// Sources; empty: any.
+    pub sources: Vec<String>,
+    /// Correlation id to require, if any.
+    pub correlation_id: Option<String>,
+}
+
+impl Filter {
+    /// Builds a filter; no patterns means every topic.
+    pub fn new(patterns: Vec<Pattern>, sources: Vec<String>, correlation_id: Option<String>) -> Self {
+        let patterns = if patterns.is_empty() { vec![Pattern::everything()] } else { patterns };
+        Self { patterns, sources: sources.into_iter().filter(|s| !s.is_empty()).collect(), correlation_id }
+    }
+
+    /// Whether the non-topic filters accept `event`.
+    pub fn accepts_non_topic(&self, event: &Event) -> bool {
+        (self.sources.is_empty() || self.sources.iter().any(|s| **s == *event.source))
+            && self.correlation_id.as_deref().is_none_or(|c| event.correlation_id.as_deref() == Some(c))
+    }
+
+    /// Whether `event` matches on everything, topic included (for history scans).
+    pub fn accepts(&self, event: &Event) -> bool {
+        self.patterns.iter().any(|p| p.matches(&event.topic)) && self.accepts_non_topic(event)
+    }
+}
+
+/// A WebSocket subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Key in the shard's index (unique within the connection).
+    pub key: u32,
+    /// The client's or the server's id for it.
+    pub id: String,
+    /// What it wants.
+    pub filter: Filter,
+    /// Live events up to this sequence were already replayed (resume hand-over).
+    pub after: u64,
+}
+
+/// A connection speaking HTTP requests.
+#[derive(Debug)]
+pub struct HttpConn {
+    /// Bytes of requests not yet handled.
+    pub buf: Vec<u8>,
+    /// When the connection is dropped if no complete request arrived.
+    pub deadline: Instant,
+    /// The request waiting for an answer from other shards; requests behind it wait too.
+    pub waiting: Option<Box<crate::http::Request>>,
+}
+
+/// A connection that upgraded to WebSocket.
+#[derive(Debug)]
+pub struct WsConn {
+    /// RFC 6455 state.
+    pub codec: Codec,
+    /// This mount echoes (Autobahn) instead of speaking the protocol.
+    pub echo: bool,
+    /// Events arrive as `batch` messages.
+    pub batch: bool,
+    /// Events waiting to be written as one batch this turn.
+    pub batch_pending: Vec<Arc<Event>>,
+    /// The id told in the connect `ack`.
+    pub client_id: String,
+    /// Subscriptions, at most `max_subscriptions_per_connection`.
+    pub subs: Vec<Subscription>,
+    /// Next subscription key.
+    pub next_key: u32,
+    /// Messages sent, for server message ids.
+    pub sent: u64,
+    /// Last time anything arrived.
+    pub last_heard: Instant,
+    /// When the next heartbeat ping is due.
+    pub next_ping: Instant,
+    /// Message rate limit.
+    pub bucket: TokenBucket,
+}
+
+impl WsConn {
+    /// Next id for a server-originated message.
+    pub fn next_message_id(&mut self) -> String {
+        self.sent += 1;
+        format!("{}-{}", self.client_id, self.sent)
+    }
+}
+
+/// A Server-Sent Events stream.
+#[derive(Debug)]
+pub struct SseConn {
+    /// What it wants.
+    pub filter: Filter,
+    /// Live events up to this sequence were already replayed.
+    pub after: u64,
+    /// When the next `: ping` comment is due.
+    pub next_ping: Instant,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+pub enum State {
+    /// Reading HTTP requests.
+    Http(HttpConn),
+    /// A WebSocket session.
+    WebSocket(Box<WsConn>),
+    /// An SSE stream.
+    Sse(Box<SseConn>),
+    /// Writing what is queued, then half-closing and waiting (until `deadline`) for the
+    /// peer's EOF, so a final response or close frame is not lost to a reset.
+    Closing {
+        /// When the socket is closed regardless.
+        deadline: Instant,
+        /// Our write side is shut.
+        shut: bool,
+    },
+}
+
+/// The transport a connection counts as, for gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP (and connections being closed).
+    Http,
+    /// WebSocket.
+    WebSocket,
+    /// SSE.
+    Sse,
+}
+
+/// One accepted TCP connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique for the broker's life (slab keys are reused).
+    pub id: u64,
+    /// The socket.
+    pub socket: mio::net::TcpStream,
+    /// Peer address, for per-IP accounting.
+    pub peer: IpAddr,
+    /// Queued output.
+    pub out: Outbound,
+    /// Phase.
+    pub state: State,
+    /// What the gauges count it as.
+    pub transport: Transport,
+    /// Deadline currently in the shard's timer heap, if any.
+    pub scheduled: Option<Instant>,
+    /// Sequence of the last event queued (deduplicates overlapping subscriptions).
+    pub last_seq: u64,
+    /// Queued to be flushed at the end of this loop turn.
+    pub dirty: bool,
+    /// Every entry this connection has in the shard's index: (pattern, subscription key).
+    pub indexed: Vec<(Pattern, u32)>,
+    /// Counted by admission (false for a connection being turned away).
+    pub admitted: bool,
+}
+
+impl Conn {
+    /// The earliest time this connection needs attention without I/O.
+    pub fn deadline(&self, heartbeat: std::time::Duration) -> Option<Instant> {
+        match &self.state {
+            State::Http(http) => Some(http.deadline),
+            State::WebSocket(ws) if ws.echo => None,
+            State::WebSocket(ws) => Some(ws.next_ping.min(ws.last_heard + 2 * heartbeat)),
+            State::Sse(sse) => Some(sse.next_ping),
+            State::Closing { deadline, .. } => Some(*deadline),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes a call and then blocks once.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        block_next: bool,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let block = self.block_next;
+            self.block_next = !block;
+            if block {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.cap - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_frames_whole_and_in_order() {
+        let mut out = Outbound::default();
+        let mut want = Vec::new();
+        for i in 0..200u8 {
+            let bytes = vec![i; (i as usize % 7) + 1];
+            want.extend_from_slice(&bytes);
+            out.push_bytes(bytes);
+        }
+        let mut w = Trickle { got: Vec::new(), cap: 5, block_next: false };
+        while !out.write_to(&mut w, |_| {}).unwrap() {}
+        assert_eq!(w.got, want);
+        assert_eq!(out.bytes(), 0);
+    }
+
+    #[test]
+    fn dropping_backlog_keeps_the_partly_written_frame() {
+        let mut out = Outbound::default();
+        out.push_bytes(vec![1; 10]);
+        out.push_bytes(vec![2; 10]);
+        let mut w = Trickle { got: Vec::new(), cap: 5, block_next: false };
+        assert!(!out.write_to(&mut w, |_| {}).unwrap());
+        assert_eq!(out.drop_unstarted_events(), 0, "owned frames are not events");
+        assert_eq!(out.bytes(), 15);
+    }
+}

@@ -1,0 +1,22 @@
+//! volley: a real-time message broker on a sharded mio reactor.
+//!
+//! A publish enters the [`bus`] once, is encoded once, and reaches every shard through
+//! lock-free queues; each [`shard`] matches it against its subscription index and writes
+//! it to WebSocket ([`ws`]) and SSE connections. See README.md for the user's view and
+//! `../shared/PROTOCOL.md` for the wire contract.
+
+#![deny(missing_docs)]
+#![deny(dead_code)]
+
+pub mod bus;
+pub mod config;
+pub mod conn;
+pub mod history;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod protocol;
+pub mod reactor;
+pub mod shard;
+pub mod topic;
+pub mod ws;

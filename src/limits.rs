@@ -1,0 +1,175 @@
+//! Admission and rate limits: how many connections, from where, and how fast they talk.
+//!
+//! Owns the broker-wide connection counters checked at accept (`max_connections`, then
+//! `max_connections_per_ip`) and the per-connection token bucket. Accept-time counting is
+//! the only shared state here (one atomic and a mutex touched once per accept and close,
+//! never per message); buckets live inside their connection. Nothing here reads sockets.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why a new connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over `max_connections`: `503` with `Retry-After`.
+    Full,
+    /// Over `max_connections_per_ip`: `429`.
+    TooManyFromIp,
+}
+
+/// Broker-wide connection accounting.
+#[derive(Debug)]
+pub struct Admission {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Admission {
+    /// Limits of `max_total` connections, `max_per_ip` from one address.
+    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+        Self { max_total, max_per_ip, total: AtomicUsize::new(0), per_ip: Mutex::new(HashMap::new()) }
+    }
+
+    /// Counts a new connection from `ip`, or says why not.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Full);
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            drop(per_ip);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::TooManyFromIp);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Forgets a connection admitted from `ip`.
+    pub fn release(&self, ip: IpAddr) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// Start of the current stretch of limiting: refusals with no quiet second between.
+    limited_since: Option<Instant>,
+    last_refusal: Option<Instant>,
+}
+
+/// What the bucket says of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Take it.
+    Allow,
+    /// Drop it and say `rate_limited`.
+    Limit,
+    /// Limited for longer than allowed: close the connection.
+    Abuse,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        Self {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+            limited_since: None,
+            last_refusal: None,
+        }
+    }
+
+    /// Takes a token for one message at `now`; `abuse_after` of continuous limiting is abuse.
+    pub fn take(&mut self, now: Instant, abuse_after: Duration) -> Verdict {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let quiet = self.last_refusal.is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(1));
+        if quiet {
+            self.limited_since = None;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Allow;
+        }
+        self.last_refusal = Some(now);
+        let since = *self.limited_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= abuse_after { Verdict::Abuse } else { Verdict::Limit }
+    }
+
+    /// Whole seconds until one token is back (for `Retry-After`).
+    pub fn retry_after_secs(&self) -> u64 {
+        (((1.0 - self.tokens).max(0.0) / self.rate).ceil() as u64).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_checks_total_before_ip() {
+        let a = Admission::new(2, 1);
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let other: IpAddr = [127, 0, 0, 2].into();
+        assert_eq!(a.admit(ip), Ok(()));
+        assert_eq!(a.admit(ip), Err(Refusal::TooManyFromIp));
+        assert_eq!(a.admit(other), Ok(()));
+        assert_eq!(a.admit(ip), Err(Refusal::Full));
+        a.release(ip);
+        assert_eq!(a.admit(ip), Ok(()));
+        assert_eq!(a.total(), 2);
+    }
+
+    #[test]
+    fn bucket_limits_then_calls_abuse() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 2, t0);
+        let five = Duration::from_secs(5);
+        assert_eq!(b.take(t0, five), Verdict::Allow);
+        assert_eq!(b.take(t0, five), Verdict::Allow);
+        assert_eq!(b.take(t0, five), Verdict::Limit);
+        assert_eq!(b.take(t0 + Duration::from_millis(100), five), Verdict::Allow);
+        assert_eq!(b.take(t0 + Duration::from_millis(100), five), Verdict::Limit);
+        assert_eq!(b.take(t0 + Duration::from_millis(5100), five), Verdict::Allow);
+        let mut b = TokenBucket::new(1, 1, t0);
+        b.take(t0, five);
+        let mut t = t0;
+        let mut verdict = Verdict::Allow;
+        for _ in 0..100 {
+            t += Duration::from_millis(60);
+            verdict = b.take(t, five);
+            while verdict == Verdict::Allow {
+                verdict = b.take(t, five);
+            }
+        }
+        assert_eq!(verdict, Verdict::Abuse);
+    }
+}

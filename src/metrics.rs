@@ -1,0 +1,325 @@
+//! Counters and latency histograms, and their two read-outs: `/stats` JSON and
+//! Prometheus text.
+//!
+//! Owns [`ShardCounters`] (atomics each written by one shard, read by anyone, never
+//! locked) and [`Latency`] (hdrhistograms a shard owns and records into without any
+//! lock; a reader gets copies through the shard's control queue and merges them). It does
+//! not decide what is counted: shards and the bus record; this module only stores and
+//! renders.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+/// Counters one shard writes.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    /// Open WebSocket connections.
+    pub websocket: AtomicI64,
+    /// Open SSE streams.
+    pub sse: AtomicI64,
+    /// Open plain HTTP connections.
+    pub http: AtomicI64,
+    /// Subscriptions held (an SSE stream is one).
+    pub subscriptions: AtomicI64,
+    /// Events queued to a connection.
+    pub deliveries: AtomicU64,
+    /// Events dropped because their receiver was too slow.
+    pub dropped_slow_consumer: AtomicU64,
+    /// Connections closed with 1013.
+    pub slow_consumer_disconnects: AtomicU64,
+    /// Client messages refused by the rate limit.
+    pub rate_limited: AtomicU64,
+}
+
+impl ShardCounters {
+    /// Adds `delta` to a gauge.
+    pub fn add(gauge: &AtomicI64, delta: i64) {
+        gauge.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Latency and size distributions one shard records.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    /// Publish to queued on the connection, microseconds.
+    pub publish_to_queue: Histogram<u64>,
+    /// Publish to written to the socket, microseconds.
+    pub publish_to_write: Histogram<u64>,
+    /// Publish to the client's `ack`, microseconds.
+    pub publish_to_ack: Histogram<u64>,
+    /// Encoded event size, bytes.
+    pub event_bytes: Histogram<u64>,
+    /// Connections one event was queued to on this shard.
+    pub fanout: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 3 significant digits up to an hour: fixed size, no resizing on the hot path.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("static bounds are valid"))
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            publish_to_queue: histogram(),
+            publish_to_write: histogram(),
+            publish_to_ack: histogram(),
+            event_bytes: histogram(),
+            fanout: histogram(),
+        }
+    }
+}
+
+impl Latency {
+    /// Records a duration in microseconds.
+    pub fn record(h: &mut Histogram<u64>, elapsed: Duration) {
+        h.saturating_record((elapsed.as_micros() as u64).max(1));
+    }
+
+    /// Adds another shard's histograms.
+    pub fn merge(&mut self, other: &Latency) {
+        let _ = self.publish_to_queue.add(&other.publish_to_queue);
+        let _ = self.publish_to_write.add(&other.publish_to_write);
+        let _ = self.publish_to_ack.add(&other.publish_to_ack);
+        let _ = self.event_bytes.add(&other.event_bytes);
+        let _ = self.fanout.add(&other.fanout);
+    }
+}
+
+/// Percentiles of a histogram as PROTOCOL.md's `/stats` shows them (all 0 when empty).
+pub fn percentiles(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({"count": 0, "p50": 0, "p90": 0, "p99": 0, "p999": 0, "max": 0});
+    }
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.5),
+        "p90": h.value_at_quantile(0.9),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+    })
+}
+
+/// Everything `/stats` and `/metrics` show, gathered from all shards.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// Per shard: (open connections, inbound queue depth).
+    pub shards: Vec<(i64, usize)>,
+    /// Open WebSocket connections.
+    pub websocket: i64,
+    /// Open SSE streams.
+    pub sse: i64,
+    /// Open plain HTTP connections.
+    pub http: i64,
+    /// Subscriptions.
+    pub subscriptions: i64,
+    /// Events published.
+    pub published: u64,
+    /// Deliveries queued.
+    pub delivered: u64,
+    /// Deliveries dropped for slow consumers.
+    pub dropped_slow_consumer: u64,
+    /// Publishes refused because a shard queue was full.
+    pub refused_overloaded: u64,
+    /// 1013 disconnects.
+    pub slow_consumer_disconnects: u64,
+    /// Messages refused by rate limits.
+    pub rate_limited: u64,
+    /// (events, bytes) in the history.
+    pub history: (usize, usize),
+    /// Merged histograms.
+    pub latency: Latency,
+}
+
+impl Snapshot {
+    /// Adds one shard's counters.
+    pub fn add_shard(&mut self, counters: &ShardCounters, queue_depth: usize) {
+        let load = |g: &AtomicI64| g.load(Ordering::Relaxed);
+        let (ws, sse, http) = (load(&counters.websocket), load(&counters.sse), load(&counters.http));
+        self.shards.push((ws + sse + http, queue_depth));
+        self.websocket += ws;
+        self.sse += sse;
+        self.http += http;
+        self.subscriptions += load(&counters.subscriptions);
+        self.delivered += counters.deliveries.load(Ordering::Relaxed);
+        self.dropped_slow_consumer += counters.dropped_slow_consumer.load(Ordering::Relaxed);
+        self.slow_consumer_disconnects += counters.slow_consumer_disconnects.load(Ordering::Relaxed);
+        self.rate_limited += counters.rate_limited.load(Ordering::Relaxed);
+    }
+
+    /// The `/stats` document.
+    pub fn to_json(&self) -> Value {
+        let shards: Vec<Value> = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(id, (connections, depth))| json!({"id": id, "connections": connections, "queue_depth": depth}))
+            .collect();
+        json!({
+            "connections": {
+                "total": self.websocket + self.sse + self.http,
+                "websocket": self.websocket, "sse": self.sse, "http": self.http,
+            },
+            "subscriptions": self.subscriptions,
+            "events": {
+                "published": self.published,
+                "delivered": self.delivered,
+                "dropped": self.dropped_slow_consumer,
+            },
+            "shards": shards,
+            "history": {"events": self.history.0, "bytes": self.history.1},
+            "latency_us": {
+                "publish_to_queue": percentiles(&self.latency.publish_to_queue),
+                "publish_to_write": percentiles(&self.latency.publish_to_write),
+                "publish_to_ack": percentiles(&self.latency.publish_to_ack),
+            },
+            "event_bytes": percentiles(&self.latency.event_bytes),
+            "fanout": percentiles(&self.latency.fanout),
+        })
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        family(
+            "volley_connections",
+            "gauge",
+            "Open connections by transport.",
+            &[
+                ("{transport=\"websocket\"}", self.websocket.to_string()),
+                ("{transport=\"sse\"}", self.sse.to_string()),
+                ("{transport=\"http\"}", self.http.to_string()),
+            ],
+        );
+        family(
+            "volley_subscriptions",
+            "gauge",
+            "Subscriptions held (an SSE stream is one).",
+            &[("", self.subscriptions.to_string())],
+        );
+        family(
+            "volley_events_published_total",
+            "counter",
+            "Events accepted by the bus.",
+            &[("", self.published.to_string())],
+        );
+        family(
+            "volley_deliveries_total",
+            "counter",
+            "Events queued to a connection.",
+            &[("", self.delivered.to_string())],
+        );
+        family(
+            "volley_dropped_total",
+            "counter",
+            "Events or messages dropped, by reason.",
+            &[
+                ("{reason=\"slow_consumer\"}", self.dropped_slow_consumer.to_string()),
+                ("{reason=\"overloaded\"}", self.refused_overloaded.to_string()),
+                ("{reason=\"rate_limited\"}", self.rate_limited.to_string()),
+            ],
+        );
+        family(
+            "volley_slow_consumer_disconnects_total",
+            "counter",
+            "Connections closed with 1013.",
+            &[("", self.slow_consumer_disconnects.to_string())],
+        );
+        let depths: Vec<(String, String)> =
+            self.shards.iter().enumerate().map(|(i, (_, d))| (format!("{{shard=\"{i}\"}}"), d.to_string())).collect();
+        let depths: Vec<(&str, String)> = depths.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        family("volley_shard_queue_depth", "gauge", "Events waiting in a shard's inbound queue.", &depths);
+        family("volley_history_events", "gauge", "Events retained for resume.", &[("", self.history.0.to_string())]);
+        family("volley_history_bytes", "gauge", "Bytes retained for resume.", &[("", self.history.1.to_string())]);
+        for (name, help, h) in [
+            ("volley_publish_to_queue_seconds", "Publish to queued on a connection.", &self.latency.publish_to_queue),
+            ("volley_publish_to_write_seconds", "Publish to written to the socket.", &self.latency.publish_to_write),
+            ("volley_publish_to_ack_seconds", "Publish to the client's ack.", &self.latency.publish_to_ack),
+        ] {
+            push_histogram(&mut out, name, help, h);
+        }
+        out
+    }
+}
+
+/// Bucket bounds in seconds: 50 µs to 10 s.
+const BUCKETS: [f64; 16] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+fn push_histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut sum_us = 0f64;
+    for v in h.iter_recorded() {
+        sum_us += v.value_iterated_to() as f64 * v.count_at_value() as f64;
+    }
+    for bound in BUCKETS {
+        let us = (bound * 1e6) as u64;
+        let count: u64 = h.iter_recorded().filter(|v| v.value_iterated_to() <= us).map(|v| v.count_at_value()).sum();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(out, "{name}_sum {}", sum_us / 1e6);
+    let _ = writeln!(out, "{name}_count {}", h.len());
+}
+
+/// What a stats reader wants rendered once every shard has answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatsFormat {
+    /// `GET /stats`.
+    Json,
+    /// `GET /metrics`.
+    Prometheus,
+    /// WebSocket `request` `stats`; the reply's `correlation_id`.
+    WsResponse(Option<String>),
+}
+
+/// A stats read in progress: each shard adds a copy of its histograms, and the last one
+/// hands the result back to the asking shard.
+#[derive(Debug)]
+pub struct Gather {
+    remaining: std::sync::atomic::AtomicUsize,
+    latency: std::sync::Mutex<Latency>,
+    /// Where the answer goes.
+    pub reply_to: crate::bus::ReplyTo,
+    /// How to render it.
+    pub format: StatsFormat,
+}
+
+impl Gather {
+    /// A read that `shards` shards must answer.
+    pub fn new(shards: usize, reply_to: crate::bus::ReplyTo, format: StatsFormat) -> Self {
+        Self {
+            remaining: std::sync::atomic::AtomicUsize::new(shards),
+            latency: std::sync::Mutex::new(Latency::default()),
+            reply_to,
+            format,
+        }
+    }
+
+    /// Adds one shard's histograms; true for the last shard.
+    pub fn add(&self, latency: &Latency) -> bool {
+        self.latency.lock().unwrap_or_else(|p| p.into_inner()).merge(latency);
+        self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// The merged histograms.
+    pub fn latency(&self) -> Latency {
+        self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

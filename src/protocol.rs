@@ -1,0 +1,572 @@
+//! The JSON wire protocol of PROTOCOL.md: what clients send and what the server says.
+//!
+//! Owns parsing of client envelopes and their payloads, validation of events to publish
+//! (with the offending field named), and the byte layout of every server message,
+//! including the one encoding of an event that all receivers share. Pure functions over
+//! bytes and values: no sockets, no clocks except a caller-supplied time, no shard state.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::topic::{self, Pattern};
+
+/// Error codes sent in WebSocket `error` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not JSON.
+    InvalidJson,
+    /// JSON of the wrong shape, a binary frame, or an event over size.
+    InvalidMessage,
+    /// `type` not one of the client types.
+    UnknownType,
+    /// `request` with an unknown `action`.
+    UnknownAction,
+    /// `unsubscribe` of an id this connection does not hold.
+    UnknownSubscription,
+    /// `subscribe` reusing an id on this connection.
+    DuplicateSubscription,
+    /// A topic or pattern outside the grammar.
+    InvalidTopic,
+    /// Not allowed by the token's claims.
+    Forbidden,
+    /// Over the message rate.
+    RateLimited,
+    /// Not (yet) authenticated.
+    Unauthorized,
+    /// Over `max_subscriptions_per_connection`.
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    /// The code as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidMessage => "invalid_message",
+            Self::UnknownType => "unknown_type",
+            Self::UnknownAction => "unknown_action",
+            Self::UnknownSubscription => "unknown_subscription",
+            Self::DuplicateSubscription => "duplicate_subscription",
+            Self::InvalidTopic => "invalid_topic",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+        }
+    }
+}
+
+/// A refused client message: the code, a human message, and for HTTP the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// What kind of fault.
+    pub code: ErrorCode,
+    /// For humans.
+    pub message: String,
+    /// The offending field (`topic`, `[3].topic`), if one.
+    pub field: Option<String>,
+}
+
+impl Rejection {
+    /// A rejection without a field.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: None }
+    }
+
+    fn at(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: Some(field.into()) }
+    }
+}
+
+/// One event a publisher asked to publish, validated.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// A valid concrete topic.
+    pub topic: String,
+    /// `""` when absent.
+    pub source: String,
+    /// Correlation id, if any.
+    pub correlation_id: Option<String>,
+    /// The `data` JSON text, `null` when absent.
+    pub data: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawEvent {
+    topic: Option<Value>,
+    source: Option<Value>,
+    correlation_id: Option<Value>,
+    data: Option<Box<RawValue>>,
+}
+
+fn null_raw() -> Box<RawValue> {
+    RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("`null` is JSON"))
+}
+
+impl PublishRequest {
+    /// Validates one event object; `prefix` is prepended to field names (`[3].`).
+    pub fn from_json(raw: &RawValue, prefix: &str) -> Result<Self, Rejection> {
+        let field = |name: &str| format!("{prefix}{name}");
+        let whole = if prefix.is_empty() { "event".to_string() } else { prefix.trim_end_matches('.').to_string() };
+        let event: RawEvent = serde_json::from_str(raw.get())
+            .map_err(|_| Rejection::at(ErrorCode::InvalidMessage, whole, "an event must be a JSON object"))?;
+        let topic = match event.topic {
+            Some(Value::String(t)) => t,
+            Some(_) => return Err(Rejection::at(ErrorCode::InvalidTopic, field("topic"), "topic must be a string")),
+            None => return Err(Rejection::at(ErrorCode::InvalidTopic, field("topic"), "topic is required")),
+        };
+        topic::validate_topic(&topic).map_err(|e| {
+            Rejection::at(ErrorCode::InvalidTopic, field("topic"), format!("invalid topic {topic:?}: {e}"))
+        })?;
+        let source = match event.source {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s,
+            Some(_) => {
+                return Err(Rejection::at(ErrorCode::InvalidMessage, field("source"), "source must be a string"));
+            }
+        };
+        let correlation_id = match event.correlation_id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                return Err(Rejection::at(
+                    ErrorCode::InvalidMessage,
+                    field("correlation_id"),
+                    "correlation_id must be a string or null",
+                ));
+            }
+        };
+        Ok(Self { topic, source, correlation_id, data: event.data.unwrap_or_else(null_raw) })
+    }
+
+    /// Everything of the event message after the timestamp, so the bus only has to put
+    /// the id and time in front: `","correlation_id":…,"payload":{…}}`.
+    pub fn encoded_tail(&self) -> String {
+        let mut out = String::with_capacity(64 + self.topic.len() + self.source.len() + self.data.get().len());
+        out.push_str("\",\"correlation_id\":");
+        push_json_opt(&mut out, self.correlation_id.as_deref());
+        out.push_str(",\"payload\":{\"topic\":");
+        push_json_str(&mut out, &self.topic);
+        out.push_str(",\"source\":");
+        push_json_str(&mut out, &self.source);
+        out.push_str(",\"data\":");
+        out.push_str(self.data.get());
+        out.push_str("}}");
+        out
+    }
+}
+
+/// The event message head before the id: the tail of [`PublishRequest::encoded_tail`]
+/// and these pieces make the whole message.
+pub const EVENT_HEAD: &str = "{\"type\":\"event\",\"message_id\":\"";
+/// Between the id and the timestamp.
+pub const EVENT_MID: &str = "\",\"timestamp\":\"";
+
+/// Parses a `POST /publish` body: one event object or an array of 1 to `max_events`.
+pub fn parse_publish_body(body: &[u8], max_events: usize) -> Result<Vec<PublishRequest>, Rejection> {
+    let text = std::str::from_utf8(body).map_err(|_| Rejection::new(ErrorCode::InvalidJson, "body is not UTF-8"))?;
+    let raw: &RawValue = serde_json::from_str(text)
+        .map_err(|e| Rejection::new(ErrorCode::InvalidJson, format!("body is not JSON: {e}")))?;
+    if raw.get().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(raw.get())
+            .map_err(|e| Rejection::new(ErrorCode::InvalidJson, format!("body is not JSON: {e}")))?;
+        if items.is_empty() || items.len() > max_events {
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                format!("an array must hold 1 to {max_events} events"),
+            ));
+        }
+        items.iter().enumerate().map(|(i, item)| PublishRequest::from_json(item, &format!("[{i}]."))).collect()
+    } else {
+        Ok(vec![PublishRequest::from_json(raw, "")?])
+    }
+}
+
+/// What a client sent over WebSocket.
+#[derive(Debug)]
+pub enum ClientMessage {
+    /// `subscribe`.
+    Subscribe(SubscribeArgs),
+    /// `unsubscribe`.
+    Unsubscribe {
+        /// Which one.
+        subscription_id: String,
+    },
+    /// `request`.
+    Request(Request),
+    /// `ping`, with its payload to echo.
+    Ping(Option<Box<RawValue>>),
+    /// `ack` of an event.
+    Ack {
+        /// The event id acknowledged.
+        event_id: String,
+    },
+}
+
+/// The message and its `message_id`, kept for the reply's `correlation_id`.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The client's `message_id`, if any.
+    pub message_id: Option<String>,
+    /// The parsed message.
+    pub message: ClientMessage,
+}
+
+/// A `subscribe` payload, validated.
+#[derive(Debug)]
+pub struct SubscribeArgs {
+    /// Chosen by the client, or `None` for the server to make one.
+    pub subscription_id: Option<String>,
+    /// Patterns; empty means every topic.
+    pub topics: Vec<Pattern>,
+    /// Sources; empty means any.
+    pub sources: Vec<String>,
+    /// Only events with this correlation id.
+    pub correlation_id: Option<String>,
+    /// Resume after this event id.
+    pub since: Option<String>,
+}
+
+/// A `request` action.
+#[derive(Debug)]
+pub enum Request {
+    /// `list_subscriptions`.
+    ListSubscriptions,
+    /// `subscription_count`.
+    SubscriptionCount,
+    /// `publish`.
+    Publish(PublishRequest),
+    /// `history`.
+    History(HistoryQuery),
+    /// `stats`.
+    Stats,
+    /// `auth`.
+    Auth {
+        /// The JWT.
+        token: String,
+    },
+}
+
+/// Arguments of a history query, from `/history` or the `history` action.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Patterns; empty means every topic.
+    pub topics: Vec<Pattern>,
+    /// Sources; empty means any.
+    pub sources: Vec<String>,
+    /// Only events with this correlation id.
+    pub correlation_id: Option<String>,
+    /// After this event id.
+    pub since: Option<String>,
+    /// At most this many (1..=1000).
+    pub limit: usize,
+}
+
+/// Default and cap of a history `limit`.
+pub const HISTORY_DEFAULT_LIMIT: usize = 100;
+/// Largest history `limit`; larger asks are capped.
+pub const HISTORY_MAX_LIMIT: usize = 1000;
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    message_id: Option<Value>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawSubscribe {
+    subscription_id: Option<String>,
+    #[serde(alias = "event_types")]
+    topics: Option<Vec<String>>,
+    sources: Option<Vec<String>>,
+    correlation_id: Option<String>,
+    since: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawUnsubscribe {
+    subscription_id: String,
+}
+
+#[derive(Deserialize)]
+struct RawAction {
+    action: String,
+}
+
+#[derive(Deserialize)]
+struct RawHistory {
+    #[serde(alias = "event_types")]
+    topics: Option<Vec<String>>,
+    sources: Option<Vec<String>>,
+    correlation_id: Option<String>,
+    since: Option<String>,
+    limit: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawAuth {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct RawAck {
+    message_id: String,
+}
+
+/// Parses patterns, empty meaning everything.
+pub fn parse_patterns<S: AsRef<str>>(list: &[S]) -> Result<Vec<Pattern>, Rejection> {
+    list.iter()
+        .map(|p| {
+            Pattern::parse(p.as_ref()).map_err(|e| {
+                Rejection::at(ErrorCode::InvalidTopic, "topics", format!("invalid pattern {:?}: {e}", p.as_ref()))
+            })
+        })
+        .collect()
+}
+
+/// Reads a history `limit` given as a number or a decimal string.
+pub fn parse_limit(value: Option<&Value>) -> Result<usize, Rejection> {
+    let bad = || Rejection::at(ErrorCode::InvalidMessage, "limit", "limit must be a positive integer");
+    let n = match value {
+        None | Some(Value::Null) => return Ok(HISTORY_DEFAULT_LIMIT),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(bad)?,
+        Some(Value::String(s)) => s.parse::<u64>().map_err(|_| bad())?,
+        Some(_) => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok((n as usize).min(HISTORY_MAX_LIMIT))
+}
+
+fn payload_as<'a, T: Deserialize<'a>>(payload: Option<&'a RawValue>, what: &str) -> Result<T, Rejection> {
+    let text = payload.map(RawValue::get).unwrap_or("{}");
+    serde_json::from_str(text)
+        .map_err(|e| Rejection::new(ErrorCode::InvalidMessage, format!("invalid {what} payload: {e}")))
+}
+
+/// Parses one WebSocket text message. On error, returns the client's `message_id` (if it
+/// could be read) with the rejection, for the error's `correlation_id`.
+pub fn parse_client_message(text: &str) -> Result<Incoming, (Option<String>, Rejection)> {
+    let envelope: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(e) => e,
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return Err((None, Rejection::new(ErrorCode::InvalidJson, format!("not JSON: {e}"))));
+        }
+        Err(e) => return Err((None, Rejection::new(ErrorCode::InvalidMessage, format!("not a message object: {e}")))),
+    };
+    let message_id = match envelope.message_id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err((None, Rejection::new(ErrorCode::InvalidMessage, "message_id must be a string"))),
+    };
+    let fail = |r: Rejection| (message_id.clone(), r);
+    let kind = match envelope.kind {
+        Some(Value::String(k)) => k,
+        _ => return Err(fail(Rejection::new(ErrorCode::InvalidMessage, "type must be a string"))),
+    };
+    let payload = envelope.payload.filter(|p| p.get() != "null");
+    let message = match kind.as_str() {
+        "subscribe" => {
+            let raw: RawSubscribe = payload_as(payload, "subscribe").map_err(fail)?;
+            let topics = parse_patterns(raw.topics.as_deref().unwrap_or_default()).map_err(fail)?;
+            ClientMessage::Subscribe(SubscribeArgs {
+                subscription_id: raw.subscription_id,
+                topics,
+                sources: raw.sources.unwrap_or_default(),
+                correlation_id: raw.correlation_id,
+                since: raw.since,
+            })
+        }
+        "unsubscribe" => {
+            let raw: RawUnsubscribe = payload_as(payload, "unsubscribe").map_err(fail)?;
+            ClientMessage::Unsubscribe { subscription_id: raw.subscription_id }
+        }
+        "request" => ClientMessage::Request(parse_request(payload).map_err(fail)?),
+        "ping" => ClientMessage::Ping(payload.map(|p| p.to_owned())),
+        "ack" => {
+            let raw: RawAck = payload_as(payload, "ack").map_err(fail)?;
+            ClientMessage::Ack { event_id: raw.message_id }
+        }
+        other => {
+            return Err(fail(Rejection::new(ErrorCode::UnknownType, format!("unknown type {other:?}"))));
+        }
+    };
+    Ok(Incoming { message_id, message })
+}
+
+fn parse_request(payload: Option<&RawValue>) -> Result<Request, Rejection> {
+    let action: RawAction = payload_as(payload, "request")?;
+    Ok(match action.action.as_str() {
+        "list_subscriptions" => Request::ListSubscriptions,
+        "subscription_count" => Request::SubscriptionCount,
+        "stats" => Request::Stats,
+        "publish" => Request::Publish(PublishRequest::from_json(payload.unwrap_or(&null_raw()), "")?),
+        "history" => {
+            let raw: RawHistory = payload_as(payload, "history")?;
+            Request::History(HistoryQuery {
+                topics: parse_patterns(raw.topics.as_deref().unwrap_or_default())?,
+                sources: raw.sources.unwrap_or_default(),
+                correlation_id: raw.correlation_id,
+                since: raw.since,
+                limit: parse_limit(raw.limit.as_ref())?,
+            })
+        }
+        "auth" => {
+            let raw: RawAuth = payload_as(payload, "auth")?;
+            Request::Auth { token: raw.token }
+        }
+        other => return Err(Rejection::new(ErrorCode::UnknownAction, format!("unknown action {other:?}"))),
+    })
+}
+
+/// A server message other than an event: `ack`, `response`, `error`, `pong`.
+pub fn server_message(
+    kind: &str,
+    message_id: &str,
+    now: SystemTime,
+    correlation_id: Option<&str>,
+    payload: &str,
+) -> String {
+    let mut out = String::with_capacity(128);
+    out.push_str("{\"type\":");
+    push_json_str(&mut out, kind);
+    out.push_str(",\"message_id\":");
+    push_json_str(&mut out, message_id);
+    out.push_str(",\"timestamp\":\"");
+    push_timestamp(&mut out, now);
+    out.push_str("\",\"correlation_id\":");
+    push_json_opt(&mut out, correlation_id);
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
+}
+
+/// The payload of an `error`.
+pub fn error_payload(rejection: &Rejection) -> Value {
+    json!({"code": rejection.code.as_str(), "message": rejection.message})
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping is the reference; writing into a String cannot fail.
+    out.push_str(&Value::from(s).to_string());
+}
+
+fn push_json_opt(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// Appends `t` as `2026-11-23T12:00:00.123456Z`.
+pub fn push_timestamp(out: &mut String, t: SystemTime) {
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() as i64;
+    let micros = since_epoch.subsec_micros();
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    use std::fmt::Write;
+    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, rem % 3600 / 60, rem % 60);
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
+/// algorithm): formatting a timestamp per event must not allocate or lock.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamp_format() {
+        let mut s = String::new();
+        push_timestamp(&mut s, UNIX_EPOCH + Duration::from_micros(1_795_435_200_123_456));
+        assert_eq!(s, "2026-11-23T12:00:00.123456Z");
+        let mut s = String::new();
+        push_timestamp(&mut s, UNIX_EPOCH + Duration::from_secs(951_782_400));
+        assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn publish_body_names_the_bad_field() {
+        let ok = parse_publish_body(br#"[{"topic":"a.b","data":{"x":1}},{"topic":"c"}]"#, 1000).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[1].data.get(), "null");
+        let err =
+            parse_publish_body(br#"[{"topic":"a"},{"topic":"a"},{"topic":"a"},{"topic":"a*"}]"#, 1000).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("[3].topic"));
+        let err = parse_publish_body(br#"{"topic":"a","source":5}"#, 1000).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("source"));
+        assert_eq!(parse_publish_body(b"{", 10).unwrap_err().code, ErrorCode::InvalidJson);
+        assert!(parse_publish_body(b"[]", 10).is_err());
+        assert!(parse_publish_body(br#"[{"topic":"a"},{"topic":"a"}]"#, 1).is_err());
+    }
+
+    #[test]
+    fn event_tail_is_json() {
+        let req = PublishRequest::from_json(
+            &RawValue::from_string(r#"{"topic":"t.x","source":"a\"b","correlation_id":"c","data":[1, 2]}"#.into())
+                .unwrap(),
+            "",
+        )
+        .unwrap();
+        let whole = format!("{EVENT_HEAD}ID{EVENT_MID}TS{}", req.encoded_tail());
+        let v: Value = serde_json::from_str(&whole).unwrap();
+        assert_eq!(v["payload"]["source"], "a\"b");
+        assert_eq!(v["payload"]["data"], json!([1, 2]));
+        assert_eq!(v["correlation_id"], "c");
+    }
+
+    #[test]
+    fn client_messages() {
+        let m = parse_client_message(r#"{"type":"subscribe","message_id":"m1","payload":{"event_types":["a.*"]}}"#)
+            .unwrap();
+        assert_eq!(m.message_id.as_deref(), Some("m1"));
+        assert!(matches!(m.message, ClientMessage::Subscribe(ref s) if s.topics.len() == 1));
+        let (id, r) =
+            parse_client_message(r#"{"type":"subscribe","message_id":"m2","payload":{"topics":["a*"]}}"#).unwrap_err();
+        assert_eq!((id.as_deref(), r.code), (Some("m2"), ErrorCode::InvalidTopic));
+        assert_eq!(parse_client_message("nope").unwrap_err().1.code, ErrorCode::InvalidJson);
+        assert_eq!(parse_client_message(r#"{"type":"x"}"#).unwrap_err().1.code, ErrorCode::UnknownType);
+        assert_eq!(parse_client_message("[1]").unwrap_err().1.code, ErrorCode::InvalidMessage);
+        let m = parse_client_message(r#"{"type":"request","payload":{"action":"nope"}}"#).unwrap_err();
+        assert_eq!(m.1.code, ErrorCode::UnknownAction);
+        assert!(matches!(
+            parse_client_message(r#"{"type":"request","payload":{"action":"publish","topic":"a","data":1}}"#)
+                .unwrap()
+                .message,
+            ClientMessage::Request(Request::Publish(_))
+        ));
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_limit(None).unwrap(), 100);
+        assert_eq!(parse_limit(Some(&json!(5000))).unwrap(), 1000);
+        assert!(parse_limit(Some(&json!(0))).is_err());
+        assert!(parse_limit(Some(&json!(-1))).is_err());
+        assert!(parse_limit(Some(&json!("1.5"))).is_err());
+    }
+}

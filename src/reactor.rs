@@ -1,0 +1,146 @@
+//! Starting and stopping the broker: listeners, shard threads, signals.
+//!
+//! Owns the process-level shape: one `SO_REUSEPORT` listener per shard on the same
+//! address (the kernel spreads accepts over shards with no acceptor thread and no
+//! hand-off queue, and a shard's accepts never wait on another's loop), the [`Shared`]
+//! state built once, one thread per shard, and the drain on SIGTERM/SIGINT. It does not
+//! run any event loop itself; the main thread only waits for signals and joins.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::bus::{Bus, Control, Inbox};
+use crate::config::Config;
+use crate::history::Retention;
+use crate::limits::Admission;
+use crate::metrics::ShardCounters;
+use crate::shard::{Shard, Shared, WAKER};
+
+/// A running broker.
+pub struct Server {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+}
+
+fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+impl Server {
+    /// Binds and starts every shard.
+    pub fn start(config: Config) -> io::Result<Self> {
+        let shards = config.shard_count();
+        let first = listener(config.listen)?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..shards {
+            listeners.push(listener(addr)?);
+        }
+        let mut polls = Vec::with_capacity(shards);
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let poll = Poll::new()?;
+            inboxes.push(Inbox::new(Waker::new(poll.registry(), WAKER)?, config.shard_queue_capacity));
+            polls.push(poll);
+        }
+        let retention = Retention {
+            max_events: config.history_max_events,
+            max_age: Duration::from_millis(config.history_max_age_ms),
+            max_bytes: config.history_max_bytes,
+        };
+        let shared = Arc::new(Shared {
+            bus: Bus::new(inboxes, retention, config.max_message_bytes),
+            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            counters: (0..shards).map(|_| ShardCounters::default()).collect(),
+            draining: Default::default(),
+            config,
+        });
+        let mut threads = Vec::with_capacity(shards);
+        for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
+            let shard = Shard::new(id, poll, listener, shared.clone())?;
+            let thread = std::thread::Builder::new().name(format!("volley-shard-{id}")).spawn(move || shard.run())?;
+            threads.push(thread);
+        }
+        tracing::info!(%addr, shards, "volley listening");
+        Ok(Self { addr, shared, threads })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Begins a graceful drain: stop accepting, `/health` 503, close WebSockets with
+    /// 1001 after their queued events, end SSE streams; shards exit when empty or at the
+    /// drain timeout.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        for inbox in self.shared.bus.inboxes() {
+            inbox.send(Control::Drain);
+        }
+    }
+
+    /// Stops every shard at once.
+    pub fn stop(&self) {
+        for inbox in self.shared.bus.inboxes() {
+            inbox.send(Control::Stop);
+        }
+    }
+
+    /// Waits for every shard to exit.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for thread in self.threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a shard panicked")),
+            }
+        }
+        result
+    }
+}
+
+/// Runs the broker until SIGTERM/SIGINT, then drains (a second signal stops at once).
+pub fn serve(config: Config) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let server = Server::start(config)?;
+    let handle = signals.handle();
+    let shared = server.shared.clone();
+    std::thread::Builder::new().name("volley-signals".into()).spawn(move || {
+        let mut seen = 0;
+        for signal in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(signal, "draining");
+                shared.draining.store(true, Ordering::Release);
+                for inbox in shared.bus.inboxes() {
+                    inbox.send(Control::Drain);
+                }
+            } else {
+                for inbox in shared.bus.inboxes() {
+                    inbox.send(Control::Stop);
+                }
+            }
+        }
+    })?;
+    let result = server.join();
+    handle.close();
+    tracing::info!("stopped");
+    result
+}

@@ -1,0 +1,299 @@
+//! RFC 6455 on a byte stream: the upgrade handshake and a sans-IO frame codec.
+//!
+//! Owns the handshake answer (101, or 426/400) and [`Codec`], which drives tungstenite's
+//! protocol core (`WebSocketContext`: masking, fragmentation, interleaved control frames,
+//! UTF-8, the close handshake) over in-memory bytes: bytes read go in, messages and bytes
+//! to write come out. The shard writes the shared event frames itself, between whole
+//! frames of the codec's output, so encode-once holds and a pong never lands inside a
+//! half-written frame. It does not touch sockets, subscriptions or the bus.
+
+use std::io::{self, Read, Write};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Error, Message};
+
+use crate::http::{HttpError, Request, Response};
+
+/// Close codes volley sends (PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// 1000.
+    Normal,
+    /// 1001: shutting down, or dropped by the heartbeat.
+    GoingAway,
+    /// 1002: bad framing.
+    Protocol,
+    /// 1007: text that is not UTF-8.
+    InvalidPayload,
+    /// 1008: sustained rate-limit abuse.
+    Policy,
+    /// 1009: message over `max_message_bytes`.
+    TooBig,
+    /// 1011.
+    Internal,
+    /// 1013: slow consumer.
+    TryAgainLater,
+    /// 4001: unauthorized.
+    Unauthorized,
+}
+
+impl Close {
+    /// The numeric code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::GoingAway => 1001,
+            Self::Protocol => 1002,
+            Self::InvalidPayload => 1007,
+            Self::Policy => 1008,
+            Self::TooBig => 1009,
+            Self::Internal => 1011,
+            Self::TryAgainLater => 1013,
+            Self::Unauthorized => 4001,
+        }
+    }
+}
+
+/// Answers an upgrade request: the 101 response bytes, or why not.
+pub fn accept(request: &Request) -> Result<Vec<u8>, HttpError> {
+    if request.method != "GET" {
+        return Err(HttpError::new(405, "method_not_allowed", "WebSocket upgrades use GET"));
+    }
+    if request.websocket_version.as_deref() != Some("13") {
+        return Err(HttpError::new(426, "bad_request", "only WebSocket version 13 is supported"));
+    }
+    let Some(key) = request.websocket_key.as_deref().filter(|k| !k.is_empty()) else {
+        return Err(HttpError::new(400, "bad_request", "missing Sec-WebSocket-Key"));
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes())
+}
+
+/// The 426 response names the version we speak.
+pub fn upgrade_error_response(error: &HttpError) -> Response {
+    let response = Response::error(error);
+    if error.status == 426 { response.header("Sec-WebSocket-Version", "13") } else { response }
+}
+
+/// What the peer sent, once whole.
+#[derive(Debug)]
+pub enum Received {
+    /// A complete text message.
+    Text(String),
+    /// A complete binary message.
+    Binary(Vec<u8>),
+    /// A pong (or any ping, already answered): proof of life only.
+    Control,
+}
+
+/// How the WebSocket ended, as far as reading goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The close handshake finished (either side started it); close the socket once the
+    /// output is written.
+    Closed,
+    /// The peer broke the protocol; the close frame with this code is in the output.
+    Failed(Close),
+}
+
+/// In-memory stream for tungstenite: reads from a slice, writes into a vector.
+struct Pipe<'a> {
+    input: &'a [u8],
+    output: &'a mut Vec<u8>,
+}
+
+impl Read for Pipe<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.input.read(buf)?;
+        Ok(n)
+    }
+}
+
+impl Write for Pipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One server-side WebSocket's protocol state, without I/O.
+pub struct Codec {
+    context: WebSocketContext,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec").field("can_write", &self.context.can_write()).finish()
+    }
+}
+
+/// Bytes tungstenite allocates up front for reading; it grows per frame as needed, so a
+/// small start keeps idle connections light.
+const READ_BUFFER_START: usize = 512;
+
+impl Codec {
+    /// A codec accepting messages up to `max_message_bytes`.
+    pub fn new(max_message_bytes: usize) -> Self {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_START)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message_bytes))
+            .max_frame_size(Some(max_message_bytes));
+        Self { context: WebSocketContext::new(Role::Server, Some(config)) }
+    }
+
+    /// Whether messages may still be sent (no close sent or received).
+    pub fn can_write(&self) -> bool {
+        self.context.can_write()
+    }
+
+    /// Feeds bytes read from the socket. Whole messages go to `on_message`; bytes to send
+    /// (pongs, the close reply) are appended to `output`.
+    pub fn read(
+        &mut self,
+        input: &[u8],
+        output: &mut Vec<u8>,
+        mut on_message: impl FnMut(Received),
+    ) -> Result<(), Ended> {
+        let mut pipe = Pipe { input, output };
+        loop {
+            match self.context.read(&mut pipe) {
+                Ok(Message::Text(text)) => on_message(Received::Text(text.as_str().to_owned())),
+                Ok(Message::Binary(data)) => on_message(Received::Binary(data.to_vec())),
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => on_message(Received::Control),
+                Ok(Message::Close(_)) => {
+                    // Writes our close reply (or completes the handshake we began).
+                    return match self.context.flush(&mut pipe) {
+                        Err(Error::Io(e)) if e.kind() != io::ErrorKind::WouldBlock => {
+                            Err(Ended::Failed(Close::Internal))
+                        }
+                        _ => Err(Ended::Closed),
+                    };
+                }
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Pongs queued during the read go out now.
+                    return match self.context.flush(&mut pipe) {
+                        Err(Error::ConnectionClosed | Error::AlreadyClosed) => Err(Ended::Closed),
+                        _ => Ok(()),
+                    };
+                }
+                Err(Error::ConnectionClosed | Error::AlreadyClosed) => return Err(Ended::Closed),
+                Err(error) => {
+                    let close = match error {
+                        Error::Utf8(_) => Close::InvalidPayload,
+                        Error::Capacity(_) => Close::TooBig,
+                        Error::Protocol(_) => Close::Protocol,
+                        _ => Close::Internal,
+                    };
+                    self.close(close, pipe.output);
+                    return Err(Ended::Failed(close));
+                }
+            }
+        }
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&mut self, text: String, output: &mut Vec<u8>) {
+        let mut pipe = Pipe { input: &[], output };
+        let _ = self.context.write(&mut pipe, Message::text(text));
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&mut self, data: Vec<u8>, output: &mut Vec<u8>) {
+        let mut pipe = Pipe { input: &[], output };
+        let _ = self.context.write(&mut pipe, Message::binary(data));
+    }
+
+    /// Queues a heartbeat ping.
+    pub fn ping(&mut self, output: &mut Vec<u8>) {
+        let mut pipe = Pipe { input: &[], output };
+        let _ = self.context.write(&mut pipe, Message::Ping(Default::default()));
+    }
+
+    /// Starts the close handshake with `close` (no-op if closing already).
+    pub fn close(&mut self, close: Close, output: &mut Vec<u8>) {
+        let mut pipe = Pipe { input: &[], output };
+        let frame = CloseFrame { code: CloseCode::from(close.code()), reason: Default::default() };
+        let _ = self.context.close(&mut pipe, Some(frame));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        assert!(payload.len() < 126);
+        out.push(0x80 | payload.len() as u8);
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn feed(codec: &mut Codec, input: &[u8]) -> (Vec<String>, Vec<u8>, Result<(), Ended>) {
+        let mut texts = Vec::new();
+        let mut out = Vec::new();
+        let result = codec.read(input, &mut out, |m| {
+            if let Received::Text(t) = m {
+                texts.push(t)
+            }
+        });
+        (texts, out, result)
+    }
+
+    #[test]
+    fn fragments_with_interleaved_ping_byte_by_byte() {
+        let mut codec = Codec::new(1024);
+        let mut stream = masked(0x1, false, b"hel");
+        stream.extend(masked(0x9, true, b"p"));
+        stream.extend(masked(0x0, true, b"lo"));
+        let mut texts = Vec::new();
+        let mut out = Vec::new();
+        for byte in stream.chunks(1) {
+            let (t, o, r) = feed(&mut codec, byte);
+            assert_eq!(r, Ok(()));
+            texts.extend(t);
+            out.extend(o);
+        }
+        assert_eq!(texts, vec!["hello"]);
+        assert_eq!(out, vec![0x8A, 1, b'p'], "pong echoes the ping");
+    }
+
+    #[test]
+    fn failures_map_to_close_codes() {
+        let cases: [(Vec<u8>, u16); 4] = [
+            (vec![0x81, 0x01, b'a'], 1002),           // unmasked
+            (masked(0x1, true, &[0xff, 0xfe]), 1007), // bad UTF-8
+            (masked(0x1 | 0x40, true, b"a"), 1002),   // RSV1 without extension
+            (masked(0x1, true, &[b'a'; 100]), 1009),  // over max size
+        ];
+        for (input, code) in cases {
+            let mut codec = Codec::new(64);
+            let (_, out, result) = feed(&mut codec, &input);
+            assert!(matches!(result, Err(Ended::Failed(c)) if c.code() == code), "{input:?} -> {result:?}");
+            assert_eq!(out[0], 0x88);
+            assert_eq!(u16::from_be_bytes([out[2], out[3]]), code);
+        }
+    }
+
+    #[test]
+    fn close_is_echoed() {
+        let mut codec = Codec::new(64);
+        let (_, out, result) = feed(&mut codec, &masked(0x8, true, &1000u16.to_be_bytes()));
+        assert_eq!(result, Err(Ended::Closed));
+        assert_eq!(out, vec![0x88, 2, 0x03, 0xE8]);
+        assert!(!codec.can_write());
+    }
+}
