@@ -55,6 +55,10 @@ pub struct Config {
     pub http_idle_timeout_ms: u64,
     /// Events waiting in one shard's inbound queue before publishes are refused.
     pub shard_queue_capacity: usize,
+    /// HS256 secret for JWTs; empty turns auth off (everyone may do everything).
+    pub jwt_secret: String,
+    /// Time a WebSocket has to authenticate when it connected without a token.
+    pub auth_timeout_ms: u64,
     /// Origins allowed for CORS and WebSocket upgrades; `*` allows any.
     pub allowed_origins: Vec<String>,
     /// Testing only: a WebSocket route that echoes messages (for Autobahn). Empty: off.
@@ -86,6 +90,8 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
             shard_queue_capacity: 65_536,
+            jwt_secret: String::new(),
+            auth_timeout_ms: 10_000,
             allowed_origins: vec!["*".into()],
             echo_path: String::new(),
             log_level: "info".into(),
@@ -174,7 +180,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 14] = [
+        let positive: [(&str, u64); 15] = [
+            ("auth_timeout_ms", self.auth_timeout_ms),
             ("max_connections", self.max_connections as u64),
             ("max_connections_per_ip", self.max_connections_per_ip as u64),
             ("max_message_bytes", self.max_message_bytes as u64),

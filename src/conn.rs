@@ -232,6 +232,10 @@ pub struct WsConn {
     pub next_ping: Instant,
     /// Message rate limit.
     pub bucket: TokenBucket,
+    /// What the connection may do; `None` until it authenticates.
+    pub grant: Option<crate::auth::Grant>,
+    /// When an unauthenticated connection is closed with 4001.
+    pub auth_deadline: Option<Instant>,
 }
 
 impl WsConn {
@@ -316,7 +320,10 @@ impl Conn {
         match &self.state {
             State::Http(http) => Some(http.deadline),
             State::WebSocket(ws) if ws.echo => None,
-            State::WebSocket(ws) => Some(ws.next_ping.min(ws.last_heard + 2 * heartbeat)),
+            State::WebSocket(ws) => {
+                let heartbeat = ws.next_ping.min(ws.last_heard + 2 * heartbeat);
+                Some(ws.auth_deadline.map_or(heartbeat, |auth| auth.min(heartbeat)))
+            }
             State::Sse(sse) => Some(sse.next_ping),
             State::Closing { deadline, .. } => Some(*deadline),
         }

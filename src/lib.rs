@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 #![deny(dead_code)]
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;

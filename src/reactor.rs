@@ -16,6 +16,7 @@ use std::time::Duration;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::auth::Auth;
 use crate::bus::{Bus, Control, Inbox};
 use crate::config::Config;
 use crate::history::Retention;
@@ -67,6 +68,7 @@ impl Server {
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
+            auth: Auth::new(&config.jwt_secret),
             config,
         });
         let mut threads = Vec::with_capacity(shards);

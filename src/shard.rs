@@ -20,6 +20,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 use slab::Slab;
 
+use crate::auth::{Auth, AuthError, Grant};
 use crate::bus::{Bus, Control, Delivery, Event, PublishError, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Chunk, Conn, Filter, HttpConn, SseConn, State, Subscription, Transport, WsConn};
@@ -40,6 +41,8 @@ pub const WAKER: Token = Token(usize::MAX - 2);
 pub struct Shared {
     /// Settings.
     pub config: Config,
+    /// Token verification.
+    pub auth: Auth,
     /// The publish path.
     pub bus: Bus,
     /// Connection limits.
@@ -735,9 +738,9 @@ impl Ctx {
             "/publish" => return self.http_publish(key, conn, request, body, now),
             "/sse" => self.start_sse(key, conn, request, now),
             "/history" => {
-                let response = match history_query_from(request) {
+                let response = match self.authorized_query(request) {
                     Ok(query) => Response::with_body(200, "application/json", self.history(&query).into_bytes()),
-                    Err(rejection) => Response::error(&http_error_of(&rejection)),
+                    Err(response) => response,
                 };
                 self.respond(conn, request, response, now)
             }
@@ -773,12 +776,26 @@ impl Ctx {
         body: &[u8],
         now: Instant,
     ) -> Option<Routed> {
+        let grant = match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) => grant,
+            Err(error) => return Some(self.respond(conn, request, unauthorized(&error), now)),
+        };
         let requests = match protocol::parse_publish_body(body, 1000) {
             Ok(r) => r,
             Err(rejection) => {
                 return Some(self.respond(conn, request, Response::error(&http_error_of(&rejection)), now));
             }
         };
+        if let Some(i) = requests.iter().position(|r| !grant.may_publish(&r.topic)) {
+            let field = if requests.len() > 1 { format!("[{i}].topic") } else { "topic".into() };
+            let error = HttpError {
+                status: 403,
+                code: "forbidden",
+                message: format!("may not publish on {}", requests[i].topic),
+                field: Some(field),
+            };
+            return Some(self.respond(conn, request, Response::error(&error), now));
+        }
         let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
         let reply_to = wait.then(|| self.reply_to(key, conn));
         match self.shared.bus.publish(&requests, reply_to) {
@@ -816,6 +833,14 @@ impl Ctx {
             Ok(bytes) => bytes,
             Err(error) => return self.respond(conn, request, ws::upgrade_error_response(&error), now),
         };
+        // A browser cannot read an HTTP status from a failed upgrade, so a bad token is
+        // answered after it, with close 4001; no token at all may still come as the
+        // first message.
+        let (grant, refuse) = match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) => (Some(grant), false),
+            Err(AuthError::Missing) => (None, false),
+            Err(_) => (None, true),
+        };
         conn.out.push_bytes(handshake);
         let leftover = match &mut conn.state {
             State::Http(http) => std::mem::take(&mut http.buf),
@@ -835,7 +860,16 @@ impl Ctx {
             last_heard: now,
             next_ping: now + heartbeat,
             bucket: TokenBucket::new(config.rate_per_second, config.rate_burst, now),
+            auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
+            grant: if echo { Some(Grant::everything()) } else { grant },
         });
+        if refuse {
+            let mut out = Vec::new();
+            ws.codec.close(Close::Unauthorized, &mut out);
+            conn.out.push_bytes(out);
+            conn.state = State::Closing { deadline: now + LINGER, shut: false };
+            return Routed::Halt;
+        }
         if !echo {
             let payload = json!({
                 "status": "connected",
@@ -925,6 +959,13 @@ impl Ctx {
             Err((correlation, rejection)) => return send_error(conn, correlation.as_deref(), &rejection),
         };
         let correlation = incoming.message_id.as_deref();
+        if let ClientMessage::Request(protocol::Request::Auth { token }) = &incoming.message {
+            return self.ws_auth(conn, correlation, token, now);
+        }
+        if matches!(&conn.state, State::WebSocket(ws) if ws.grant.is_none()) {
+            let rejection = Rejection::new(ErrorCode::Unauthorized, "authenticate first: request action auth");
+            return send_error(conn, correlation, &rejection);
+        }
         match incoming.message {
             ClientMessage::Subscribe(args) => self.subscribe(key, conn, correlation, args),
             ClientMessage::Unsubscribe { subscription_id } => {
@@ -943,9 +984,30 @@ impl Ctx {
         }
     }
 
+    fn ws_auth(&mut self, conn: &mut Conn, correlation: Option<&str>, token: &str, now: Instant) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        match self.shared.auth.verify(Some(token)) {
+            Ok(grant) => {
+                let payload = json!({"client_id": ws.client_id, "sub": grant.sub});
+                ws.grant = Some(grant);
+                ws.auth_deadline = None;
+                ctx_send(conn, "response", correlation, &payload.to_string());
+            }
+            Err(error) => {
+                send_error(conn, correlation, &Rejection::new(ErrorCode::Unauthorized, error.to_string()));
+                close_ws(conn, Close::Unauthorized, now);
+            }
+        }
+    }
+
     fn subscribe(&mut self, key: usize, conn: &mut Conn, correlation: Option<&str>, args: protocol::SubscribeArgs) {
         let max = self.config().max_subscriptions_per_connection;
         let State::WebSocket(ws) = &mut conn.state else { return };
+        let Some(grant) = &ws.grant else { return };
+        let topics = match readable_patterns(grant, args.topics) {
+            Ok(topics) => topics,
+            Err(rejection) => return send_error(conn, correlation, &rejection),
+        };
         if ws.subs.len() >= max {
             let rejection = Rejection::new(ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions"));
             return send_error(conn, correlation, &rejection);
@@ -957,7 +1019,7 @@ impl Ctx {
             let rejection = Rejection::new(ErrorCode::DuplicateSubscription, format!("subscription {id:?} exists"));
             return send_error(conn, correlation, &rejection);
         }
-        let filter = Filter::new(args.topics, args.sources, args.correlation_id);
+        let filter = Filter::new(topics, args.sources, args.correlation_id);
         let (recovered, after, replay) = match args.since.as_deref() {
             None => (true, 0, Vec::new()),
             Some(since) => {
@@ -1030,6 +1092,12 @@ impl Ctx {
                 json!({"subscriptions": subs}).to_string()
             }
             protocol::Request::SubscriptionCount => json!({"count": ws.subs.len()}).to_string(),
+            protocol::Request::Publish(publish)
+                if !ws.grant.as_ref().is_some_and(|g| g.may_publish(&publish.topic)) =>
+            {
+                let rejection = Rejection::new(ErrorCode::Forbidden, format!("may not publish on {}", publish.topic));
+                return send_error(conn, correlation, &rejection);
+            }
             protocol::Request::Publish(publish) => match self.shared.bus.publish(&[publish], None) {
                 Ok(ids) => json!({"message_id": ids.first()}).to_string(),
                 Err(error) => {
@@ -1040,8 +1108,16 @@ impl Ctx {
                     return send_error(conn, correlation, &Rejection::new(code, error.to_string()));
                 }
             },
-            protocol::Request::History(query) => self.history(&query),
-            protocol::Request::Auth { .. } => json!({"client_id": ws.client_id, "sub": null}).to_string(),
+            protocol::Request::History(mut query) => {
+                let Some(grant) = &ws.grant else { return };
+                match readable_patterns(grant, std::mem::take(&mut query.topics)) {
+                    Ok(topics) => query.topics = topics,
+                    Err(rejection) => return send_error(conn, correlation, &rejection),
+                }
+                self.history(&query)
+            }
+            // Answered before the grant check, in `ws_auth`.
+            protocol::Request::Auth { .. } => return,
             protocol::Request::Stats => {
                 return self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)));
             }
@@ -1073,10 +1149,19 @@ impl Ctx {
         out
     }
 
+    /// The history/SSE query of `request`, its topics checked against (or, when none,
+    /// taken from) what the request's token may read.
+    fn authorized_query(&self, request: &Request) -> Result<HistoryQuery, Response> {
+        let grant = self.shared.auth.verify(request.token().as_deref()).map_err(|e| unauthorized(&e))?;
+        let mut query = history_query_from(request).map_err(|r| Response::error(&http_error_of(&r)))?;
+        query.topics = readable_patterns(&grant, query.topics).map_err(|r| Response::error(&http_error_of(&r)))?;
+        Ok(query)
+    }
+
     fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
-        let query = match history_query_from(request) {
+        let query = match self.authorized_query(request) {
             Ok(q) => q,
-            Err(rejection) => return self.respond(conn, request, Response::error(&http_error_of(&rejection)), now),
+            Err(response) => return self.respond(conn, request, response, now),
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = request.last_event_id.clone().or(query.since);
@@ -1120,6 +1205,10 @@ impl Ctx {
         let heartbeat = self.config().heartbeat_interval();
         match &mut conn.state {
             State::Http(http) => now >= http.deadline && http.waiting.is_none(),
+            State::WebSocket(ws) if ws.auth_deadline.is_some_and(|d| now >= d) => {
+                close_ws(conn, Close::Unauthorized, now);
+                false
+            }
             State::WebSocket(ws) => {
                 if now >= ws.last_heard + 2 * heartbeat {
                     let mut out = Vec::new();
@@ -1144,6 +1233,38 @@ impl Ctx {
             State::Closing { deadline, .. } => now >= *deadline,
         }
     }
+}
+
+/// Starts the close handshake with `close` and lets the connection linger until done.
+fn close_ws(conn: &mut Conn, close: Close, now: Instant) {
+    let State::WebSocket(ws) = &mut conn.state else { return };
+    let mut out = Vec::new();
+    ws.codec.close(close, &mut out);
+    conn.out.push_bytes(out);
+    conn.state = State::Closing { deadline: now + LINGER, shut: false };
+}
+
+/// The patterns to use for a read: those asked for, each covered by the grant, or the
+/// grant's own when none were asked for.
+fn readable_patterns(
+    grant: &Grant,
+    asked: Vec<crate::topic::Pattern>,
+) -> Result<Vec<crate::topic::Pattern>, Rejection> {
+    if asked.is_empty() {
+        if grant.subscribe.is_empty() {
+            return Err(Rejection::new(ErrorCode::Forbidden, "the token allows reading nothing"));
+        }
+        return Ok(grant.subscribe.clone());
+    }
+    match asked.iter().find(|p| !grant.may_subscribe(p)) {
+        Some(p) => Err(Rejection::new(ErrorCode::Forbidden, format!("may not read {}", p.as_str()))),
+        None => Ok(asked),
+    }
+}
+
+/// `401` for a refused token.
+fn unauthorized(error: &AuthError) -> Response {
+    Response::error(&HttpError::new(401, "unauthorized", error.to_string())).header("WWW-Authenticate", "Bearer")
 }
 
 /// Reads `topics`, `sources`, `correlation_id`, `since`, `limit` from a query string.
