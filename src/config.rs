@@ -294,6 +294,15 @@ mod tests {
     }
 
     #[test]
+    fn example_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("volley.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        assert_eq!(table.keys().cloned().collect::<Vec<_>>().len(), keys().len(), "every key is in the example");
+        assert_eq!(Config::load(Some(&path), env(&[])).unwrap(), Config::default());
+    }
+
+    #[test]
     fn file_layer_and_unknown_keys() {
         let dir = std::env::temp_dir().join(format!("volley-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

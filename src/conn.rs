@@ -234,6 +234,8 @@ pub struct WsConn {
     pub bucket: TokenBucket,
     /// What the connection may do; `None` until it authenticates.
     pub grant: Option<crate::auth::Grant>,
+    /// A connection over its rate is read again only at this time.
+    pub resume_read_at: Option<Instant>,
     /// When an unauthenticated connection is closed with 4001.
     pub auth_deadline: Option<Instant>,
 }
@@ -322,7 +324,7 @@ impl Conn {
             State::WebSocket(ws) if ws.echo => None,
             State::WebSocket(ws) => {
                 let heartbeat = ws.next_ping.min(ws.last_heard + 2 * heartbeat);
-                Some(ws.auth_deadline.map_or(heartbeat, |auth| auth.min(heartbeat)))
+                Some([ws.auth_deadline, ws.resume_read_at].into_iter().flatten().fold(heartbeat, Instant::min))
             }
             State::Sse(sse) => Some(sse.next_ping),
             State::Closing { deadline, .. } => Some(*deadline),

@@ -124,6 +124,11 @@ impl TokenBucket {
         if now.saturating_duration_since(since) >= abuse_after { Verdict::Abuse } else { Verdict::Limit }
     }
 
+    /// Whether the last message was refused (the sender is over its rate now).
+    pub fn is_limiting(&self) -> bool {
+        self.limited_since.is_some() && self.tokens < 1.0
+    }
+
     /// Whole seconds until one token is back (for `Retry-After`).
     pub fn retry_after_secs(&self) -> u64 {
         (((1.0 - self.tokens).max(0.0) / self.rate).ceil() as u64).max(1)

@@ -82,6 +82,10 @@ const LINGER: Duration = Duration::from_secs(2);
 const SLOW_CONSUMER_LINGER: Duration = Duration::from_secs(5);
 /// Read size per `read` call; one buffer per shard.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// Read size per turn for a connection over its message rate.
+const LIMITED_READ_BYTES: usize = 2 * 1024;
+/// Pause before reading more from a connection over its message rate.
+const LIMITED_READ_PAUSE: Duration = Duration::from_millis(1);
 
 /// Everything of a shard but its connections, so both can be borrowed at once.
 struct Ctx {
@@ -94,6 +98,8 @@ struct Ctx {
     latency: Latency,
     scratch: Vec<u8>,
     dirty: Vec<usize>,
+    /// Connections that had more to read when their per-turn budget ran out.
+    read_again: Vec<usize>,
     next_conn: u64,
     /// Highest sequence fanned out here: the live/replay boundary for `since`.
     fanned_out_through: u64,
@@ -132,6 +138,7 @@ impl Shard {
                 latency: Latency::default(),
                 scratch: vec![0; SCRATCH_BYTES],
                 dirty: Vec::new(),
+                read_again: Vec::new(),
                 next_conn: (id as u64) << 48,
                 fanned_out_through: 0,
                 drain_deadline: None,
@@ -150,6 +157,9 @@ impl Shard {
                     continue;
                 }
                 return Err(e);
+            }
+            for key in std::mem::take(&mut self.ctx.read_again) {
+                self.on_readable(key);
             }
             for event in events.iter() {
                 match event.token() {
@@ -176,6 +186,9 @@ impl Shard {
     }
 
     fn next_timeout(&mut self) -> Option<Duration> {
+        if !self.ctx.read_again.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let now = Instant::now();
         let timer = self.ctx.timers.peek().map(|Reverse((t, _, _))| *t);
         let next = match (timer, self.ctx.drain_deadline) {
@@ -259,13 +272,33 @@ impl Shard {
         let mut scratch = std::mem::take(&mut ctx.scratch);
         let now = Instant::now();
         let mut eof = false;
+        // A sender over its rate limit gets a small read per turn: what it floods stays in
+        // the kernel's buffers (TCP pushes back on it) instead of in this loop's time.
+        let budget = match &conn.state {
+            State::WebSocket(ws) if ws.bucket.is_limiting() => LIMITED_READ_BYTES,
+            _ => scratch.len(),
+        };
         loop {
-            match conn.socket.read(&mut scratch) {
+            match conn.socket.read(&mut scratch[..budget]) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => ctx.on_bytes(key, conn, &scratch[..n], now),
+                Ok(n) => {
+                    ctx.on_bytes(key, conn, &scratch[..n], now);
+                    if n == budget {
+                        // Fairness: one buffer per connection per turn; the rest waits
+                        // for the next turn (or, over the rate, for the next token) so a
+                        // flooding client cannot starve others.
+                        match &mut conn.state {
+                            State::WebSocket(ws) if budget == LIMITED_READ_BYTES => {
+                                ws.resume_read_at = Some(now + LIMITED_READ_PAUSE);
+                            }
+                            _ => ctx.read_again.push(key),
+                        }
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -472,6 +505,12 @@ impl Shard {
                 continue;
             };
             conn.scheduled = None;
+            if let State::WebSocket(ws) = &mut conn.state
+                && ws.resume_read_at.is_some_and(|t| t <= now)
+            {
+                ws.resume_read_at = None;
+                self.ctx.read_again.push(key);
+            }
             if self.ctx.on_timeout(conn, now) {
                 self.remove(key);
             } else {
@@ -860,6 +899,7 @@ impl Ctx {
             last_heard: now,
             next_ping: now + heartbeat,
             bucket: TokenBucket::new(config.rate_per_second, config.rate_burst, now),
+            resume_read_at: None,
             auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
             grant: if echo { Some(Grant::everything()) } else { grant },
         });
