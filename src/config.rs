@@ -35,6 +35,10 @@ pub struct Config {
     pub rate_burst: u32,
     /// Seconds of continuous rate limiting before a WebSocket is closed with 1008.
     pub rate_limit_close_after_ms: u64,
+    /// HTTP publish requests per second from one IP address (over: 429).
+    pub publish_rate_per_ip: u32,
+    /// HTTP publish requests one IP address may send in a burst.
+    pub publish_burst_per_ip: u32,
     /// Bytes queued for one connection before it is closed as a slow consumer (1013).
     pub max_outbound_bytes: usize,
     /// Events kept for resume and `/history`.
@@ -80,6 +84,8 @@ impl Default for Config {
             rate_per_second: 1_000,
             rate_burst: 2_000,
             rate_limit_close_after_ms: 5_000,
+            publish_rate_per_ip: 10_000,
+            publish_burst_per_ip: 20_000,
             max_outbound_bytes: 1024 * 1024,
             history_max_events: 10_000,
             history_max_age_ms: 300_000,
@@ -180,7 +186,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 15] = [
+        let positive: [(&str, u64); 17] = [
+            ("publish_rate_per_ip", self.publish_rate_per_ip as u64),
+            ("publish_burst_per_ip", self.publish_burst_per_ip as u64),
             ("auth_timeout_ms", self.auth_timeout_ms),
             ("max_connections", self.max_connections as u64),
             ("max_connections_per_ip", self.max_connections_per_ip as u64),

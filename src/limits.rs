@@ -70,6 +70,41 @@ impl Admission {
     }
 }
 
+/// Per-IP token buckets for HTTP publish requests, shared by all shards (touched once per
+/// request, never per delivery). Bounded: when it holds `MAX_TRACKED_IPS` addresses,
+/// addresses whose bucket has refilled are forgotten first.
+#[derive(Debug)]
+pub struct IpRates {
+    rate: u32,
+    burst: u32,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+const MAX_TRACKED_IPS: usize = 65_536;
+
+impl IpRates {
+    /// `rate` requests a second per address, `burst` at once.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        Self { rate, burst, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes a token for a request from `ip`; `Err(retry_after_secs)` when over.
+    pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
+            buckets.retain(|_, bucket| bucket.refilled_by(now) < 1.0);
+            if buckets.len() >= MAX_TRACKED_IPS {
+                buckets.clear();
+            }
+        }
+        let bucket = buckets.entry(ip).or_insert_with(|| TokenBucket::new(self.rate, self.burst, now));
+        match bucket.take(now, Duration::MAX) {
+            Verdict::Allow => Ok(()),
+            _ => Err(bucket.retry_after_secs()),
+        }
+    }
+}
+
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -122,6 +157,12 @@ impl TokenBucket {
         self.last_refusal = Some(now);
         let since = *self.limited_since.get_or_insert(now);
         if now.saturating_duration_since(since) >= abuse_after { Verdict::Abuse } else { Verdict::Limit }
+    }
+
+    /// Tokens missing from a full bucket at `now` (0 when refilled).
+    fn refilled_by(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.burst - (self.tokens + elapsed * self.rate)).max(0.0)
     }
 
     /// Whether the last message was refused (the sender is over its rate now).

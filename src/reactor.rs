@@ -20,7 +20,7 @@ use crate::auth::Auth;
 use crate::bus::{Bus, Control, Inbox};
 use crate::config::Config;
 use crate::history::Retention;
-use crate::limits::Admission;
+use crate::limits::{Admission, IpRates};
 use crate::metrics::ShardCounters;
 use crate::shard::{Shard, Shared, WAKER};
 
@@ -66,6 +66,7 @@ impl Server {
         let shared = Arc::new(Shared {
             bus: Bus::new(inboxes, retention, config.max_message_bytes),
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
             auth: Auth::new(&config.jwt_secret),

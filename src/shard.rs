@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::conn::{Chunk, Conn, Filter, HttpConn, SseConn, State, Subscription, Transport, WsConn};
 use crate::history::NotRecoverable;
 use crate::http::{self, HttpError, Parsed, Request, Response};
-use crate::limits::{Admission, Refusal, TokenBucket, Verdict};
+use crate::limits::{Admission, IpRates, Refusal, TokenBucket, Verdict};
 use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol::{self, ClientMessage, ErrorCode, HistoryQuery, Rejection};
 use crate::topic::Index;
@@ -47,6 +47,8 @@ pub struct Shared {
     pub bus: Bus,
     /// Connection limits.
     pub admission: Admission,
+    /// HTTP publish rate per client address.
+    pub publish_rates: IpRates,
     /// One per shard, written only by that shard.
     pub counters: Vec<ShardCounters>,
     /// Set when a drain begins: `/health` answers 503.
@@ -815,6 +817,12 @@ impl Ctx {
         body: &[u8],
         now: Instant,
     ) -> Option<Routed> {
+        if let Err(retry_after) = self.shared.publish_rates.take(conn.peer, now) {
+            ShardCounters::bump(&self.counters().rate_limited);
+            let error = HttpError::new(429, "rate_limited", "too many publish requests from this address");
+            let response = Response::error(&error).header("Retry-After", retry_after.to_string());
+            return Some(self.respond(conn, request, response, now));
+        }
         let grant = match self.shared.auth.verify(request.token().as_deref()) {
             Ok(grant) => grant,
             Err(error) => return Some(self.respond(conn, request, unauthorized(&error), now)),

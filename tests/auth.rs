@@ -152,3 +152,18 @@ fn auth_request_when_auth_is_off() {
     assert_eq!(response["type"], "response");
     assert_eq!(response["payload"]["sub"], Value::Null);
 }
+
+#[test]
+fn http_publish_rate_per_ip_answers_429_with_retry_after() {
+    let broker = Broker::with(|c| {
+        c.publish_rate_per_ip = 1;
+        c.publish_burst_per_ip = 2;
+    });
+    let body = json!({"topic": "a"}).to_string();
+    assert_eq!(http(&broker, "POST", "/publish", &body).0, 200);
+    assert_eq!(http(&broker, "POST", "/publish", &body).0, 200);
+    let (status, head, error) = http(&broker, "POST", "/publish", &body);
+    assert_eq!(status, 429);
+    assert!(head.contains("Retry-After: 1"), "{head}");
+    assert_eq!(error["error"]["code"], "rate_limited");
+}
