@@ -22,8 +22,11 @@ use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
 /// One published event, encoded once and shared by every receiver and the history.
 #[derive(Debug)]
 pub struct Event {
-    /// Position in the total order (1-based).
+    /// Position in this node's order (1-based, contiguous).
     pub seq: u64,
+    /// Position in the engine's order, comparable across nodes: (epoch, seq) for the
+    /// memory engine, the stream id (ms, n) for Redis.
+    pub key: (u64, u64),
     /// The opaque id clients see.
     pub id: Box<str>,
     /// Concrete topic.
@@ -86,6 +89,16 @@ pub struct PublishTicket {
 }
 
 impl PublishTicket {
+    /// A ticket for `ids` that `shards` shards report on.
+    pub fn new(reply_to: ReplyTo, ids: Vec<Box<str>>, shards: usize) -> Arc<Self> {
+        Arc::new(Self {
+            remaining: AtomicUsize::new(ids.len() * shards),
+            delivered: (0..ids.len()).map(|_| AtomicUsize::new(0)).collect(),
+            reply_to,
+            ids,
+        })
+    }
+
     /// Per event, the connections it was queued to.
     pub fn delivered(&self) -> Vec<usize> {
         self.delivered.iter().map(|d| d.load(Ordering::Acquire)).collect()
@@ -116,6 +129,8 @@ impl Delivery {
 pub enum Control {
     /// Every shard has queued a `?wait=1` publish.
     PublishDone(Arc<PublishTicket>),
+    /// An engine has answered a publish.
+    Published(Reply, Result<Vec<Box<str>>, PublishError>),
     /// Add this shard's histograms to a stats read.
     Collect(Arc<crate::metrics::Gather>),
     /// Every shard has added to a stats read this shard asked for.
@@ -176,6 +191,71 @@ pub enum PublishError {
     /// A shard's inbound queue is full: the broker is overloaded.
     #[error("broker overloaded: shard queues are full")]
     Overloaded,
+    /// The cluster engine cannot take publishes now.
+    #[error("the engine is unavailable")]
+    EngineUnavailable,
+}
+
+/// How a publish was taken.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Published; these are the ids.
+    Now(Vec<Box<str>>),
+    /// The answer reaches the publisher's shard later, as [`Control::Published`] or
+    /// [`Control::PublishDone`].
+    Later,
+}
+
+/// Who asked for a publish and how they want the answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The connection.
+    pub to: ReplyTo,
+    /// `?wait=1`: answer once every shard has queued the events.
+    pub wait: bool,
+    /// For a WebSocket `request`: the reply's `correlation_id`; `None` for HTTP.
+    pub websocket: Option<Option<String>>,
+}
+
+/// One event as it enters the order, with everything but its position.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The validated request.
+    pub request: PublishRequest,
+    /// Its encoded tail ([`PublishRequest::encoded_tail`]).
+    pub tail: String,
+}
+
+impl Prepared {
+    /// Prepares `requests`, refusing (by index) any that would encode over `max_bytes`.
+    pub fn all(requests: Vec<PublishRequest>, max_bytes: usize) -> Result<Vec<Prepared>, PublishError> {
+        let overhead = EVENT_HEAD.len() + MAX_ID_LEN + EVENT_MID.len() + TIMESTAMP_LEN;
+        requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, request)| {
+                let tail = request.encoded_tail();
+                if tail.len() + overhead > max_bytes {
+                    Err(PublishError::TooLarge(i))
+                } else {
+                    Ok(Prepared { request, tail })
+                }
+            })
+            .collect()
+    }
+}
+
+/// An event whose place in the order an engine has decided (a Redis stream entry).
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    /// The engine's id (the stream id).
+    pub id: String,
+    /// The id as a comparable key.
+    pub key: (u64, u64),
+    /// Publish time as the publishing node wrote it.
+    pub timestamp: String,
+    /// The event.
+    pub prepared: Prepared,
 }
 
 struct Ordered {
@@ -191,29 +271,54 @@ pub struct BusCounters {
     pub refused_overloaded: AtomicU64,
 }
 
+/// Hands prepared events to a cluster engine, which answers through the publisher's
+/// inbox and feeds the events back through [`Bus::ingest`].
+pub type Submit = Box<dyn Fn(Vec<Prepared>, Reply) -> Result<(), PublishError> + Send + Sync>;
+
+/// Where the order comes from.
+pub enum Sequencer {
+    /// This process: ids `<epoch>-<seq>`.
+    Local {
+        /// Start time of this broker run, hex milliseconds.
+        epoch: String,
+    },
+    /// A cluster engine; ids are the engine's.
+    Engine(Submit),
+}
+
 /// The publish entry point shared by all shards.
 pub struct Bus {
     ordered: Mutex<Ordered>,
     inboxes: Vec<Inbox>,
-    epoch: String,
+    sequencer: Sequencer,
     max_message_bytes: usize,
     /// Counters.
     pub counters: BusCounters,
 }
 
-/// Longest id: 16 hex epoch digits, `-`, 20 decimal digits.
-const MAX_ID_LEN: usize = 37;
+/// Longest id: 20 decimal digits, `-`, 20 decimal digits.
+const MAX_ID_LEN: usize = 41;
 /// `2026-11-23T12:00:00.123456Z`.
 const TIMESTAMP_LEN: usize = 27;
 
 impl Bus {
-    /// A bus feeding `inboxes`, one per shard.
+    /// A bus with the local sequencer feeding `inboxes`, one per shard.
     pub fn new(inboxes: Vec<Inbox>, retention: Retention, max_message_bytes: usize) -> Self {
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        Self::with_sequencer(inboxes, retention, max_message_bytes, Sequencer::Local { epoch: format!("{epoch:x}") })
+    }
+
+    /// A bus whose order comes from `sequencer`.
+    pub fn with_sequencer(
+        inboxes: Vec<Inbox>,
+        retention: Retention,
+        max_message_bytes: usize,
+        sequencer: Sequencer,
+    ) -> Self {
         Self {
             ordered: Mutex::new(Ordered { history: History::new(retention) }),
             inboxes,
-            epoch: format!("{epoch:x}"),
+            sequencer,
             max_message_bytes,
             counters: BusCounters::default(),
         }
@@ -230,48 +335,115 @@ impl Bus {
         self.ordered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes `requests` atomically and in order. With `reply_to`, a
-    /// [`Control::PublishDone`] reaches that shard once every shard has queued them all.
-    pub fn publish(
+    /// Publishes `requests` atomically and in order. With the local sequencer and no
+    /// `wait`, the ids come back at once; otherwise the answer reaches `reply.to`'s shard
+    /// as a control message.
+    pub fn publish(&self, requests: Vec<PublishRequest>, reply: Reply) -> Result<Accepted, PublishError> {
+        let prepared = Prepared::all(requests, self.max_message_bytes)?;
+        let epoch = match &self.sequencer {
+            Sequencer::Engine(submit) => return submit(prepared, reply).map(|()| Accepted::Later),
+            Sequencer::Local { epoch } => epoch,
+        };
+        let mut timestamp = String::with_capacity(TIMESTAMP_LEN);
+        protocol::push_timestamp(&mut timestamp, SystemTime::now());
+        let epoch_key = u64::from_str_radix(epoch, 16).unwrap_or(0);
+        let ticket_to = reply.wait.then_some(reply.to);
+        let ids = self.append(prepared, ticket_to, Instant::now(), |seq| {
+            (format!("{epoch}-{seq}"), (epoch_key, seq), timestamp.clone())
+        })?;
+        Ok(if reply.wait { Accepted::Later } else { Accepted::Now(ids) })
+    }
+
+    /// Appends events an engine has ordered, skipping any already seen. Waits while shard
+    /// queues are full: the caller is the engine's own thread, and the engine's stream
+    /// keeps what cannot be taken yet.
+    pub fn ingest(
         &self,
-        requests: &[PublishRequest],
-        reply_to: Option<ReplyTo>,
-    ) -> Result<Vec<Box<str>>, PublishError> {
-        let tails: Vec<String> = requests.iter().map(PublishRequest::encoded_tail).collect();
-        let overhead = EVENT_HEAD.len() + MAX_ID_LEN + EVENT_MID.len() + TIMESTAMP_LEN;
-        if let Some(i) = tails.iter().position(|t| t.len() + overhead > self.max_message_bytes) {
-            return Err(PublishError::TooLarge(i));
+        entries: Vec<StreamEntry>,
+        mut ticket_of: impl FnMut(&str) -> Option<(Arc<PublishTicket>, usize)>,
+    ) {
+        let now = Instant::now();
+        let wall_now = SystemTime::now();
+        for entry in entries {
+            let published_at = published_instant(&entry.timestamp, wall_now, now);
+            let ticket = ticket_of(&entry.id);
+            while let Err(PublishError::Overloaded) = self.append_entry(&entry, published_at, ticket.clone()) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
+    }
+
+    /// Loads events into the history only: a node joining a cluster catches up on the
+    /// retained past without delivering it.
+    pub fn preload(&self, entries: Vec<StreamEntry>) {
+        let mut ordered = self.lock();
+        let now = Instant::now();
+        let wall_now = SystemTime::now();
+        for entry in entries {
+            if ordered.history.last_key().is_some_and(|last| entry.key <= last) {
+                continue;
+            }
+            let seq = ordered.history.last_seq() + 1;
+            let at = published_instant(&entry.timestamp, wall_now, now);
+            let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, at));
+            ordered.history.push(event, now);
+        }
+        ordered.history.mark_caught_up();
+    }
+
+    fn append_entry(
+        &self,
+        entry: &StreamEntry,
+        published_at: Instant,
+        ticket: Option<(Arc<PublishTicket>, usize)>,
+    ) -> Result<(), PublishError> {
+        let mut ordered = self.lock();
+        if ordered.history.last_key().is_some_and(|last| entry.key <= last) {
+            return Ok(()); // read again after a reconnect
+        }
+        if self.inboxes.iter().any(|inbox| inbox.events.is_full()) {
+            return Err(PublishError::Overloaded);
+        }
+        let seq = ordered.history.last_seq() + 1;
+        let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, published_at));
+        ordered.history.push(event.clone(), Instant::now());
+        for inbox in &self.inboxes {
+            let _ = inbox.events.push(Delivery { event: event.clone(), ticket: ticket.clone() });
+        }
+        drop(ordered);
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        for inbox in &self.inboxes {
+            inbox.wake();
+        }
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        prepared: Vec<Prepared>,
+        ticket_to: Option<ReplyTo>,
+        now: Instant,
+        mut id_of: impl FnMut(u64) -> (String, (u64, u64), String),
+    ) -> Result<Vec<Box<str>>, PublishError> {
+        let count = prepared.len();
         let ids = {
             let mut ordered = self.lock();
-            let needed = requests.len();
-            if self.inboxes.iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < needed) {
+            if self.inboxes.iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < count) {
                 self.counters.refused_overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(PublishError::Overloaded);
             }
-            let now = Instant::now();
-            let wall = SystemTime::now();
-            let mut timestamp = String::with_capacity(TIMESTAMP_LEN);
-            protocol::push_timestamp(&mut timestamp, wall);
-            let events: Vec<Arc<Event>> = requests
+            let events: Vec<Arc<Event>> = prepared
                 .iter()
-                .zip(&tails)
-                .map(|(request, tail)| {
+                .map(|prepared| {
                     let seq = ordered.history.last_seq() + 1;
-                    let event = Arc::new(self.encode(seq, request, tail, &timestamp, now));
+                    let (id, key, timestamp) = id_of(seq);
+                    let event = Arc::new(encode(seq, key, &id, prepared, &timestamp, now));
                     ordered.history.push(event.clone(), now);
                     event
                 })
                 .collect();
             let ids: Vec<Box<str>> = events.iter().map(|e| e.id.clone()).collect();
-            let ticket = reply_to.map(|reply_to| {
-                Arc::new(PublishTicket {
-                    remaining: AtomicUsize::new(events.len() * self.inboxes.len()),
-                    delivered: (0..events.len()).map(|_| AtomicUsize::new(0)).collect(),
-                    reply_to,
-                    ids: ids.clone(),
-                })
-            });
+            let ticket = ticket_to.map(|reply_to| PublishTicket::new(reply_to, ids.clone(), self.inboxes.len()));
             for inbox in &self.inboxes {
                 for (index, event) in events.iter().enumerate() {
                     let delivery = Delivery { event: event.clone(), ticket: ticket.clone().map(|t| (t, index)) };
@@ -288,38 +460,21 @@ impl Bus {
         Ok(ids)
     }
 
-    fn encode(&self, seq: u64, request: &PublishRequest, tail: &str, timestamp: &str, now: Instant) -> Event {
-        let id = format!("{}-{seq}", self.epoch);
-        let json_len = EVENT_HEAD.len() + id.len() + EVENT_MID.len() + timestamp.len() + tail.len();
-        let header_len = ws_header_len(json_len);
-        let mut frame = Vec::with_capacity(header_len + json_len);
-        push_ws_text_header(&mut frame, json_len);
-        for part in [EVENT_HEAD, &id, EVENT_MID, timestamp, tail] {
-            frame.extend_from_slice(part.as_bytes());
+    /// The order key an id names: `<epoch>-<seq>` of this run for the local sequencer,
+    /// `<ms>-<n>` for an engine. `None` for anything else.
+    pub fn parse_key(&self, id: &str) -> Option<(u64, u64)> {
+        let (left, right) = id.split_once('-')?;
+        let right: u64 = right.parse().ok()?;
+        match &self.sequencer {
+            Sequencer::Local { epoch } if left == epoch => Some((u64::from_str_radix(left, 16).ok()?, right)),
+            Sequencer::Local { .. } => None,
+            Sequencer::Engine(_) => Some((left.parse().ok()?, right)),
         }
-        let sse_head = format!("id: {id}\ndata: ").into_bytes().into_boxed_slice();
-        Event {
-            seq,
-            id: id.into_boxed_str(),
-            topic: request.topic.as_str().into(),
-            source: request.source.as_str().into(),
-            correlation_id: request.correlation_id.as_deref().map(Into::into),
-            published_at: now,
-            ws_frame: frame.into_boxed_slice(),
-            json_start: header_len,
-            sse_head,
-        }
-    }
-
-    /// The sequence number an id names, if it is one of this broker's (this epoch).
-    pub fn parse_id(&self, id: &str) -> Option<u64> {
-        let (epoch, seq) = id.split_once('-')?;
-        (epoch == self.epoch).then(|| seq.parse().ok()).flatten()
     }
 
     /// Retained events after the id `since`, up to sequence `upto` (for a subscription:
     /// what the asking shard has already fanned out), that `keep` accepts. Also returns
-    /// the sequence `since` names.
+    /// the sequence `since` names on this node.
     pub fn replay(
         &self,
         since: &str,
@@ -327,10 +482,11 @@ impl Bus {
         limit: usize,
         keep: impl FnMut(&Event) -> bool,
     ) -> Result<(u64, Vec<Arc<Event>>), NotRecoverable> {
-        let seq = self.parse_id(since).ok_or(NotRecoverable)?;
+        let key = self.parse_key(since).ok_or(NotRecoverable)?;
         let mut ordered = self.lock();
         ordered.history.evict(Instant::now());
-        Ok((seq, ordered.history.after(seq, upto, limit, keep)?))
+        let seq = ordered.history.position(key)?;
+        Ok((seq, ordered.history.after(seq, upto, limit, keep)))
     }
 
     /// The newest `limit` retained events up to `upto` that `keep` accepts, oldest first.
@@ -342,10 +498,8 @@ impl Bus {
 
     /// When the event named by `id` was published, while it is retained.
     pub fn published_at(&self, id: &str) -> Option<Instant> {
-        let seq = self.parse_id(id)?;
-        let ordered = self.lock();
-        let events = ordered.history.after(seq.checked_sub(1)?, seq, 1, |_| true).ok()?;
-        events.first().map(|e| e.published_at)
+        let key = self.parse_key(id)?;
+        self.lock().history.find(key).map(|e| e.published_at)
     }
 
     /// Sequence of the newest event published.
@@ -357,6 +511,43 @@ impl Bus {
     pub fn history_size(&self) -> (usize, usize) {
         let ordered = self.lock();
         (ordered.history.len(), ordered.history.bytes())
+    }
+}
+
+/// Lays out an event's bytes once: the WebSocket frame (header + JSON) and the SSE head.
+fn encode(seq: u64, key: (u64, u64), id: &str, prepared: &Prepared, timestamp: &str, published_at: Instant) -> Event {
+    let json_len = EVENT_HEAD.len() + id.len() + EVENT_MID.len() + timestamp.len() + prepared.tail.len();
+    let header_len = ws_header_len(json_len);
+    let mut frame = Vec::with_capacity(header_len + json_len);
+    push_ws_text_header(&mut frame, json_len);
+    for part in [EVENT_HEAD, id, EVENT_MID, timestamp, &prepared.tail] {
+        frame.extend_from_slice(part.as_bytes());
+    }
+    let request = &prepared.request;
+    Event {
+        seq,
+        key,
+        id: id.into(),
+        topic: request.topic.as_str().into(),
+        source: request.source.as_str().into(),
+        correlation_id: request.correlation_id.as_deref().map(Into::into),
+        published_at,
+        ws_frame: frame.into_boxed_slice(),
+        json_start: header_len,
+        sse_head: format!("id: {id}\ndata: ").into_bytes().into_boxed_slice(),
+    }
+}
+
+/// The local instant matching a publish timestamp written by (possibly) another node, so
+/// latency histograms measure from the publisher's clock.
+fn published_instant(timestamp: &str, wall_now: SystemTime, now: Instant) -> Instant {
+    let Ok(parsed) = time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339) else {
+        return now;
+    };
+    let then = SystemTime::from(parsed);
+    match wall_now.duration_since(then) {
+        Ok(age) => now.checked_sub(age).unwrap_or(now),
+        Err(_) => now,
     }
 }
 
@@ -412,6 +603,14 @@ mod tests {
         (Bus::new(inboxes, retention, 1024), polls)
     }
 
+    fn publish(bus: &Bus, requests: Vec<PublishRequest>) -> Result<Vec<Box<str>>, PublishError> {
+        let reply = Reply { to: ReplyTo { shard: 0, key: 0, conn_id: 0 }, wait: false, websocket: None };
+        match bus.publish(requests, reply)? {
+            Accepted::Now(ids) => Ok(ids),
+            Accepted::Later => unreachable!("the local sequencer answers at once"),
+        }
+    }
+
     fn req(topic: &str) -> PublishRequest {
         let raw =
             serde_json::value::RawValue::from_string(format!(r#"{{"topic":"{topic}","data":{{"n":1}}}}"#)).unwrap();
@@ -421,7 +620,7 @@ mod tests {
     #[test]
     fn encodes_once_in_order_to_every_shard() {
         let (bus, _polls) = bus(2, 8);
-        let ids = bus.publish(&[req("a"), req("b")], None).unwrap();
+        let ids = publish(&bus, vec![req("a"), req("b")]).unwrap();
         for inbox in bus.inboxes() {
             let first = inbox.events.pop().unwrap();
             let second = inbox.events.pop().unwrap();
@@ -437,19 +636,19 @@ mod tests {
     #[test]
     fn all_or_nothing_when_a_queue_is_full() {
         let (bus, _polls) = bus(2, 2);
-        assert_eq!(bus.publish(&[req("a"), req("b"), req("c")], None), Err(PublishError::Overloaded));
+        assert_eq!(publish(&bus, vec![req("a"), req("b"), req("c")]), Err(PublishError::Overloaded));
         assert_eq!(bus.last_seq(), 0);
         let big = PublishRequest {
             data: serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(2000))).unwrap(),
             ..req("a")
         };
-        assert_eq!(bus.publish(&[req("a"), big], None), Err(PublishError::TooLarge(1)));
+        assert_eq!(publish(&bus, vec![req("a"), big]), Err(PublishError::TooLarge(1)));
     }
 
     #[test]
     fn replay_window_and_foreign_ids() {
         let (bus, _polls) = bus(1, 64);
-        let ids: Vec<_> = (0..5).flat_map(|_| bus.publish(&[req("a")], None).unwrap()).collect();
+        let ids: Vec<_> = (0..5).flat_map(|_| publish(&bus, vec![req("a")]).unwrap()).collect();
         // Retention 3: events 3, 4, 5 are kept, so only ids 2.. can be resumed.
         assert!(bus.replay(&ids[0], 5, 100, |_| true).is_err());
         let (seq, got) = bus.replay(&ids[1], 5, 100, |_| true).unwrap();
@@ -460,7 +659,7 @@ mod tests {
         assert_eq!(bus.replay(&ids[3], 2, 100, |_| true).unwrap().1.len(), 0, "a shard behind the id replays nothing");
         assert!(bus.replay("0-1", 5, 100, |_| true).is_err());
         assert!(bus.replay("garbage", 5, 100, |_| true).is_err());
-        let future = format!("{}-99", bus.epoch);
+        let future = format!("{}-99", ids[0].split_once('-').unwrap().0);
         assert!(bus.replay(&future, 5, 100, |_| true).is_err());
     }
 }

@@ -28,8 +28,9 @@ pub struct History {
     events: VecDeque<Arc<Event>>,
     bytes: usize,
     retention: Retention,
-    /// Sequence of the newest event ever evicted (0: none).
-    evicted_through: u64,
+    /// Positions with a key below this cannot be resumed: the key of the newest event
+    /// evicted, or of the first event a joining node loaded.
+    floor: Option<(u64, u64)>,
     /// Sequence of the newest event ever pushed (0: none).
     last_seq: u64,
 }
@@ -41,7 +42,7 @@ pub struct NotRecoverable;
 impl History {
     /// An empty log.
     pub fn new(retention: Retention) -> Self {
-        Self { events: VecDeque::new(), bytes: 0, retention, evicted_through: 0, last_seq: 0 }
+        Self { events: VecDeque::new(), bytes: 0, retention, floor: None, last_seq: 0 }
     }
 
     /// Appends the next event in sequence, evicting what the bounds no longer allow.
@@ -61,7 +62,7 @@ impl History {
                 break;
             }
             self.bytes -= front.retained_bytes();
-            self.evicted_through = front.seq;
+            self.floor = Some(front.key);
             self.events.pop_front();
         }
     }
@@ -86,30 +87,44 @@ impl History {
         self.bytes
     }
 
-    /// Events after `since` up to and including `upto`, oldest first, that `keep` accepts,
-    /// at most `limit`. Fails when an event after `since` was already evicted or `since`
-    /// names an event not published yet.
-    pub fn after(
-        &self,
-        since: u64,
-        upto: u64,
-        limit: usize,
-        mut keep: impl FnMut(&Event) -> bool,
-    ) -> Result<Vec<Arc<Event>>, NotRecoverable> {
-        if since < self.evicted_through || since > self.last_seq {
+    /// Key of the newest event.
+    pub fn last_key(&self) -> Option<(u64, u64)> {
+        self.events.back().map(|e| e.key).or(self.floor)
+    }
+
+    /// Marks everything before the first retained event as unrecoverable (a joining node
+    /// has loaded what the cluster retains and nothing older).
+    pub fn mark_caught_up(&mut self) {
+        if let Some(front) = self.events.front() {
+            self.floor = Some(self.floor.map_or(front.key, |f| f.max(front.key)));
+        }
+    }
+
+    /// The sequence of the last event at or before `key`: where a client that saw `key`
+    /// resumes. Fails when events after it were evicted, or `key` is in the future.
+    pub fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
+        if self.floor.is_some_and(|floor| key < floor) || self.last_key().is_none_or(|last| key > last) {
             return Err(NotRecoverable);
         }
-        let Some(front) = self.events.front() else { return Ok(Vec::new()) };
+        let at_or_before = self.events.partition_point(|e| e.key <= key);
+        Ok(match at_or_before.checked_sub(1).and_then(|i| self.events.get(i)) {
+            Some(event) => event.seq,
+            None => self.events.front().map_or(self.last_seq, |front| front.seq - 1),
+        })
+    }
+
+    /// The retained event with exactly `key`.
+    pub fn find(&self, key: (u64, u64)) -> Option<&Arc<Event>> {
+        let i = self.events.partition_point(|e| e.key < key);
+        self.events.get(i).filter(|e| e.key == key)
+    }
+
+    /// Events after sequence `since` up to and including `upto`, oldest first, that
+    /// `keep` accepts, at most `limit`.
+    pub fn after(&self, since: u64, upto: u64, limit: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        let Some(front) = self.events.front() else { return Vec::new() };
         let start = (since + 1).saturating_sub(front.seq) as usize;
-        Ok(self
-            .events
-            .iter()
-            .skip(start)
-            .take_while(|e| e.seq <= upto)
-            .filter(|e| keep(e))
-            .take(limit)
-            .cloned()
-            .collect())
+        self.events.iter().skip(start).take_while(|e| e.seq <= upto).filter(|e| keep(e)).take(limit).cloned().collect()
     }
 
     /// The newest `limit` events up to `upto` that `keep` accepts, oldest first.

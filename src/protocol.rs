@@ -38,6 +38,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// Over `max_subscriptions_per_connection`.
     TooManySubscriptions,
+    /// The cluster engine cannot take a publish now.
+    EngineUnavailable,
 }
 
 impl ErrorCode {
@@ -55,6 +57,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Unauthorized => "unauthorized",
             Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::EngineUnavailable => "engine_unavailable",
         }
     }
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::{Auth, AuthError, Grant};
-use crate::bus::{Bus, Control, Delivery, Event, PublishError, ReplyTo};
+use crate::bus::{Accepted, Bus, Control, Delivery, Event, PublishError, Reply, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Chunk, Conn, Filter, HttpConn, SseConn, State, Subscription, Transport, WsConn};
 use crate::history::NotRecoverable;
@@ -397,6 +397,23 @@ impl Shard {
                     let ReplyTo { key, conn_id, .. } = ticket.reply_to;
                     let body = json!({"message_ids": ticket.ids, "delivered_to": ticket.delivered()});
                     self.resume_http(key, conn_id, Response::json(200, &body));
+                }
+                Control::Published(reply, result) => {
+                    let ReplyTo { key, conn_id, .. } = reply.to;
+                    match &reply.websocket {
+                        None => self.resume_http(key, conn_id, published_response(result, 0)),
+                        Some(correlation) => {
+                            let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == conn_id) else { continue };
+                            match result {
+                                Ok(ids) => {
+                                    let payload = json!({"message_id": ids.first()}).to_string();
+                                    ctx_send(conn, "response", correlation.as_deref(), &payload);
+                                }
+                                Err(error) => send_error(conn, correlation.as_deref(), &publish_rejection(&error)),
+                            }
+                            self.after_io(key);
+                        }
+                    }
                 }
                 Control::Collect(gather) => {
                     if gather.add(&self.ctx.latency) {
@@ -844,24 +861,12 @@ impl Ctx {
             return Some(self.respond(conn, request, Response::error(&error), now));
         }
         let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
-        let reply_to = wait.then(|| self.reply_to(key, conn));
-        match self.shared.bus.publish(&requests, reply_to) {
-            Ok(_) if wait => None,
-            Ok(ids) => Some(self.respond(conn, request, Response::json(200, &json!({"message_ids": ids})), now)),
-            Err(error) => {
-                let http_error = match error {
-                    PublishError::TooLarge(i) => HttpError {
-                        status: 413,
-                        code: "too_large",
-                        message: error.to_string(),
-                        field: Some(if requests.len() > 1 { format!("[{i}]") } else { "data".into() }),
-                    },
-                    PublishError::Overloaded => HttpError::new(503, "engine_unavailable", error.to_string()),
-                };
-                let response = Response::error(&http_error);
-                let response = if http_error.status == 503 { response.header("Retry-After", "1") } else { response };
-                Some(self.respond(conn, request, response, now))
-            }
+        let reply = Reply { to: self.reply_to(key, conn), wait, websocket: None };
+        let count = requests.len();
+        match self.shared.bus.publish(requests, reply) {
+            Ok(Accepted::Later) => None,
+            Ok(Accepted::Now(ids)) => Some(self.respond(conn, request, published_response(Ok(ids), count), now)),
+            Err(error) => Some(self.respond(conn, request, published_response(Err(error), count), now)),
         }
     }
 
@@ -1146,16 +1151,18 @@ impl Ctx {
                 let rejection = Rejection::new(ErrorCode::Forbidden, format!("may not publish on {}", publish.topic));
                 return send_error(conn, correlation, &rejection);
             }
-            protocol::Request::Publish(publish) => match self.shared.bus.publish(&[publish], None) {
-                Ok(ids) => json!({"message_id": ids.first()}).to_string(),
-                Err(error) => {
-                    let code = match error {
-                        PublishError::TooLarge(_) => ErrorCode::InvalidMessage,
-                        PublishError::Overloaded => ErrorCode::RateLimited,
-                    };
-                    return send_error(conn, correlation, &Rejection::new(code, error.to_string()));
+            protocol::Request::Publish(publish) => {
+                let reply = Reply {
+                    to: ReplyTo { shard: self.id, key, conn_id: conn.id },
+                    wait: false,
+                    websocket: Some(correlation.map(str::to_string)),
+                };
+                match self.shared.bus.publish(vec![publish], reply) {
+                    Ok(Accepted::Now(ids)) => json!({"message_id": ids.first()}).to_string(),
+                    Ok(Accepted::Later) => return,
+                    Err(error) => return send_error(conn, correlation, &publish_rejection(&error)),
                 }
-            },
+            }
             protocol::Request::History(mut query) => {
                 let Some(grant) = &ws.grant else { return };
                 match readable_patterns(grant, std::mem::take(&mut query.topics)) {
@@ -1331,6 +1338,38 @@ fn history_query_from(request: &Request) -> Result<HistoryQuery, Rejection> {
         since: request.query_param("since").filter(|s| !s.is_empty()),
         limit: protocol::parse_limit(limit.as_ref())?,
     })
+}
+
+/// The answer to an HTTP publish; `count` events were asked for (names the field of a
+/// too-large event).
+fn published_response(result: Result<Vec<Box<str>>, PublishError>, count: usize) -> Response {
+    let error = match result {
+        Ok(ids) => return Response::json(200, &json!({"message_ids": ids})),
+        Err(error) => error,
+    };
+    let http_error = match error {
+        PublishError::TooLarge(i) => HttpError {
+            status: 413,
+            code: "too_large",
+            message: error.to_string(),
+            field: Some(if count > 1 { format!("[{i}]") } else { "data".into() }),
+        },
+        PublishError::Overloaded | PublishError::EngineUnavailable => {
+            HttpError::new(503, "engine_unavailable", error.to_string())
+        }
+    };
+    let response = Response::error(&http_error);
+    if http_error.status == 503 { response.header("Retry-After", "1") } else { response }
+}
+
+/// The WebSocket form of a refused publish.
+fn publish_rejection(error: &PublishError) -> Rejection {
+    let code = match error {
+        PublishError::TooLarge(_) => ErrorCode::InvalidMessage,
+        PublishError::Overloaded => ErrorCode::RateLimited,
+        PublishError::EngineUnavailable => ErrorCode::EngineUnavailable,
+    };
+    Rejection::new(code, error.to_string())
 }
 
 /// The HTTP form of a protocol rejection.
