@@ -59,6 +59,10 @@ pub struct Config {
     pub http_idle_timeout_ms: u64,
     /// Events waiting in one shard's inbound queue before publishes are refused.
     pub shard_queue_capacity: usize,
+    /// `memory` (single node) or `redis://host:port[/db]` (a cluster sharing one stream).
+    pub engine: String,
+    /// Redis stream key holding the cluster's events.
+    pub redis_stream: String,
     /// HS256 secret for JWTs; empty turns auth off (everyone may do everything).
     pub jwt_secret: String,
     /// Time a WebSocket has to authenticate when it connected without a token.
@@ -96,6 +100,8 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
             shard_queue_capacity: 65_536,
+            engine: "memory".into(),
+            redis_stream: "volley:events".into(),
             jwt_secret: String::new(),
             auth_timeout_ms: 10_000,
             allowed_origins: vec!["*".into()],
@@ -218,6 +224,12 @@ impl Config {
         }
         if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {
             return Err(ConfigError::Invalid { key: "echo_path".into(), message: "must start with /".into() });
+        }
+        if self.engine != "memory" && !self.engine.starts_with("redis://") {
+            return Err(ConfigError::Invalid {
+                key: "engine".into(),
+                message: format!("{:?} is neither \"memory\" nor a redis:// URL", self.engine),
+            });
         }
         if self.shards > 1024 {
             return Err(ConfigError::Invalid {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod engine;
 pub mod history;
 pub mod http;
 pub mod limits;

@@ -27,6 +27,9 @@ enum Command {
         /// TOML configuration file; every key can also be set as VOLLEY_<KEY>.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// `memory` (one node) or `redis://host:6379` to share one ordered log between nodes.
+        #[arg(long)]
+        engine: Option<String>,
     },
     /// Show the effective configuration.
     Config {
@@ -49,7 +52,7 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen, shards, config } => {
+        Command::Serve { listen, shards, config, engine } => {
             let mut config = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -59,6 +62,9 @@ fn main() -> ExitCode {
             }
             if let Some(shards) = shards {
                 config.shards = shards;
+            }
+            if let Some(engine) = engine {
+                config.engine = engine;
             }
             let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -139,6 +139,8 @@ pub struct Snapshot {
     pub history: (usize, usize),
     /// Merged histograms.
     pub latency: Latency,
+    /// Cluster engine: (up, reconnects, lag in µs), when one runs.
+    pub engine: Option<(bool, u64, u64)>,
 }
 
 impl Snapshot {
@@ -178,6 +180,7 @@ impl Snapshot {
             },
             "shards": shards,
             "history": {"events": self.history.0, "bytes": self.history.1},
+            "engine": self.engine.map(|(up, reconnects, lag_us)| json!({"up": up, "reconnects": reconnects, "lag_us": lag_us})),
             "latency_us": {
                 "publish_to_queue": percentiles(&self.latency.publish_to_queue),
                 "publish_to_write": percentiles(&self.latency.publish_to_write),
@@ -247,6 +250,26 @@ impl Snapshot {
         family("volley_shard_queue_depth", "gauge", "Events waiting in a shard's inbound queue.", &depths);
         family("volley_history_events", "gauge", "Events retained for resume.", &[("", self.history.0.to_string())]);
         family("volley_history_bytes", "gauge", "Bytes retained for resume.", &[("", self.history.1.to_string())]);
+        if let Some((up, reconnects, lag_us)) = self.engine {
+            family(
+                "volley_engine_up",
+                "gauge",
+                "1 while the cluster engine is connected.",
+                &[("", u8::from(up).to_string())],
+            );
+            family(
+                "volley_engine_reconnects_total",
+                "counter",
+                "Reconnections to the cluster engine.",
+                &[("", reconnects.to_string())],
+            );
+            family(
+                "volley_engine_lag_seconds",
+                "gauge",
+                "Age of the newest event read from the engine when read.",
+                &[("", (lag_us as f64 / 1e6).to_string())],
+            );
+        }
         for (name, help, h) in [
             ("volley_publish_to_queue_seconds", "Publish to queued on a connection.", &self.latency.publish_to_queue),
             ("volley_publish_to_write_seconds", "Publish to written to the socket.", &self.latency.publish_to_write),

@@ -17,8 +17,9 @@ use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Auth;
-use crate::bus::{Bus, Control, Inbox};
+use crate::bus::{Bus, Control, Inbox, Sequencer};
 use crate::config::Config;
+use crate::engine::{Redis, RedisSettings};
 use crate::history::Retention;
 use crate::limits::{Admission, IpRates};
 use crate::metrics::ShardCounters;
@@ -63,8 +64,27 @@ impl Server {
             max_age: Duration::from_millis(config.history_max_age_ms),
             max_bytes: config.history_max_bytes,
         };
+        let (bus, engine) = if config.engine == "memory" {
+            (Bus::new(inboxes, retention, config.max_message_bytes), None)
+        } else {
+            let settings = RedisSettings {
+                url: config.engine.clone(),
+                stream: config.redis_stream.clone(),
+                max_len: config.history_max_events,
+                queue: config.shard_queue_capacity,
+            };
+            let (redis, submit) = Redis::new(settings).map_err(|e| io::Error::other(format!("engine: {e}")))?;
+            let bus = Bus::with_sequencer(inboxes, retention, config.max_message_bytes, Sequencer::Engine(submit));
+            (bus, Some(redis))
+        };
+        let bus = Arc::new(bus);
+        let status = engine.as_ref().map(|e| e.status.clone());
+        if let Some(engine) = engine {
+            engine.start(bus.clone())?;
+        }
         let shared = Arc::new(Shared {
-            bus: Bus::new(inboxes, retention, config.max_message_bytes),
+            bus,
+            engine: status,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
             publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),

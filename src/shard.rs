@@ -24,6 +24,7 @@ use crate::auth::{Auth, AuthError, Grant};
 use crate::bus::{Accepted, Bus, Control, Delivery, Event, PublishError, Reply, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Chunk, Conn, Filter, HttpConn, SseConn, State, Subscription, Transport, WsConn};
+use crate::engine::EngineStatus;
 use crate::history::NotRecoverable;
 use crate::http::{self, HttpError, Parsed, Request, Response};
 use crate::limits::{Admission, IpRates, Refusal, TokenBucket, Verdict};
@@ -44,7 +45,9 @@ pub struct Shared {
     /// Token verification.
     pub auth: Auth,
     /// The publish path.
-    pub bus: Bus,
+    pub bus: Arc<Bus>,
+    /// Health of the cluster engine, when one runs.
+    pub engine: Option<Arc<EngineStatus>>,
     /// Connection limits.
     pub admission: Admission,
     /// HTTP publish rate per client address.
@@ -65,6 +68,9 @@ impl Shared {
         snapshot.refused_overloaded = self.bus.counters.refused_overloaded.load(Ordering::Relaxed);
         snapshot.history = self.bus.history_size();
         snapshot.latency = latency;
+        snapshot.engine = self.engine.as_ref().map(|e| {
+            (e.up.load(Ordering::Acquire), e.reconnects.load(Ordering::Relaxed), e.lag_us.load(Ordering::Relaxed))
+        });
         snapshot
     }
 }
@@ -803,10 +809,16 @@ impl Ctx {
                 self.respond(conn, request, response, now)
             }
             "/health" => {
+                let engine_up = self.shared.engine.as_ref().map(|e| e.up.load(Ordering::Acquire));
                 let response = if self.shared.draining.load(Ordering::Acquire) {
                     Response::json(503, &json!({"status": "draining"}))
                 } else {
-                    Response::json(200, &json!({"status": "ok"}))
+                    match engine_up {
+                        None => Response::json(200, &json!({"status": "ok"})),
+                        Some(true) => Response::json(200, &json!({"status": "ok", "engine": "up"})),
+                        // Still serving subscribers; publishes fail until the engine is back.
+                        Some(false) => Response::json(200, &json!({"status": "degraded", "engine": "down"})),
+                    }
                 };
                 self.respond(conn, request, response, now)
             }
