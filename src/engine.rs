@@ -133,7 +133,9 @@ impl Writer {
                 Some(conn) => self.write(conn, &batch),
                 None => Err(PublishError::EngineUnavailable),
             };
-            if result.is_err() {
+            if result.is_ok() {
+                self.status.up.store(true, Ordering::Release);
+            } else {
                 connection = None;
                 self.status.up.store(false, Ordering::Release);
                 for submission in batch {

@@ -1,0 +1,271 @@
+//! Several volley processes sharing one ordered log through a real redis-server.
+//! `./scripts/test` installs redis-server when it is missing.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tungstenite::Message;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    process: Option<Proc>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("volley-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self { port, dir, process: None };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (./scripts/test installs it)");
+        self.process = Some(Proc(child));
+        wait_for_port(self.port, "redis-server");
+    }
+
+    fn kill(&mut self) {
+        self.process = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.process = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Node {
+    port: u16,
+    process: Proc,
+}
+
+fn node(redis: &RedisServer) -> Node {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--engine", &redis.url()])
+        .env("VOLLEY_LOG_LEVEL", "warn")
+        .spawn()
+        .unwrap();
+    let node = Node { port, process: Proc(child) };
+    wait_for_port(port, "volley");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(port, "/health").contains("\"up\"") {
+        assert!(Instant::now() < deadline, "engine did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node
+}
+
+fn request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.split(' ').nth(1)?.parse().ok()?, body.to_string()))
+}
+
+fn get(port: u16, path: &str) -> String {
+    request(port, "GET", path, "").map(|(_, b)| b).unwrap_or_default()
+}
+
+/// Publishes `events`; the acknowledged ids, or None when refused.
+fn publish(port: u16, events: &Value) -> Option<Vec<String>> {
+    let (status, body) = request(port, "POST", "/publish", &events.to_string())?;
+    if status != 200 {
+        return None;
+    }
+    let body: Value = serde_json::from_str(&body).ok()?;
+    Some(body["message_ids"].as_array()?.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+}
+
+type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn subscriber(port: u16, since: Option<&str>) -> Ws {
+    let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    assert!(ws.read().unwrap().to_text().unwrap().contains("connected"));
+    let subscribe = json!({"type": "subscribe", "payload": {"topics": ["k.*"], "since": since}});
+    ws.send(Message::text(subscribe.to_string())).unwrap();
+    let ack: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(ack["payload"]["status"], "subscribed", "{ack}");
+    if since.is_some() {
+        assert_eq!(ack["payload"]["recovered"], true, "{ack}");
+    }
+    ws
+}
+
+/// The next event id, or None when the connection ended.
+fn next_id(ws: &mut Ws) -> Option<String> {
+    loop {
+        match ws.read().ok()? {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "event" {
+                    return Some(v["message_id"].as_str().unwrap().to_string());
+                }
+            }
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+fn key(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+#[test]
+fn an_event_published_on_one_node_reaches_the_others_in_one_order() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Node> = (0..3).map(|_| node(&redis)).collect();
+    let mut on_two = subscriber(nodes[1].port, None);
+    let mut on_three = subscriber(nodes[2].port, None);
+    let mut ids = Vec::new();
+    for batch in 0..10 {
+        // Publishes alternate between nodes 1 and 3: one cluster-wide order regardless.
+        let port = nodes[if batch % 2 == 0 { 0 } else { 2 }].port;
+        let events: Vec<Value> = (0..30).map(|i| json!({"topic": "k.x", "data": batch * 30 + i})).collect();
+        ids.extend(publish(port, &Value::from(events)).expect("publish accepted"));
+    }
+    let got_two: Vec<String> = (0..ids.len()).map(|_| next_id(&mut on_two).unwrap()).collect();
+    let got_three: Vec<String> = (0..ids.len()).map(|_| next_id(&mut on_three).unwrap()).collect();
+    assert_eq!(got_two, ids);
+    assert_eq!(got_three, ids);
+    drop(nodes);
+}
+
+#[test]
+fn clients_of_a_killed_node_resume_on_another_without_gap_or_duplicate() {
+    let redis = RedisServer::start();
+    let one = node(&redis);
+    let mut two = node(&redis);
+    let three = node(&redis);
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let published = published.clone();
+        let port = one.port;
+        std::thread::spawn(move || {
+            for batch in 0..100 {
+                let events: Vec<Value> = (0..20).map(|i| json!({"topic": "k.y", "data": batch * 20 + i})).collect();
+                let ids = publish(port, &Value::from(events)).expect("publish accepted");
+                published.lock().unwrap().extend(ids);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut received = Vec::new();
+    let mut ws = subscriber(two.port, None);
+    while received.len() < 500 {
+        received.push(next_id(&mut ws).expect("events before the kill"));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(two.process.0.id() as i32, libc::SIGKILL) };
+    let _ = two.process.0.wait();
+    while let Some(id) = next_id(&mut ws) {
+        received.push(id); // whatever was already in flight
+    }
+    let last = received.last().unwrap().clone();
+    let mut ws = subscriber(three.port, Some(&last));
+    publisher.join().unwrap();
+    let total = published.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.len() < total {
+        assert!(Instant::now() < deadline, "only {} of {total}", received.len());
+        received.push(next_id(&mut ws).expect("events after resuming"));
+    }
+    assert_eq!(received, *published.lock().unwrap(), "every event exactly once, in order");
+}
+
+#[test]
+fn redis_restart_loses_no_acknowledged_publish() {
+    let mut redis = RedisServer::start();
+    let one = node(&redis);
+    let two = node(&redis);
+    let mut ws = subscriber(two.port, None);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..600 {
+        if i == 200 {
+            redis.kill();
+        }
+        if i == 260 {
+            redis.spawn();
+        }
+        match publish(one.port, &json!({"topic": "k.z", "data": i})) {
+            Some(ids) => acknowledged.extend(ids),
+            None => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert!(refused > 0, "the outage was noticed (publishes refused while Redis was down)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(two.port, "/health").contains("\"up\"") {
+        assert!(Instant::now() < deadline, "engine back up: {}", get(two.port, "/health"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut received = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !acknowledged.iter().all(|id| received.contains(id)) {
+        assert!(Instant::now() < deadline, "missing acknowledged events");
+        received.push(next_id(&mut ws).expect("events keep coming after the restart"));
+    }
+    assert!(received.windows(2).all(|w| key(&w[0]) < key(&w[1])), "in order, no duplicates");
+    let metrics = get(two.port, "/metrics");
+    assert!(metrics.contains("volley_engine_reconnects_total"), "{metrics}");
+}
