@@ -959,38 +959,34 @@ impl Ctx {
         Routed::Halt
     }
 
-    fn on_ws_bytes(&mut self, key: usize, conn: &mut Conn, data: &[u8], now: Instant) {
-        let State::WebSocket(ws) = &mut conn.state else { return };
-        ws.last_heard = now;
-        let mut received = Vec::new();
-        let mut out = Vec::new();
-        let ended = ws.codec.read(data, &mut out, |message| received.push(message));
-        conn.out.push_bytes(out);
-        for message in received {
-            match message {
-                Received::Control => {}
-                Received::Text(text) => self.on_ws_text(key, conn, text, now),
-                Received::Binary(data) => {
-                    let State::WebSocket(ws) = &mut conn.state else { break };
+    fn on_ws_bytes(&mut self, key: usize, conn: &mut Conn, mut data: &[u8], now: Instant) {
+        loop {
+            let State::WebSocket(ws) = &mut conn.state else { return };
+            ws.last_heard = now;
+            let mut out = Vec::new();
+            let step = ws.codec.next(&mut data, &mut out);
+            conn.out.push_bytes(out);
+            match step {
+                Ok(None) => return,
+                Ok(Some(Received::Control)) => {}
+                Ok(Some(Received::Text(text))) => self.on_ws_text(key, conn, text, now),
+                Ok(Some(Received::Binary(data))) => {
+                    let State::WebSocket(ws) = &mut conn.state else { return };
                     if ws.echo {
                         let mut out = Vec::new();
                         ws.codec.send_binary(data, &mut out);
                         conn.out.push_bytes(out);
                     } else {
-                        send_error(
-                            conn,
-                            None,
-                            &Rejection::new(ErrorCode::InvalidMessage, "binary frames are not supported"),
-                        );
+                        let rejection = Rejection::new(ErrorCode::InvalidMessage, "binary frames are not supported");
+                        send_error(conn, None, &rejection);
                     }
                 }
+                Err(Ended::Closed | Ended::Failed(_)) => {
+                    write_batch(conn);
+                    conn.state = State::Closing { deadline: now + LINGER, shut: false };
+                    return;
+                }
             }
-        }
-        if let Err(Ended::Closed | Ended::Failed(_)) = ended
-            && matches!(conn.state, State::WebSocket(_))
-        {
-            write_batch(conn);
-            conn.state = State::Closing { deadline: now + LINGER, shut: false };
         }
     }
 

@@ -101,12 +101,12 @@ pub enum Ended {
 }
 
 /// In-memory stream for tungstenite: reads from a slice, writes into a vector.
-struct Pipe<'a> {
-    input: &'a [u8],
+struct Pipe<'a, 'b> {
+    input: &'b [u8],
     output: &'a mut Vec<u8>,
 }
 
-impl Read for Pipe<'_> {
+impl Read for Pipe<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.input.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -116,7 +116,7 @@ impl Read for Pipe<'_> {
     }
 }
 
-impl Write for Pipe<'_> {
+impl Write for Pipe<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.output.extend_from_slice(buf);
         Ok(buf.len())
@@ -157,49 +157,40 @@ impl Codec {
         self.context.can_write()
     }
 
-    /// Feeds bytes read from the socket. Whole messages go to `on_message`; bytes to send
-    /// (pongs, the close reply) are appended to `output`.
-    pub fn read(
-        &mut self,
-        input: &[u8],
-        output: &mut Vec<u8>,
-        mut on_message: impl FnMut(Received),
-    ) -> Result<(), Ended> {
-        let mut pipe = Pipe { input, output };
-        loop {
-            match self.context.read(&mut pipe) {
-                Ok(Message::Text(text)) => on_message(Received::Text(text.as_str().to_owned())),
-                Ok(Message::Binary(data)) => on_message(Received::Binary(data.to_vec())),
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => on_message(Received::Control),
-                Ok(Message::Close(_)) => {
-                    // Writes our close reply (or completes the handshake we began).
-                    return match self.context.flush(&mut pipe) {
-                        Err(Error::Io(e)) if e.kind() != io::ErrorKind::WouldBlock => {
-                            Err(Ended::Failed(Close::Internal))
-                        }
-                        _ => Err(Ended::Closed),
-                    };
-                }
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Pongs queued during the read go out now.
-                    return match self.context.flush(&mut pipe) {
-                        Err(Error::ConnectionClosed | Error::AlreadyClosed) => Err(Ended::Closed),
-                        _ => Ok(()),
-                    };
-                }
-                Err(Error::ConnectionClosed | Error::AlreadyClosed) => return Err(Ended::Closed),
-                Err(error) => {
-                    let close = match error {
-                        Error::Utf8(_) => Close::InvalidPayload,
-                        Error::Capacity(_) => Close::TooBig,
-                        Error::Protocol(_) => Close::Protocol,
-                        _ => Close::Internal,
-                    };
-                    self.close(close, pipe.output);
-                    return Err(Ended::Failed(close));
-                }
+    /// Feeds bytes read from the socket (consuming `input`) and returns the next whole
+    /// message, or `None` once everything given is consumed. Bytes to send (pongs, the
+    /// close reply) are appended to `output` in the order they arise, so a reply to a
+    /// message is queued before a close caused by what followed it.
+    pub fn next(&mut self, input: &mut &[u8], output: &mut Vec<u8>) -> Result<Option<Received>, Ended> {
+        let mut pipe = Pipe { input: *input, output };
+        let result = match self.context.read(&mut pipe) {
+            Ok(Message::Text(text)) => Ok(Some(Received::Text(text.as_str().to_owned()))),
+            Ok(Message::Binary(data)) => Ok(Some(Received::Binary(data.to_vec()))),
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Ok(Some(Received::Control)),
+            // Writes our close reply (or completes the handshake we began).
+            Ok(Message::Close(_)) => match self.context.flush(&mut pipe) {
+                Err(Error::Io(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(Ended::Failed(Close::Internal)),
+                _ => Err(Ended::Closed),
+            },
+            // Everything consumed; pongs queued during the read go out now.
+            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => match self.context.flush(&mut pipe) {
+                Err(Error::ConnectionClosed | Error::AlreadyClosed) => Err(Ended::Closed),
+                _ => Ok(None),
+            },
+            Err(Error::ConnectionClosed | Error::AlreadyClosed) => Err(Ended::Closed),
+            Err(error) => {
+                let close = match error {
+                    Error::Utf8(_) => Close::InvalidPayload,
+                    Error::Capacity(_) => Close::TooBig,
+                    Error::Protocol(_) => Close::Protocol,
+                    _ => Close::Internal,
+                };
+                self.close(close, pipe.output);
+                Err(Ended::Failed(close))
             }
-        }
+        };
+        *input = pipe.input;
+        result
     }
 
     /// Queues a text message.
@@ -242,14 +233,17 @@ mod tests {
         out
     }
 
-    fn feed(codec: &mut Codec, input: &[u8]) -> (Vec<String>, Vec<u8>, Result<(), Ended>) {
+    fn feed(codec: &mut Codec, mut input: &[u8]) -> (Vec<String>, Vec<u8>, Result<(), Ended>) {
         let mut texts = Vec::new();
         let mut out = Vec::new();
-        let result = codec.read(input, &mut out, |m| {
-            if let Received::Text(t) = m {
-                texts.push(t)
+        let result = loop {
+            match codec.next(&mut input, &mut out) {
+                Ok(None) => break Ok(()),
+                Ok(Some(Received::Text(t))) => texts.push(t),
+                Ok(Some(_)) => {}
+                Err(ended) => break Err(ended),
             }
-        });
+        };
         (texts, out, result)
     }
 
