@@ -162,7 +162,7 @@ impl Codec {
     /// close reply) are appended to `output` in the order they arise, so a reply to a
     /// message is queued before a close caused by what followed it.
     pub fn next(&mut self, input: &mut &[u8], output: &mut Vec<u8>) -> Result<Option<Received>, Ended> {
-        let mut pipe = Pipe { input: *input, output };
+        let mut pipe = Pipe { input, output };
         let result = match self.context.read(&mut pipe) {
             Ok(Message::Text(text)) => Ok(Some(Received::Text(text.as_str().to_owned()))),
             Ok(Message::Binary(data)) => Ok(Some(Received::Binary(data.to_vec()))),
