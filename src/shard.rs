@@ -477,13 +477,14 @@ impl Shard {
             let mut queued = 0usize;
             let counters = &shared.counters[ctx.id];
             let dirty = &mut ctx.dirty;
+            let written = &mut ctx.latency.publish_to_write;
             ctx.index.for_each_match(&event.topic, |at| {
                 let Some(conn) = conns.get_mut(at.conn) else { return };
                 if conn.last_seq == event.seq || !wants(conn, at.sub, &event) {
                     return;
                 }
                 conn.last_seq = event.seq;
-                if enqueue_event(conn, &event, max_outbound, counters, now) {
+                if enqueue_event(conn, &event, max_outbound, counters, written, now) {
                     queued += 1;
                 }
                 if !conn.dirty {
@@ -591,13 +592,24 @@ fn enqueue_event(
     event: &Arc<Event>,
     max_outbound: usize,
     counters: &ShardCounters,
+    written: &mut hdrhistogram::Histogram<u64>,
     now: Instant,
 ) -> bool {
-    let pending: usize = match &conn.state {
-        State::WebSocket(ws) => ws.batch_pending.iter().map(|e| e.json().len() + 1).sum(),
-        _ => 0,
+    let queued = |conn: &Conn| {
+        let pending: usize = match &conn.state {
+            State::WebSocket(ws) => ws.batch_pending.iter().map(|e| e.json().len() + 1).sum(),
+            _ => 0,
+        };
+        conn.out.bytes() + pending + event.ws_frame().len()
     };
-    if conn.out.bytes() + pending + event.ws_frame().len() > max_outbound {
+    if queued(conn) > max_outbound {
+        // The limit is for what the peer has not taken: write what this turn queued before
+        // judging. A write error surfaces at the end-of-turn flush.
+        write_batch(conn);
+        let at = Instant::now();
+        let _ = conn.out.write_to(&mut conn.socket, |e| Latency::record(written, at - e.published_at));
+    }
+    if queued(conn) > max_outbound {
         let dropped = conn.out.drop_unstarted_events() + 1;
         counters.dropped_slow_consumer.fetch_add(dropped as u64, Ordering::Relaxed);
         ShardCounters::bump(&counters.slow_consumer_disconnects);
@@ -1106,7 +1118,7 @@ impl Ctx {
         let max_outbound = self.config().max_outbound_bytes;
         let counters = &self.shared.counters[self.id];
         for event in events {
-            if !enqueue_event(conn, event, max_outbound, counters, now) {
+            if !enqueue_event(conn, event, max_outbound, counters, &mut self.latency.publish_to_write, now) {
                 break;
             }
         }
