@@ -1,0 +1,108 @@
+//! End to end in headless Chromium: a page on another origin receives published events
+//! over WebSocket and EventSource, and publishes itself through a CORS preflight.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Serves the page and collects what it posts back: (path, body).
+fn page_server(page: String) -> (u16, mpsc::Receiver<(String, Value)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+            let mut stream = reader.into_inner();
+            let (content_type, reply) =
+                if path == "/" { ("text/html", page.clone()) } else { ("text/plain", String::new()) };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+            if path != "/" && path != "/favicon.ico" {
+                let _ = tx.send((path, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+            }
+        }
+    });
+    (port, rx)
+}
+
+struct Browser(Child, std::path::PathBuf);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+#[test]
+fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
+    assert!(std::path::Path::new(CHROMIUM).exists(), "{CHROMIUM} missing: ./scripts/test installs Debian's chromium");
+    let broker = Broker::start();
+    let page = include_str!("browser/page.html").replace("BROKER", &broker.addr.to_string());
+    let (page_port, results) = page_server(page);
+    let profile = std::env::temp_dir().join(format!("volley-chromium-{}", std::process::id()));
+    let child = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://127.0.0.1:{page_port}/"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    let _browser = Browser(child, profile);
+
+    let wait = Duration::from_secs(60);
+    let (path, ready) = results.recv_timeout(wait).expect("the page subscribed on both transports");
+    assert_eq!(path, "/ready", "page reported {ready}");
+    let from_page = ready["published"][0].as_str().expect("cross-origin publish answered").to_string();
+    let mut ids = vec![from_page];
+    ids.extend(publish(&broker, &json!([{"topic": "browser.a", "data": 1}, {"topic": "browser.b", "data": 2}])));
+    let (path, got) = results.recv_timeout(wait).expect("the page received the events");
+    assert_eq!(path, "/result", "page reported {got}");
+    let as_ids =
+        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect() };
+    assert_eq!(as_ids(&got["ws"]), ids, "over WebSocket");
+    assert_eq!(as_ids(&got["sse"]), ids, "over EventSource");
+}
