@@ -9,6 +9,7 @@
 #![deny(dead_code)]
 
 pub mod auth;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod conn;

@@ -31,6 +31,9 @@ enum Command {
         #[arg(long)]
         engine: Option<String>,
     },
+    /// Drive a server that speaks the volley protocol with many clients and report
+    /// delivered events/s, loss and end-to-end latency percentiles.
+    Bench(BenchArgs),
     /// Show the effective configuration.
     Config {
         /// Print it as TOML.
@@ -40,6 +43,93 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// broadcast | fanout | idle | sse
+    #[arg(value_enum)]
+    scenario: volley::bench::Scenario,
+    /// Server to drive (ignored with --compare or --spawn).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Topics (fanout).
+    #[arg(long, default_value_t = 100)]
+    topics: usize,
+    /// Publisher connections.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Publishes per second over all publishers (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Bytes of each event's data.
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of publishing before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Subscriber event loops.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// The server's pid (for memory per connection in `idle`).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Start this volley binary on a free port and measure it.
+    #[arg(long)]
+    spawn: bool,
+    /// Start volley and the peer baseline and print volley/peer ratios.
+    #[arg(long)]
+    compare: bool,
+    /// The peer baseline binary (build: cargo build --release --manifest-path benches/peers/Cargo.toml).
+    #[arg(long, default_value = "benches/peers/target/release/volley-peer")]
+    peer: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench(args: BenchArgs) -> std::io::Result<()> {
+    let mut options = volley::bench::Options {
+        addr: args.addr,
+        scenario: args.scenario,
+        connections: args.connections,
+        topics: args.topics,
+        publishers: args.publishers,
+        rate: args.rate,
+        payload_bytes: args.payload_bytes,
+        duration: std::time::Duration::from_secs_f64(args.duration),
+        warmup: std::time::Duration::from_secs_f64(args.warmup),
+        threads: args.threads,
+        server_pid: args.server_pid,
+    };
+    let mut reports = Vec::new();
+    if args.spawn || args.compare {
+        let me = std::env::current_exe()?;
+        let mut servers = vec![("volley", me, true)];
+        if args.compare {
+            servers.push(("peer", args.peer.clone(), false));
+        }
+        for (name, binary, is_volley) in servers {
+            let server = volley::bench::spawn(&binary, is_volley)?;
+            options.addr = server.addr;
+            options.server_pid = Some(server.pid());
+            reports.push(volley::bench::run(&options, name)?);
+        }
+    } else {
+        reports.push(volley::bench::run(&options, &args.addr.to_string())?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+    } else {
+        print!("{}", volley::bench::table(&reports));
+    }
+    Ok(())
 }
 
 fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
@@ -77,6 +167,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(args) => match bench(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("volley bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Config { config, .. } => match load(config.as_deref()) {
             Ok(c) => {
                 print!("{}", c.to_toml());
