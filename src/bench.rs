@@ -136,7 +136,8 @@ impl Window {
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
+/// Appends a client (masked) text frame carrying `payload`.
+pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
     out.push(0x81);
     match payload.len() {
         n if n < 126 => out.push(0x80 | n as u8),

@@ -797,7 +797,7 @@ impl Ctx {
             "/ws" => &["GET"],
             _ if echo => &["GET"],
             "/publish" => &["POST"],
-            "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET", "HEAD"],
+            "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET"],
             _ => {
                 let error = HttpError::new(404, "not_found", format!("no route {path}"));
                 return Some(self.respond(conn, request, Response::error(&error), now));

@@ -103,21 +103,6 @@ fn raw_ws(broker: &Broker, path: &str, recv_buffer: Option<usize>) -> TcpStream 
     s
 }
 
-fn masked_text(payload: &str) -> Vec<u8> {
-    let bytes = payload.as_bytes();
-    let mut frame = vec![0x81u8];
-    match bytes.len() {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0, 0, 0, 0]);
-    frame.extend_from_slice(bytes);
-    frame
-}
-
 #[test]
 fn a_reader_that_never_reads_is_closed_with_1013_while_a_fast_one_misses_nothing() {
     let broker = Broker::with(|c| c.max_outbound_bytes = 64 * 1024);

@@ -115,20 +115,6 @@ fn stats_and_metrics_count_what_happened() {
     assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "buckets are cumulative: {buckets:?}");
 }
 
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![0x81u8];
-    match payload.len() {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0, 0, 0, 0]);
-    frame.extend_from_slice(payload);
-    frame
-}
-
 fn ping_rtts(ws: &mut Ws, count: usize) -> Vec<Duration> {
     let mut rtts = Vec::with_capacity(count);
     for i in 0..count {
@@ -176,9 +162,8 @@ fn a_flooding_client_leaves_others_latency_alone() {
         while reader.read(&mut sink).is_ok_and(|n| n > 0) {}
     });
     let frame = masked_text(
-        json!({"type": "request", "payload": {"action": "publish", "topic": "flood.x", "data": "x".repeat(64)}})
-            .to_string()
-            .as_bytes(),
+        &json!({"type": "request", "payload": {"action": "publish", "topic": "flood.x", "data": "x".repeat(64)}})
+            .to_string(),
     );
     let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 256).collect();
     let writer_stop = stop.clone();

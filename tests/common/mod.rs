@@ -66,6 +66,13 @@ pub fn ws_connect(broker: &Broker, path: &str) -> (Ws, Value) {
     (ws, ack)
 }
 
+/// A client (masked) text frame, for raw-socket clients.
+pub fn masked_text(payload: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    volley::bench::masked_text(payload.as_bytes(), &mut frame);
+    frame
+}
+
 /// Sends a JSON message.
 pub fn send_json(ws: &mut Ws, value: &Value) {
     ws.send(Message::text(value.to_string())).expect("send");
