@@ -12,8 +12,11 @@ use volley::protocol::{parse_client_message, parse_publish_body};
 use volley::topic::{Pattern, validate_topic};
 use volley::ws::Codec;
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the corpus directory names).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("http_head", http_head),
     ("ws_read", ws_read),
     ("protocol_message", protocol_message),
