@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Parses the text exposition format strictly enough to catch malformed output:
 /// returns sample name+labels -> value, and checks HELP/TYPE precede every family.
