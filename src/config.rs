@@ -222,6 +222,12 @@ impl Config {
                 message: format!("{} is below the minimum of 1024", self.max_message_bytes),
             });
         }
+        if self.max_outbound_bytes < self.max_message_bytes {
+            return Err(ConfigError::Invalid {
+                key: "max_outbound_bytes".into(),
+                message: format!("{} is below max_message_bytes ({})", self.max_outbound_bytes, self.max_message_bytes),
+            });
+        }
         if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {
             return Err(ConfigError::Invalid { key: "echo_path".into(), message: "must start with /".into() });
         }

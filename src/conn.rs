@@ -203,6 +203,8 @@ pub struct HttpConn {
     pub buf: Vec<u8>,
     /// When the connection is dropped if no complete request arrived.
     pub deadline: Instant,
+    /// `100 Continue` was sent for the request being read.
+    pub continued: bool,
     /// The request waiting for an answer from other shards; requests behind it wait too.
     pub waiting: Option<Box<crate::http::Request>>,
 }

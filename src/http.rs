@@ -40,6 +40,8 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Last-Event-ID`.
     pub last_event_id: Option<String>,
+    /// `Expect: 100-continue` (curl sends it for bodies over 1 KiB).
+    pub expect_continue: bool,
 }
 
 /// The outcome of trying to parse a head from the start of a buffer.
@@ -146,6 +148,8 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
             out.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("expect") {
+            out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("last-event-id") {
             out.last_event_id = Some(value.to_string());
         }
@@ -203,6 +207,7 @@ fn percent_decode(s: &str) -> String {
 /// Text of the status codes volley sends.
 fn reason(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",

@@ -249,6 +249,7 @@ impl Shard {
                 buf: Vec::new(),
                 deadline: now + Duration::from_millis(config.http_header_timeout_ms),
                 waiting: None,
+                continued: false,
             }),
             transport: Transport::Http,
             scheduled: None,
@@ -695,6 +696,12 @@ impl Ctx {
                     let header_deadline = now + Duration::from_millis(self.config().http_header_timeout_ms);
                     http.deadline = http.deadline.min(header_deadline);
                 }
+                // One request head and body at most; more would be pipelining past a request
+                // that is still waiting, which a client has no reason to do.
+                if http.buf.len() + data.len() > http::MAX_HEAD_BYTES + self.config().max_body_bytes {
+                    let error = HttpError::new(413, "too_large", "request data over the head and body limits");
+                    return self.fail_http(conn, &error, now);
+                }
                 http.buf.extend_from_slice(data);
                 self.process_http(key, conn, now);
             }
@@ -726,8 +733,13 @@ impl Ctx {
                 return self.fail_http(conn, &error, now);
             }
             if http.buf.len() < head_len + body_len {
+                if request.expect_continue && !http.continued {
+                    http.continued = true;
+                    conn.out.push_bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                }
                 return;
             }
+            http.continued = false;
             let body: Vec<u8> = http.buf[head_len..head_len + body_len].to_vec();
             http.buf.drain(..head_len + body_len);
             http.deadline = now + Duration::from_millis(self.config().http_idle_timeout_ms);
