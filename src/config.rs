@@ -308,10 +308,10 @@ mod tests {
     fn env_overrides_and_errors_name_the_key() {
         let c = Config::load(
             None,
-            env(&[("VOLLEY_MAX_OUTBOUND_BYTES", "4096"), ("VOLLEY_ALLOWED_ORIGINS", "http://a, http://b")]),
+            env(&[("VOLLEY_MAX_OUTBOUND_BYTES", "131072"), ("VOLLEY_ALLOWED_ORIGINS", "http://a, http://b")]),
         )
         .unwrap();
-        assert_eq!(c.max_outbound_bytes, 4096);
+        assert_eq!(c.max_outbound_bytes, 131_072);
         assert_eq!(c.allowed_origins, vec!["http://a", "http://b"]);
         let err = Config::load(None, env(&[("VOLLEY_MAX_MESSAGE_BYTES", "lots")])).unwrap_err();
         assert!(err.to_string().contains("max_message_bytes"), "{err}");

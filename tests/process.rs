@@ -39,11 +39,11 @@ fn bad_config_exits_2_naming_the_key() {
 
 #[test]
 fn config_print_shows_every_key_with_overrides() {
-    let out = volley().args(["config", "--print"]).env("VOLLEY_MAX_OUTBOUND_BYTES", "4096").output().unwrap();
+    let out = volley().args(["config", "--print"]).env("VOLLEY_MAX_OUTBOUND_BYTES", "131072").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let table: toml::Table = text.parse().expect("config --print is TOML");
-    assert_eq!(table["max_outbound_bytes"].as_integer(), Some(4096));
+    assert_eq!(table["max_outbound_bytes"].as_integer(), Some(131_072));
     for key in ["listen", "max_connections", "heartbeat_interval_ms", "history_max_events", "jwt_secret"] {
         assert!(table.contains_key(key), "{key} missing from {text}");
     }
