@@ -19,6 +19,9 @@ use mio::Waker;
 use crate::history::{History, NotRecoverable, Retention};
 use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
 
+/// A position in the engine's order: (epoch, seq) locally, (ms, n) for a Redis stream id.
+pub type OrderKey = (u64, u64);
+
 /// One published event, encoded once and shared by every receiver and the history.
 #[derive(Debug)]
 pub struct Event {
@@ -474,19 +477,34 @@ impl Bus {
 
     /// Retained events after the id `since`, up to sequence `upto` (for a subscription:
     /// what the asking shard has already fanned out), that `keep` accepts. Also returns
-    /// the sequence `since` names on this node.
+    /// the order key `since` names.
+    ///
+    /// With an engine, an id this node has not read yet (a client moving from a node that
+    /// was ahead) replays nothing: its events are still to come, and the caller skips
+    /// those up to the key. Only ids within a clock-skew allowance of now count as that.
     pub fn replay(
         &self,
         since: &str,
         upto: u64,
         limit: usize,
         keep: impl FnMut(&Event) -> bool,
-    ) -> Result<(u64, Vec<Arc<Event>>), NotRecoverable> {
+    ) -> Result<(OrderKey, Vec<Arc<Event>>), NotRecoverable> {
         let key = self.parse_key(since).ok_or(NotRecoverable)?;
         let mut ordered = self.lock();
         ordered.history.evict(Instant::now());
-        let seq = ordered.history.position(key)?;
-        Ok((seq, ordered.history.after(seq, upto, limit, keep)))
+        match ordered.history.position(key) {
+            Ok(seq) => Ok((key, ordered.history.after(seq, upto, limit, keep))),
+            Err(NotRecoverable) if self.is_pending_engine_key(key, ordered.history.last_key()) => Ok((key, Vec::new())),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_pending_engine_key(&self, key: (u64, u64), last: Option<(u64, u64)>) -> bool {
+        const SKEW_MS: u64 = 10_000;
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        matches!(self.sequencer, Sequencer::Engine(_))
+            && last.is_none_or(|last| key > last)
+            && key.0 <= now_ms + SKEW_MS
     }
 
     /// The newest `limit` retained events up to `upto` that `keep` accepts, oldest first.
@@ -646,13 +664,37 @@ mod tests {
     }
 
     #[test]
+    fn an_engine_id_this_node_has_not_read_yet_resumes_with_nothing_to_replay() {
+        let poll = mio::Poll::new().unwrap();
+        let inbox = Inbox::new(Waker::new(poll.registry(), mio::Token(0)).unwrap(), 64);
+        let retention = Retention { max_events: 100, max_age: Duration::from_secs(60), max_bytes: 1 << 20 };
+        let bus = Bus::with_sequencer(vec![inbox], retention, 1024, Sequencer::Engine(Box::new(|_, _| Ok(()))));
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut timestamp = String::new();
+        protocol::push_timestamp(&mut timestamp, SystemTime::now());
+        let entry = |ms: u64| StreamEntry {
+            id: format!("{ms}-0"),
+            key: (ms, 0),
+            timestamp: timestamp.clone(),
+            prepared: Prepared::all(vec![req("a")], 1024).unwrap().remove(0),
+        };
+        bus.ingest(vec![entry(now_ms - 2), entry(now_ms - 1)], |_| None);
+        let (key, events) = bus.replay(&format!("{}-0", now_ms - 2), u64::MAX, 10, |_| true).unwrap();
+        assert_eq!((key, events.len()), ((now_ms - 2, 0), 1));
+        let ahead = format!("{}-0", now_ms + 1);
+        let (key, events) = bus.replay(&ahead, u64::MAX, 10, |_| true).unwrap();
+        assert_eq!((key, events.len()), ((now_ms + 1, 0), 0), "pending: replays nothing, skips up to it");
+        assert!(bus.replay("99999999999999-0", u64::MAX, 10, |_| true).is_err(), "far future is bogus");
+    }
+
+    #[test]
     fn replay_window_and_foreign_ids() {
         let (bus, _polls) = bus(1, 64);
         let ids: Vec<_> = (0..5).flat_map(|_| publish(&bus, vec![req("a")]).unwrap()).collect();
         // Retention 3: events 3, 4, 5 are kept, so only ids 2.. can be resumed.
         assert!(bus.replay(&ids[0], 5, 100, |_| true).is_err());
         let (seq, got) = bus.replay(&ids[1], 5, 100, |_| true).unwrap();
-        assert_eq!(seq, 2);
+        assert_eq!(seq.1, 2);
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(bus.replay(&ids[2], 4, 100, |_| true).unwrap().1.len(), 1);
         assert_eq!(bus.replay(&ids[4], 5, 100, |_| true).unwrap().1.len(), 0);

@@ -192,8 +192,8 @@ pub struct Subscription {
     pub id: String,
     /// What it wants.
     pub filter: Filter,
-    /// Live events up to this sequence were already replayed (resume hand-over).
-    pub after: u64,
+    /// Live events up to this order key were already seen or replayed (resume hand-over).
+    pub after: (u64, u64),
 }
 
 /// A connection speaking HTTP requests.
@@ -255,8 +255,8 @@ impl WsConn {
 pub struct SseConn {
     /// What it wants.
     pub filter: Filter,
-    /// Live events up to this sequence were already replayed.
-    pub after: u64,
+    /// Live events up to this order key were already seen or replayed.
+    pub after: (u64, u64),
     /// When the next `: ping` comment is due.
     pub next_ping: Instant,
 }

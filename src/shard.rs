@@ -581,8 +581,8 @@ fn wants(conn: &Conn, sub: u32, event: &Event) -> bool {
             .subs
             .iter()
             .find(|s| s.key == sub)
-            .is_some_and(|s| event.seq > s.after && s.filter.accepts_non_topic(event)),
-        State::Sse(sse) => event.seq > sse.after && sse.filter.accepts_non_topic(event),
+            .is_some_and(|s| event.key > s.after && s.filter.accepts_non_topic(event)),
+        State::Sse(sse) => event.key > sse.after && sse.filter.accepts_non_topic(event),
         _ => false,
     }
 }
@@ -1105,15 +1105,7 @@ impl Ctx {
             return send_error(conn, correlation, &rejection);
         }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
-        let (recovered, after, replay) = match args.since.as_deref() {
-            None => (true, 0, Vec::new()),
-            Some(since) => {
-                match self.shared.bus.replay(since, self.fanned_out_through, usize::MAX, |e| filter.accepts(e)) {
-                    Ok((seq, events)) => (true, seq, events),
-                    Err(NotRecoverable) => (false, 0, Vec::new()),
-                }
-            }
-        };
+        let (recovered, after, replay) = self.resume(args.since.as_deref(), &filter);
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
             conn.indexed.push((pattern.clone(), sub_key));
@@ -1123,6 +1115,17 @@ impl Ctx {
         let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
         ctx_send(conn, "ack", correlation, &payload.to_string());
         self.replay_into(conn, &replay);
+    }
+
+    /// For a subscription resuming after `since`: whether it can, the order key live
+    /// events must pass, and the retained events to replay first (up to what this shard
+    /// has fanned out; everything later is still in its queue).
+    fn resume(&self, since: Option<&str>, filter: &Filter) -> (bool, (u64, u64), Vec<Arc<Event>>) {
+        let Some(since) = since else { return (true, (0, 0), Vec::new()) };
+        match self.shared.bus.replay(since, self.fanned_out_through, usize::MAX, |e| filter.accepts(e)) {
+            Ok((after, events)) => (true, after, events),
+            Err(NotRecoverable) => (false, (0, 0), Vec::new()),
+        }
     }
 
     fn replay_into(&mut self, conn: &mut Conn, events: &[Arc<Event>]) {
@@ -1252,15 +1255,7 @@ impl Ctx {
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = request.last_event_id.clone().or(query.since);
-        let (recovered, after, replay) = match since.as_deref() {
-            None => (true, 0, Vec::new()),
-            Some(since) => {
-                match self.shared.bus.replay(since, self.fanned_out_through, usize::MAX, |e| filter.accepts(e)) {
-                    Ok((seq, events)) => (true, seq, events),
-                    Err(NotRecoverable) => (false, 0, Vec::new()),
-                }
-            }
-        };
+        let (recovered, after, replay) = self.resume(since.as_deref(), &filter);
         let mut head = String::from(
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n",
         );
