@@ -552,7 +552,7 @@ fn encode(seq: u64, key: (u64, u64), id: &str, prepared: &Prepared, timestamp: &
         published_at,
         ws_frame: frame.into_boxed_slice(),
         json_start: header_len,
-        sse_head: format!("id: {id}\ndata: ").into_bytes().into_boxed_slice(),
+        sse_head: crate::sse::event_head(id).into_boxed_slice(),
     }
 }
 

@@ -28,14 +28,12 @@ pub enum Chunk {
     SseEvent(Arc<Event>),
 }
 
-const SSE_END: &[u8] = b"\n\n";
-
 impl Chunk {
     fn parts(&self) -> [&[u8]; 3] {
         match self {
             Chunk::Owned(bytes) => [bytes, &[], &[]],
             Chunk::WsEvent(event) => [event.ws_frame(), &[], &[]],
-            Chunk::SseEvent(event) => [event.sse_head(), event.json(), SSE_END],
+            Chunk::SseEvent(event) => [event.sse_head(), event.json(), crate::sse::EVENT_END],
         }
     }
 

@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod reactor;
 pub mod shard;
+pub mod sse;
 pub mod topic;
 pub mod ws;

@@ -30,6 +30,7 @@ use crate::http::{self, HttpError, Parsed, Request, Response};
 use crate::limits::{Admission, IpRates, Refusal, TokenBucket, Verdict};
 use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol::{self, ClientMessage, ErrorCode, HistoryQuery, Rejection};
+use crate::sse;
 use crate::topic::Index;
 use crate::ws::{self, Close, Codec, Ended, Received};
 
@@ -764,13 +765,16 @@ impl Ctx {
         Routed::Next
     }
 
+    /// The `Access-Control-Allow-Origin` answer for `request`, if its origin is allowed.
+    fn allow_origin<'r>(&self, request: &'r Request) -> Option<&'r str> {
+        let origin = request.origin.as_deref().filter(|o| self.config().origin_allowed(o))?;
+        Some(if self.config().allowed_origins.iter().any(|o| o == "*") { "*" } else { origin })
+    }
+
     fn cors(&self, request: &Request, response: Response) -> Response {
-        match request.origin.as_deref() {
-            Some(origin) if self.config().origin_allowed(origin) => {
-                let allow = if self.config().allowed_origins.iter().any(|o| o == "*") { "*" } else { origin };
-                response.header("Access-Control-Allow-Origin", allow).header("Vary", "Origin")
-            }
-            _ => response,
+        match self.allow_origin(request) {
+            Some(allow) => response.header("Access-Control-Allow-Origin", allow).header("Vary", "Origin"),
+            None => response,
         }
     }
 
@@ -1254,20 +1258,10 @@ impl Ctx {
             Err(response) => return self.respond(conn, request, response, now),
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
-        let since = request.last_event_id.clone().or(query.since);
+        let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
         let (recovered, after, replay) = self.resume(since.as_deref(), &filter);
-        let mut head = String::from(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n",
-        );
-        if let Some(origin) = request.origin.as_deref().filter(|o| self.config().origin_allowed(o)) {
-            let allow = if self.config().allowed_origins.iter().any(|o| o == "*") { "*" } else { origin };
-            head.push_str(&format!("Access-Control-Allow-Origin: {allow}\r\nVary: Origin\r\n"));
-        }
-        head.push_str(&format!("\r\nretry: {}\n\n", self.config().reconnect_delay_ms));
-        if !recovered {
-            head.push_str("event: recovery_failed\ndata: {}\n\n");
-        }
-        conn.out.push_bytes(head.into_bytes());
+        let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
+        conn.out.push_bytes(head);
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
             conn.indexed.push((pattern.clone(), SSE_SUB));
@@ -1307,7 +1301,7 @@ impl Ctx {
             }
             State::Sse(sse) => {
                 if now >= sse.next_ping {
-                    conn.out.push_bytes(b": ping\n\n".to_vec());
+                    conn.out.push_bytes(sse::PING.to_vec());
                     sse.next_ping = now + heartbeat;
                 }
                 false
