@@ -457,21 +457,9 @@ fn cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// Raises the open-file limit to its hard maximum (thousands of sockets).
-pub fn raise_fd_limit() {
-    // SAFETY: get/setrlimit on our own process with a valid struct.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 /// Runs one scenario against `opts.addr`.
 pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
-    raise_fd_limit();
+    crate::limits::raise_fd_limit();
     let rss_before = opts.server_pid.and_then(rss_bytes);
     let shared = Arc::new(Shared {
         ready: AtomicUsize::new(0),
@@ -481,6 +469,7 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     });
     let window_cell = Arc::new(std::sync::OnceLock::new());
     let cpu_start = cpu_seconds();
+    let wall_start = Instant::now();
     let threads = opts.threads.max(1);
     let loops: Vec<_> = (0..threads)
         .map(|t| {
@@ -491,7 +480,7 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
         .collect();
     let connect_deadline = Instant::now() + Duration::from_secs(120);
     while shared.ready.load(Ordering::Relaxed) + shared.dead.load(Ordering::Relaxed) < opts.connections {
-        if Instant::now() > connect_deadline {
+        if Instant::now() > connect_deadline || loops.iter().any(|l| l.is_finished()) {
             break;
         }
         eprint!(
@@ -590,7 +579,7 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
         expected,
         events_per_sec: arrived as f64 / opts.duration.as_secs_f64(),
         latency_us: percentiles,
-        client_cpu_cores: cpu / began.elapsed().as_secs_f64(),
+        client_cpu_cores: cpu / wall_start.elapsed().as_secs_f64(),
         server_rss_per_connection: rss_per_connection,
     })
 }
@@ -683,8 +672,12 @@ pub fn table(reports: &[Report]) -> String {
             rss
         );
     }
-    if let [volley, peer] = reports {
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    if let [volley, peer] = reports
+        && let (Some(a), Some(b)) = (volley.server_rss_per_connection, peer.server_rss_per_connection)
+    {
+        let _ = writeln!(out, "\nvolley/peer: server memory per connection ×{:.3}", ratio(a, b));
+    } else if let [volley, peer] = reports {
         let _ = writeln!(
             out,
             "\nvolley/peer: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2} (latency: lower is better)",

@@ -70,6 +70,29 @@ impl Admission {
     }
 }
 
+/// Raises this process's open-file limit as far as it may: the hard limit up to the
+/// kernel's `nr_open` when privileged, then the soft limit to the hard one. A broker (or
+/// a benchmark client) holds one descriptor per connection.
+pub fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    // SAFETY: get/setrlimit on our own process with a valid, initialized struct.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let raised = libc::rlimit { rlim_cur: nr_open.max(limit.rlim_max), rlim_max: nr_open.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Per-IP token buckets for HTTP publish requests, shared by all shards (touched once per
 /// request, never per delivery). Bounded: when it holds `MAX_TRACKED_IPS` addresses,
 /// addresses whose bucket has refilled are forgotten first.
@@ -179,6 +202,24 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nofile() -> (u64, u64) {
+        // SAFETY: getrlimit fills the struct we pass.
+        unsafe {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            (limit.rlim_cur as u64, limit.rlim_max as u64)
+        }
+    }
+
+    #[test]
+    fn fd_limit_is_raised_to_the_hard_limit() {
+        let (_, hard_before) = nofile();
+        raise_fd_limit();
+        let (soft, hard) = nofile();
+        assert_eq!(soft, hard);
+        assert!(hard >= hard_before);
+    }
 
     #[test]
     fn admission_checks_total_before_ip() {

@@ -141,6 +141,7 @@ impl Server {
 /// Runs the broker until SIGTERM/SIGINT, then drains (a second signal stops at once).
 pub fn serve(config: Config) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    crate::limits::raise_fd_limit();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     let server = Server::start(config)?;
     let handle = signals.handle();

@@ -10,20 +10,9 @@ use common::*;
 use serde_json::{Value, json};
 use tungstenite::Message;
 
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 #[test]
 fn a_thousand_connections_all_receive_a_broadcast() {
-    raise_fd_limit();
+    volley::limits::raise_fd_limit();
     let broker = Broker::start();
     let mut clients: Vec<Ws> = (0..1000)
         .map(|_| {
