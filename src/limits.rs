@@ -208,7 +208,7 @@ mod tests {
         unsafe {
             let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-            (limit.rlim_cur as u64, limit.rlim_max as u64)
+            (limit.rlim_cur, limit.rlim_max)
         }
     }
 
