@@ -38,8 +38,9 @@ pub enum Scenario {
 /// A benchmark run's settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The server.
-    pub addr: SocketAddr,
+    /// The server, or the nodes of a cluster: subscribers and publishers are spread over
+    /// them round-robin, so an event usually crosses nodes.
+    pub addrs: Vec<SocketAddr>,
     /// What to measure.
     pub scenario: Scenario,
     /// Subscriber connections.
@@ -225,7 +226,7 @@ fn subscriber_loop(
     let mut poll = Poll::new()?;
     let mut subs = Vec::with_capacity(indexes.len());
     for (slot, &i) in indexes.iter().enumerate() {
-        let mut stream = connect(opts.addr, i)?;
+        let mut stream = connect(opts.addrs[i % opts.addrs.len()], i)?;
         poll.registry().register(&mut stream, Token(slot), Interest::READABLE | Interest::WRITABLE)?;
         let topic = topic_name(opts.scenario, i, opts.topics);
         subs.push(Subscriber { stream, topic, phase: Phase::Connecting, buf: Vec::new(), out: Vec::new() });
@@ -394,7 +395,9 @@ fn publisher_loop(
     window: Window,
     stop: Arc<AtomicBool>,
 ) -> io::Result<HashMap<String, u64>> {
-    let url = format!("ws://{}/ws", opts.addr);
+    // Publishers start on the last node, subscribers on the first: in a cluster the
+    // first publisher's events all cross nodes.
+    let url = format!("ws://{}/ws", opts.addrs[(opts.addrs.len() - 1 + index) % opts.addrs.len()]);
     let (mut ws, _) = tungstenite::connect(url).map_err(io::Error::other)?;
     let _ = ws.read(); // connect ack
     let pad = "x".repeat(opts.payload_bytes.saturating_sub(30));
@@ -457,8 +460,11 @@ fn cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// Runs one scenario against `opts.addr`.
+/// Runs one scenario against `opts.addrs`.
 pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
+    if opts.addrs.is_empty() {
+        return Err(io::Error::other("no server address"));
+    }
     crate::limits::raise_fd_limit();
     let rss_before = opts.server_pid.and_then(rss_bytes);
     let shared = Arc::new(Shared {

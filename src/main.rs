@@ -50,9 +50,10 @@ struct BenchArgs {
     /// broadcast | fanout | idle | sse
     #[arg(value_enum)]
     scenario: volley::bench::Scenario,
-    /// Server to drive (ignored with --compare or --spawn).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: std::net::SocketAddr,
+    /// Server to drive, or several cluster nodes comma-separated (ignored with --compare
+    /// or --spawn).
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    addr: Vec<std::net::SocketAddr>,
     /// Subscriber connections.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -96,7 +97,7 @@ struct BenchArgs {
 
 fn bench(args: BenchArgs) -> std::io::Result<()> {
     let mut options = volley::bench::Options {
-        addr: args.addr,
+        addrs: args.addr.clone(),
         scenario: args.scenario,
         connections: args.connections,
         topics: args.topics,
@@ -117,12 +118,13 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         }
         for (name, binary, is_volley) in servers {
             let server = volley::bench::spawn(&binary, is_volley)?;
-            options.addr = server.addr;
+            options.addrs = vec![server.addr];
             options.server_pid = Some(server.pid());
             reports.push(volley::bench::run(&options, name)?);
         }
     } else {
-        reports.push(volley::bench::run(&options, &args.addr.to_string())?);
+        let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        reports.push(volley::bench::run(&options, &name)?);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
