@@ -6,8 +6,11 @@
 //! shard's lock-free inbound queue, all in the same order; shards are woken after the lock
 //! is released, once per batch. On two to a few cores one uncontended mutex costs less than
 //! a sequencer thread's hand-off and is far simpler than a multi-producer ring; what runs
-//! inside it is a memcpy of pre-escaped JSON, never serialization. The bus owns event ids
-//! (`<epoch>-<seq>`) and the shard inboxes; it never touches sockets or connections.
+//! inside it is a memcpy of pre-escaped JSON, never serialization. With a cluster engine
+//! ([`Sequencer::Engine`]) the order is the engine's: a publish is handed over and comes
+//! back through [`Bus::ingest`], which runs the same critical section with the engine's
+//! ids. The bus owns event ids, order keys and the shard inboxes; it never touches
+//! sockets or connections.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
