@@ -1,0 +1,432 @@
+//! HTTP on a shard: routing requests to their handlers, publishing over HTTP, the
+//! WebSocket upgrade, starting SSE streams and the history document.
+//!
+//! Owns what a plain HTTP connection can ask for and how each answer looks (status, CORS,
+//! error bodies). It turns a connection into a WebSocket or SSE stream but leaves the
+//! WebSocket protocol to `session` and the event loop, fan-out and timers to the shard.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use super::session::readable_patterns;
+use super::{Ctx, LINGER, Routed, SSE_SUB, SubRef};
+use crate::auth::{AuthError, Grant};
+use crate::bus::{Accepted, Control, PublishError, Reply};
+use crate::conn::{Conn, Filter, SseConn, State, Transport, WsConn};
+use crate::history::NotRecoverable;
+use crate::http::{self, HttpError, Parsed, Request, Response};
+use crate::limits::TokenBucket;
+use crate::metrics::{Gather, ShardCounters, StatsFormat};
+use crate::protocol::{self, ErrorCode, HistoryQuery, Rejection};
+use crate::sse;
+use crate::ws::{self, Close, Codec};
+
+impl Ctx {
+    pub(super) fn process_http(&mut self, key: usize, conn: &mut Conn, now: Instant) {
+        loop {
+            let State::Http(http) = &mut conn.state else { return };
+            if http.waiting.is_some() {
+                return;
+            }
+            let (request, head_len) = match http::parse_head(&http.buf) {
+                Parsed::Partial => return,
+                Parsed::Invalid(error) => return self.fail_http(conn, &error, now),
+                Parsed::Complete(request, head_len) => (request, head_len),
+            };
+            if request.chunked {
+                let error = HttpError::new(411, "bad_request", "chunked bodies are not supported; send Content-Length");
+                return self.fail_http(conn, &error, now);
+            }
+            let body_len = request.content_length.unwrap_or(0);
+            if body_len > self.config().max_body_bytes {
+                let error =
+                    HttpError::new(413, "too_large", format!("body over {} bytes", self.config().max_body_bytes));
+                return self.fail_http(conn, &error, now);
+            }
+            if http.buf.len() < head_len + body_len {
+                if request.expect_continue && !http.continued {
+                    http.continued = true;
+                    conn.out.push_bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                }
+                return;
+            }
+            http.continued = false;
+            let body: Vec<u8> = http.buf[head_len..head_len + body_len].to_vec();
+            http.buf.drain(..head_len + body_len);
+            http.deadline = now + Duration::from_millis(self.config().http_idle_timeout_ms);
+            if let Routed::Halt = self.route(key, conn, request, &body, now) {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn fail_http(&mut self, conn: &mut Conn, error: &HttpError, now: Instant) {
+        conn.out.push_bytes(Response::error(error).encode(true));
+        conn.state = State::Closing { deadline: now + LINGER, shut: false };
+    }
+
+    pub(super) fn respond(&mut self, conn: &mut Conn, request: &Request, response: Response, now: Instant) -> Routed {
+        let response = self.cors(request, response);
+        conn.out.push_bytes(response.encode(request.close));
+        if request.close {
+            conn.state = State::Closing { deadline: now + LINGER, shut: false };
+            return Routed::Halt;
+        }
+        Routed::Next
+    }
+
+    /// The `Access-Control-Allow-Origin` answer for `request`, if its origin is allowed.
+    pub(super) fn allow_origin<'r>(&self, request: &'r Request) -> Option<&'r str> {
+        let origin = request.origin.as_deref().filter(|o| self.config().origin_allowed(o))?;
+        Some(if self.config().allowed_origins.iter().any(|o| o == "*") { "*" } else { origin })
+    }
+
+    pub(super) fn cors(&self, request: &Request, response: Response) -> Response {
+        match self.allow_origin(request) {
+            Some(allow) => response.header("Access-Control-Allow-Origin", allow).header("Vary", "Origin"),
+            None => response,
+        }
+    }
+
+    pub(super) fn route(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: Box<Request>,
+        body: &[u8],
+        now: Instant,
+    ) -> Routed {
+        let request_ref = &*request;
+        if let Some(routed) = self.route_now(key, conn, request_ref, body, now) {
+            return routed;
+        }
+        // The answer comes from other shards: keep the request for it.
+        if let State::Http(http) = &mut conn.state {
+            http.waiting = Some(request);
+        }
+        Routed::Halt
+    }
+
+    /// Routes a request; `None` when the answer will come later through the inbox.
+    pub(super) fn route_now(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: &Request,
+        body: &[u8],
+        now: Instant,
+    ) -> Option<Routed> {
+        let method = request.method.as_str();
+        let path = request.path.as_str();
+        if method == "OPTIONS" {
+            let response = Response::with_body(204, "text/plain", Vec::new())
+                .header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+                .header("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID")
+                .header("Access-Control-Max-Age", "86400");
+            return Some(self.respond(conn, request, response, now));
+        }
+        let echo = !self.config().echo_path.is_empty() && path == self.config().echo_path;
+        let allowed: &[&str] = match path {
+            "/ws" => &["GET"],
+            _ if echo => &["GET"],
+            "/publish" => &["POST"],
+            "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET"],
+            _ => {
+                let error = HttpError::new(404, "not_found", format!("no route {path}"));
+                return Some(self.respond(conn, request, Response::error(&error), now));
+            }
+        };
+        if !allowed.contains(&method) {
+            let error = HttpError::new(405, "method_not_allowed", format!("{path} takes {}", allowed.join(", ")));
+            let response = Response::error(&error).header("Allow", allowed.join(", "));
+            return Some(self.respond(conn, request, response, now));
+        }
+        Some(match path {
+            "/ws" => self.upgrade(key, conn, request, false, now),
+            _ if echo => self.upgrade(key, conn, request, true, now),
+            "/publish" => return self.http_publish(key, conn, request, body, now),
+            "/sse" => self.start_sse(key, conn, request, now),
+            "/history" => {
+                let response = match self.authorized_query(request) {
+                    Ok(query) => Response::with_body(200, "application/json", self.history(&query).into_bytes()),
+                    Err(response) => response,
+                };
+                self.respond(conn, request, response, now)
+            }
+            "/health" => {
+                let engine_up = self.shared.engine.as_ref().map(|e| e.up.load(Ordering::Acquire));
+                let response = if self.shared.draining.load(Ordering::Acquire) {
+                    Response::json(503, &json!({"status": "draining"}))
+                } else {
+                    match engine_up {
+                        None => Response::json(200, &json!({"status": "ok"})),
+                        Some(true) => Response::json(200, &json!({"status": "ok", "engine": "up"})),
+                        // Still serving subscribers; publishes fail until the engine is back.
+                        Some(false) => Response::json(200, &json!({"status": "degraded", "engine": "down"})),
+                    }
+                };
+                self.respond(conn, request, response, now)
+            }
+            _ => {
+                let format = if path == "/stats" { StatsFormat::Json } else { StatsFormat::Prometheus };
+                self.gather_stats(key, conn, format);
+                return None;
+            }
+        })
+    }
+
+    pub(super) fn gather_stats(&mut self, key: usize, conn: &Conn, format: StatsFormat) {
+        let inboxes = self.shared.bus.inboxes();
+        let gather = Arc::new(Gather::new(inboxes.len(), self.reply_to(key, conn), format));
+        for inbox in inboxes {
+            inbox.send(Control::Collect(gather.clone()));
+        }
+    }
+
+    pub(super) fn http_publish(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: &Request,
+        body: &[u8],
+        now: Instant,
+    ) -> Option<Routed> {
+        if let Err(retry_after) = self.shared.publish_rates.take(conn.peer, now) {
+            ShardCounters::bump(&self.counters().rate_limited);
+            let error = HttpError::new(429, "rate_limited", "too many publish requests from this address");
+            let response = Response::error(&error).header("Retry-After", retry_after.to_string());
+            return Some(self.respond(conn, request, response, now));
+        }
+        let grant = match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) => grant,
+            Err(error) => return Some(self.respond(conn, request, unauthorized(&error), now)),
+        };
+        let requests = match protocol::parse_publish_body(body, 1000) {
+            Ok(r) => r,
+            Err(rejection) => {
+                return Some(self.respond(conn, request, Response::error(&http_error_of(&rejection)), now));
+            }
+        };
+        if let Some(i) = requests.iter().position(|r| !grant.may_publish(&r.topic)) {
+            let field = if requests.len() > 1 { format!("[{i}].topic") } else { "topic".into() };
+            let error = HttpError {
+                status: 403,
+                code: "forbidden",
+                message: format!("may not publish on {}", requests[i].topic),
+                field: Some(field),
+            };
+            return Some(self.respond(conn, request, Response::error(&error), now));
+        }
+        let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
+        let reply = Reply { to: self.reply_to(key, conn), wait, websocket: None };
+        let count = requests.len();
+        match self.shared.bus.publish(requests, reply) {
+            Ok(Accepted::Later) => None,
+            Ok(Accepted::Now(ids)) => Some(self.respond(conn, request, published_response(Ok(ids), count), now)),
+            Err(error) => Some(self.respond(conn, request, published_response(Err(error), count), now)),
+        }
+    }
+
+    pub(super) fn upgrade(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: &Request,
+        echo: bool,
+        now: Instant,
+    ) -> Routed {
+        if !request.websocket_upgrade {
+            let error = HttpError::new(426, "bad_request", "this route needs a WebSocket upgrade");
+            return self.respond(conn, request, ws::upgrade_error_response(&error), now);
+        }
+        if let Some(origin) = request.origin.as_deref()
+            && !self.config().origin_allowed(origin)
+        {
+            let error = HttpError::new(403, "forbidden", format!("origin {origin} is not allowed"));
+            return self.respond(conn, request, Response::error(&error), now);
+        }
+        let handshake = match ws::accept(request) {
+            Ok(bytes) => bytes,
+            Err(error) => return self.respond(conn, request, ws::upgrade_error_response(&error), now),
+        };
+        // A browser cannot read an HTTP status from a failed upgrade, so a bad token is
+        // answered after it, with close 4001; no token at all may still come as the
+        // first message.
+        let (grant, refuse) = match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) => (Some(grant), false),
+            Err(AuthError::Missing) => (None, false),
+            Err(_) => (None, true),
+        };
+        conn.out.push_bytes(handshake);
+        let leftover = match &mut conn.state {
+            State::Http(http) => std::mem::take(&mut http.buf),
+            _ => Vec::new(),
+        };
+        let config = self.config();
+        let heartbeat = config.heartbeat_interval();
+        let mut ws = Box::new(WsConn {
+            codec: Codec::new(config.max_message_bytes),
+            echo,
+            batch: request.query_param("batch").is_some_and(|b| b == "1" || b == "true"),
+            batch_pending: Vec::new(),
+            client_id: format!("{:x}", conn.id),
+            subs: Vec::new(),
+            next_key: 1,
+            sent: 0,
+            last_heard: now,
+            next_ping: now + heartbeat,
+            bucket: TokenBucket::new(config.rate_per_second, config.rate_burst, now),
+            resume_read_at: None,
+            auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
+            grant: if echo { Some(Grant::everything()) } else { grant },
+        });
+        if refuse {
+            let mut out = Vec::new();
+            ws.codec.close(Close::Unauthorized, &mut out);
+            conn.out.push_bytes(out);
+            conn.state = State::Closing { deadline: now + LINGER, shut: false };
+            return Routed::Halt;
+        }
+        if !echo {
+            let payload = json!({
+                "status": "connected",
+                "client_id": ws.client_id,
+                "heartbeat_interval_ms": config.heartbeat_interval_ms,
+                "reconnect_delay_ms": config.reconnect_delay_ms,
+                "max_message_bytes": config.max_message_bytes,
+            });
+            let id = ws.next_message_id();
+            let text = protocol::server_message("ack", &id, SystemTime::now(), None, &payload.to_string());
+            let mut out = Vec::new();
+            ws.codec.send_text(text, &mut out);
+            conn.out.push_bytes(out);
+        }
+        conn.state = State::WebSocket(ws);
+        conn.transport = Transport::WebSocket;
+        ShardCounters::add(&self.counters().http, -1);
+        ShardCounters::add(&self.counters().websocket, 1);
+        if !leftover.is_empty() {
+            self.on_ws_bytes(key, conn, &leftover, now);
+        }
+        Routed::Halt
+    }
+
+    /// A history document `{"events":[...],"recovered":bool}`, built from shared bytes.
+    pub(super) fn history(&self, query: &HistoryQuery) -> String {
+        let filter = Filter::new(query.topics.clone(), query.sources.clone(), query.correlation_id.clone());
+        let bus = &self.shared.bus;
+        let (events, recovered) = match query.since.as_deref() {
+            None => (bus.newest(u64::MAX, query.limit, |e| filter.accepts(e)), true),
+            Some(since) => match bus.replay(since, u64::MAX, query.limit, |e| filter.accepts(e)) {
+                Ok((_, events)) => (events, true),
+                Err(NotRecoverable) => (bus.newest(u64::MAX, query.limit, |e| filter.accepts(e)), false),
+            },
+        };
+        let mut out = String::from("{\"events\":[");
+        for (i, event) in events.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(std::str::from_utf8(event.json()).unwrap_or("null"));
+        }
+        out.push_str("],\"recovered\":");
+        out.push_str(if recovered { "true" } else { "false" });
+        out.push('}');
+        out
+    }
+
+    /// The history/SSE query of `request`, its topics checked against (or, when none,
+    /// taken from) what the request's token may read.
+    pub(super) fn authorized_query(&self, request: &Request) -> Result<HistoryQuery, Response> {
+        let grant = self.shared.auth.verify(request.token().as_deref()).map_err(|e| unauthorized(&e))?;
+        let mut query = history_query_from(request).map_err(|r| Response::error(&http_error_of(&r)))?;
+        query.topics = readable_patterns(&grant, query.topics).map_err(|r| Response::error(&http_error_of(&r)))?;
+        Ok(query)
+    }
+
+    pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
+        let query = match self.authorized_query(request) {
+            Ok(q) => q,
+            Err(response) => return self.respond(conn, request, response, now),
+        };
+        let filter = Filter::new(query.topics, query.sources, query.correlation_id);
+        let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
+        let (recovered, after, replay) = self.resume(since.as_deref(), &filter);
+        let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
+        conn.out.push_bytes(head);
+        for pattern in &filter.patterns {
+            self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
+            conn.indexed.push((pattern.clone(), SSE_SUB));
+        }
+        conn.state =
+            State::Sse(Box::new(SseConn { filter, after, next_ping: now + self.config().heartbeat_interval() }));
+        conn.transport = Transport::Sse;
+        ShardCounters::add(&self.counters().http, -1);
+        ShardCounters::add(&self.counters().sse, 1);
+        ShardCounters::add(&self.counters().subscriptions, 1);
+        self.replay_into(conn, &replay);
+        Routed::Halt
+    }
+}
+
+/// `401` for a refused token.
+pub(super) fn unauthorized(error: &AuthError) -> Response {
+    Response::error(&HttpError::new(401, "unauthorized", error.to_string())).header("WWW-Authenticate", "Bearer")
+}
+
+/// Reads `topics`, `sources`, `correlation_id`, `since`, `limit` from a query string.
+pub(super) fn history_query_from(request: &Request) -> Result<HistoryQuery, Rejection> {
+    let list = |name: &str| -> Vec<String> {
+        request
+            .query_param(name)
+            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let limit = request.query_param("limit").map(serde_json::Value::String);
+    Ok(HistoryQuery {
+        topics: protocol::parse_patterns(&list("topics"))?,
+        sources: list("sources"),
+        correlation_id: request.query_param("correlation_id").filter(|c| !c.is_empty()),
+        since: request.query_param("since").filter(|s| !s.is_empty()),
+        limit: protocol::parse_limit(limit.as_ref())?,
+    })
+}
+
+/// The answer to an HTTP publish; `count` events were asked for (names the field of a
+/// too-large event).
+pub(super) fn published_response(result: Result<Vec<Box<str>>, PublishError>, count: usize) -> Response {
+    let error = match result {
+        Ok(ids) => return Response::json(200, &json!({"message_ids": ids})),
+        Err(error) => error,
+    };
+    let http_error = match error {
+        PublishError::TooLarge(i) => HttpError {
+            status: 413,
+            code: "too_large",
+            message: error.to_string(),
+            field: Some(if count > 1 { format!("[{i}]") } else { "data".into() }),
+        },
+        PublishError::Overloaded | PublishError::EngineUnavailable => {
+            HttpError::new(503, "engine_unavailable", error.to_string())
+        }
+    };
+    let response = Response::error(&http_error);
+    if http_error.status == 503 { response.header("Retry-After", "1") } else { response }
+}
+
+/// The HTTP form of a protocol rejection.
+pub(super) fn http_error_of(rejection: &Rejection) -> HttpError {
+    let (status, code) = match rejection.code {
+        ErrorCode::InvalidJson => (400, "invalid_json"),
+        ErrorCode::InvalidTopic => (400, "invalid_topic"),
+        ErrorCode::Forbidden => (403, "forbidden"),
+        ErrorCode::Unauthorized => (401, "unauthorized"),
+        ErrorCode::RateLimited => (429, "rate_limited"),
+        _ if rejection.field.as_deref() == Some("limit") => (400, "bad_request"),
+        _ => (400, "invalid_event"),
+    };
+    HttpError { status, code, message: rejection.message.clone(), field: rejection.field.clone() }
+}

@@ -1,0 +1,327 @@
+//! The WebSocket JSON protocol on a shard: what each client message does.
+//!
+//! Owns subscribe/unsubscribe (with resume hand-over), requests (publish, history, stats,
+//! auth, listings), ping/ack, rate limiting per message, and how replies and errors are
+//! sent. It reads frames through the `ws` codec and never touches sockets; routing and the
+//! event loop stay in the shard.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use super::{Ctx, LINGER, SubRef, enqueue_event, write_batch};
+use crate::auth::Grant;
+use crate::bus::{Accepted, Event, PublishError, Reply, ReplyTo};
+use crate::conn::{Conn, Filter, State, Subscription};
+use crate::history::NotRecoverable;
+use crate::limits::Verdict;
+use crate::metrics::{Latency, ShardCounters, StatsFormat};
+use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
+use crate::ws::{Close, Ended, Received};
+
+impl Ctx {
+    pub(super) fn on_ws_bytes(&mut self, key: usize, conn: &mut Conn, mut data: &[u8], now: Instant) {
+        loop {
+            let State::WebSocket(ws) = &mut conn.state else { return };
+            ws.last_heard = now;
+            let mut out = Vec::new();
+            let step = ws.codec.next(&mut data, &mut out);
+            conn.out.push_bytes(out);
+            match step {
+                Ok(None) => return,
+                Ok(Some(Received::Control)) => {}
+                Ok(Some(Received::Text(text))) => self.on_ws_text(key, conn, text, now),
+                Ok(Some(Received::Binary(data))) => {
+                    let State::WebSocket(ws) = &mut conn.state else { return };
+                    if ws.echo {
+                        let mut out = Vec::new();
+                        ws.codec.send_binary(data, &mut out);
+                        conn.out.push_bytes(out);
+                    } else {
+                        let rejection = Rejection::new(ErrorCode::InvalidMessage, "binary frames are not supported");
+                        send_error(conn, None, &rejection);
+                    }
+                }
+                Err(Ended::Closed | Ended::Failed(_)) => {
+                    write_batch(conn);
+                    conn.state = State::Closing { deadline: now + LINGER, shut: false };
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_ws_text(&mut self, key: usize, conn: &mut Conn, text: String, now: Instant) {
+        let close_after = Duration::from_millis(self.config().rate_limit_close_after_ms);
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        if ws.echo {
+            let mut out = Vec::new();
+            ws.codec.send_text(text, &mut out);
+            conn.out.push_bytes(out);
+            return;
+        }
+        match ws.bucket.take(now, close_after) {
+            Verdict::Allow => {}
+            Verdict::Limit => {
+                ShardCounters::bump(&self.counters().rate_limited);
+                let rejection = Rejection::new(ErrorCode::RateLimited, "over the message rate limit; message dropped");
+                return send_error(conn, None, &rejection);
+            }
+            Verdict::Abuse => {
+                ShardCounters::bump(&self.counters().rate_limited);
+                let mut out = Vec::new();
+                ws.codec.close(Close::Policy, &mut out);
+                conn.out.push_bytes(out);
+                conn.state = State::Closing { deadline: now + LINGER, shut: false };
+                return;
+            }
+        }
+        let incoming = match protocol::parse_client_message(&text) {
+            Ok(incoming) => incoming,
+            Err((correlation, rejection)) => return send_error(conn, correlation.as_deref(), &rejection),
+        };
+        let correlation = incoming.message_id.as_deref();
+        if let ClientMessage::Request(protocol::Request::Auth { token }) = &incoming.message {
+            return self.ws_auth(conn, correlation, token, now);
+        }
+        if matches!(&conn.state, State::WebSocket(ws) if ws.grant.is_none()) {
+            let rejection = Rejection::new(ErrorCode::Unauthorized, "authenticate first: request action auth");
+            return send_error(conn, correlation, &rejection);
+        }
+        match incoming.message {
+            ClientMessage::Subscribe(args) => self.subscribe(key, conn, correlation, args),
+            ClientMessage::Unsubscribe { subscription_id } => {
+                self.unsubscribe(key, conn, correlation, &subscription_id)
+            }
+            ClientMessage::Ping(payload) => {
+                let payload = payload.map(|p| p.get().to_string()).unwrap_or_else(|| "{}".into());
+                ctx_send(conn, "pong", correlation, &payload);
+            }
+            ClientMessage::Ack { event_id } => {
+                if let Some(published_at) = self.shared.bus.published_at(&event_id) {
+                    Latency::record(&mut self.latency.publish_to_ack, now.saturating_duration_since(published_at));
+                }
+            }
+            ClientMessage::Request(request) => self.ws_request(key, conn, correlation, request),
+        }
+    }
+
+    pub(super) fn ws_auth(&mut self, conn: &mut Conn, correlation: Option<&str>, token: &str, now: Instant) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        match self.shared.auth.verify(Some(token)) {
+            Ok(grant) => {
+                let payload = json!({"client_id": ws.client_id, "sub": grant.sub});
+                ws.grant = Some(grant);
+                ws.auth_deadline = None;
+                ctx_send(conn, "response", correlation, &payload.to_string());
+            }
+            Err(error) => {
+                send_error(conn, correlation, &Rejection::new(ErrorCode::Unauthorized, error.to_string()));
+                close_ws(conn, Close::Unauthorized, now);
+            }
+        }
+    }
+
+    pub(super) fn subscribe(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        args: protocol::SubscribeArgs,
+    ) {
+        let max = self.config().max_subscriptions_per_connection;
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        let Some(grant) = &ws.grant else { return };
+        let topics = match readable_patterns(grant, args.topics) {
+            Ok(topics) => topics,
+            Err(rejection) => return send_error(conn, correlation, &rejection),
+        };
+        if ws.subs.len() >= max {
+            let rejection = Rejection::new(ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions"));
+            return send_error(conn, correlation, &rejection);
+        }
+        let sub_key = ws.next_key;
+        ws.next_key += 1;
+        let id = args.subscription_id.unwrap_or_else(|| format!("sub-{sub_key}"));
+        if ws.subs.iter().any(|s| s.id == id) {
+            let rejection = Rejection::new(ErrorCode::DuplicateSubscription, format!("subscription {id:?} exists"));
+            return send_error(conn, correlation, &rejection);
+        }
+        let filter = Filter::new(topics, args.sources, args.correlation_id);
+        let (recovered, after, replay) = self.resume(args.since.as_deref(), &filter);
+        for pattern in &filter.patterns {
+            self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
+            conn.indexed.push((pattern.clone(), sub_key));
+        }
+        ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after });
+        ShardCounters::add(&self.counters().subscriptions, 1);
+        let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
+        ctx_send(conn, "ack", correlation, &payload.to_string());
+        self.replay_into(conn, &replay);
+    }
+
+    /// For a subscription resuming after `since`: whether it can, the order key live
+    /// events must pass, and the retained events to replay first (up to what this shard
+    /// has fanned out; everything later is still in its queue).
+    pub(super) fn resume(&self, since: Option<&str>, filter: &Filter) -> (bool, (u64, u64), Vec<Arc<Event>>) {
+        let Some(since) = since else { return (true, (0, 0), Vec::new()) };
+        match self.shared.bus.replay(since, self.fanned_out_through, usize::MAX, |e| filter.accepts(e)) {
+            Ok((after, events)) => (true, after, events),
+            Err(NotRecoverable) => (false, (0, 0), Vec::new()),
+        }
+    }
+
+    pub(super) fn replay_into(&mut self, conn: &mut Conn, events: &[Arc<Event>]) {
+        let now = Instant::now();
+        let max_outbound = self.config().max_outbound_bytes;
+        let counters = &self.shared.counters[self.id];
+        for event in events {
+            if !enqueue_event(conn, event, max_outbound, counters, &mut self.latency.publish_to_write, now) {
+                break;
+            }
+        }
+        write_batch(conn);
+    }
+
+    pub(super) fn unsubscribe(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        subscription_id: &str,
+    ) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        let Some(position) = ws.subs.iter().position(|s| s.id == subscription_id) else {
+            let rejection =
+                Rejection::new(ErrorCode::UnknownSubscription, format!("no subscription {subscription_id:?}"));
+            return send_error(conn, correlation, &rejection);
+        };
+        let sub = ws.subs.swap_remove(position);
+        let index = &mut self.index;
+        conn.indexed.retain(|(pattern, k)| {
+            let mine = *k == sub.key;
+            if mine {
+                index.remove(pattern, SubRef { conn: key, sub: sub.key });
+            }
+            !mine
+        });
+        ShardCounters::add(&self.counters().subscriptions, -1);
+        let payload = json!({"subscription_id": sub.id, "status": "unsubscribed"});
+        ctx_send(conn, "ack", correlation, &payload.to_string());
+    }
+
+    pub(super) fn ws_request(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        request: protocol::Request,
+    ) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        let payload = match request {
+            protocol::Request::ListSubscriptions => {
+                let subs: Vec<_> = ws
+                    .subs
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "subscription_id": s.id,
+                            "topics": s.filter.patterns.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                            "sources": s.filter.sources,
+                            "correlation_id": s.filter.correlation_id,
+                        })
+                    })
+                    .collect();
+                json!({"subscriptions": subs}).to_string()
+            }
+            protocol::Request::SubscriptionCount => json!({"count": ws.subs.len()}).to_string(),
+            protocol::Request::Publish(publish)
+                if !ws.grant.as_ref().is_some_and(|g| g.may_publish(&publish.topic)) =>
+            {
+                let rejection = Rejection::new(ErrorCode::Forbidden, format!("may not publish on {}", publish.topic));
+                return send_error(conn, correlation, &rejection);
+            }
+            protocol::Request::Publish(publish) => {
+                let reply = Reply {
+                    to: ReplyTo { shard: self.id, key, conn_id: conn.id },
+                    wait: false,
+                    websocket: Some(correlation.map(str::to_string)),
+                };
+                match self.shared.bus.publish(vec![publish], reply) {
+                    Ok(Accepted::Now(ids)) => json!({"message_id": ids.first()}).to_string(),
+                    Ok(Accepted::Later) => return,
+                    Err(error) => return send_error(conn, correlation, &publish_rejection(&error)),
+                }
+            }
+            protocol::Request::History(mut query) => {
+                let Some(grant) = &ws.grant else { return };
+                match readable_patterns(grant, std::mem::take(&mut query.topics)) {
+                    Ok(topics) => query.topics = topics,
+                    Err(rejection) => return send_error(conn, correlation, &rejection),
+                }
+                self.history(&query)
+            }
+            // Answered before the grant check, in `ws_auth`.
+            protocol::Request::Auth { .. } => return,
+            protocol::Request::Stats => {
+                return self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)));
+            }
+        };
+        ctx_send(conn, "response", correlation, &payload);
+    }
+}
+
+/// Sends a server message on a WebSocket connection (nothing if it is not one).
+pub(super) fn ctx_send(conn: &mut Conn, kind: &str, correlation_id: Option<&str>, payload: &str) {
+    let State::WebSocket(ws) = &mut conn.state else { return };
+    if !ws.codec.can_write() {
+        return;
+    }
+    let id = ws.next_message_id();
+    let text = protocol::server_message(kind, &id, SystemTime::now(), correlation_id, payload);
+    let mut out = Vec::new();
+    ws.codec.send_text(text, &mut out);
+    conn.out.push_bytes(out);
+}
+
+pub(super) fn send_error(conn: &mut Conn, correlation_id: Option<&str>, rejection: &Rejection) {
+    ctx_send(conn, "error", correlation_id, &protocol::error_payload(rejection).to_string());
+}
+
+/// Starts the close handshake with `close` and lets the connection linger until done.
+pub(super) fn close_ws(conn: &mut Conn, close: Close, now: Instant) {
+    let State::WebSocket(ws) = &mut conn.state else { return };
+    let mut out = Vec::new();
+    ws.codec.close(close, &mut out);
+    conn.out.push_bytes(out);
+    conn.state = State::Closing { deadline: now + LINGER, shut: false };
+}
+
+/// The patterns to use for a read: those asked for, each covered by the grant, or the
+/// grant's own when none were asked for.
+pub(super) fn readable_patterns(
+    grant: &Grant,
+    asked: Vec<crate::topic::Pattern>,
+) -> Result<Vec<crate::topic::Pattern>, Rejection> {
+    if asked.is_empty() {
+        if grant.subscribe.is_empty() {
+            return Err(Rejection::new(ErrorCode::Forbidden, "the token allows reading nothing"));
+        }
+        return Ok(grant.subscribe.clone());
+    }
+    match asked.iter().find(|p| !grant.may_subscribe(p)) {
+        Some(p) => Err(Rejection::new(ErrorCode::Forbidden, format!("may not read {}", p.as_str()))),
+        None => Ok(asked),
+    }
+}
+
+/// The WebSocket form of a refused publish.
+pub(super) fn publish_rejection(error: &PublishError) -> Rejection {
+    let code = match error {
+        PublishError::TooLarge(_) => ErrorCode::InvalidMessage,
+        PublishError::Overloaded => ErrorCode::RateLimited,
+        PublishError::EngineUnavailable => ErrorCode::EngineUnavailable,
+    };
+    Rejection::new(code, error.to_string())
+}
