@@ -59,6 +59,8 @@ pub struct Outbound {
     /// Bytes of the front chunk already written.
     written: usize,
     bytes: usize,
+    /// Owned chunks queued: replies and control frames, which never wait for company.
+    owned: usize,
 }
 
 impl Outbound {
@@ -72,6 +74,11 @@ impl Outbound {
         self.queue.is_empty()
     }
 
+    /// Holds something besides shared events (a reply, a ping, a close).
+    pub fn has_owned(&self) -> bool {
+        self.owned > 0
+    }
+
     /// Queues a chunk.
     pub fn push(&mut self, chunk: Chunk) {
         let len = chunk.len();
@@ -79,6 +86,7 @@ impl Outbound {
             return;
         }
         self.bytes += len;
+        self.owned += usize::from(chunk.event().is_none());
         self.queue.push_back(chunk);
     }
 
@@ -140,10 +148,11 @@ impl Outbound {
                 }
                 n -= remaining;
                 self.written = 0;
-                if let Some(chunk) = self.queue.pop_front()
-                    && let Some(event) = chunk.event()
-                {
-                    on_event(event);
+                if let Some(chunk) = self.queue.pop_front() {
+                    match chunk.event() {
+                        Some(event) => on_event(event),
+                        None => self.owned -= 1,
+                    }
                 }
             }
         }
@@ -308,8 +317,9 @@ pub struct Conn {
     pub scheduled: Option<Instant>,
     /// Sequence of the last event queued (deduplicates overlapping subscriptions).
     pub last_seq: u64,
-    /// Queued to be flushed at the end of this loop turn.
-    pub dirty: bool,
+    /// When events were first queued since the last flush: the shard writes them at the
+    /// end of a loop turn, or later while it coalesces (see `shard::Coalescing`).
+    pub dirty_since: Option<Instant>,
     /// Every entry this connection has in the shard's index: (pattern, subscription key).
     pub indexed: Vec<(Pattern, u32)>,
     /// Counted by admission (false for a connection being turned away).
@@ -376,9 +386,11 @@ mod tests {
             out.push_bytes(bytes);
         }
         let mut w = Trickle { got: Vec::new(), cap: 5, block_next: false };
+        assert!(out.has_owned());
         while !out.write_to(&mut w, |_| {}).unwrap() {}
         assert_eq!(w.got, want);
         assert_eq!(out.bytes(), 0);
+        assert!(!out.has_owned(), "every owned chunk written is counted out");
     }
 
     #[test]

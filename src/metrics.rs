@@ -33,6 +33,8 @@ pub struct ShardCounters {
     pub slow_consumer_disconnects: AtomicU64,
     /// Client messages refused by the rate limit.
     pub rate_limited: AtomicU64,
+    /// The shard's write coalescing window, microseconds (0 while it keeps up).
+    pub coalescing_us: AtomicU64,
 }
 
 impl ShardCounters {
@@ -113,8 +115,8 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 /// Everything `/stats` and `/metrics` show, gathered from all shards.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    /// Per shard: (open connections, inbound queue depth).
-    pub shards: Vec<(i64, usize)>,
+    /// Per shard: (open connections, inbound queue depth, write coalescing window in µs).
+    pub shards: Vec<(i64, usize, u64)>,
     /// Open WebSocket connections.
     pub websocket: i64,
     /// Open SSE streams.
@@ -148,7 +150,7 @@ impl Snapshot {
     pub fn add_shard(&mut self, counters: &ShardCounters, queue_depth: usize) {
         let load = |g: &AtomicI64| g.load(Ordering::Relaxed);
         let (ws, sse, http) = (load(&counters.websocket), load(&counters.sse), load(&counters.http));
-        self.shards.push((ws + sse + http, queue_depth));
+        self.shards.push((ws + sse + http, queue_depth, counters.coalescing_us.load(Ordering::Relaxed)));
         self.websocket += ws;
         self.sse += sse;
         self.http += http;
@@ -165,7 +167,9 @@ impl Snapshot {
             .shards
             .iter()
             .enumerate()
-            .map(|(id, (connections, depth))| json!({"id": id, "connections": connections, "queue_depth": depth}))
+            .map(|(id, (connections, depth, coalescing))| {
+                json!({"id": id, "connections": connections, "queue_depth": depth, "coalescing_us": coalescing})
+            })
             .collect();
         json!({
             "connections": {
@@ -244,10 +248,20 @@ impl Snapshot {
             "Connections closed with 1013.",
             &[("", self.slow_consumer_disconnects.to_string())],
         );
-        let depths: Vec<(String, String)> =
-            self.shards.iter().enumerate().map(|(i, (_, d))| (format!("{{shard=\"{i}\"}}"), d.to_string())).collect();
+        let per_shard = |value: &dyn Fn(&(i64, usize, u64)) -> String| -> Vec<(String, String)> {
+            self.shards.iter().enumerate().map(|(i, shard)| (format!("{{shard=\"{i}\"}}"), value(shard))).collect()
+        };
+        let depths = per_shard(&|(_, depth, _)| depth.to_string());
         let depths: Vec<(&str, String)> = depths.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
         family("volley_shard_queue_depth", "gauge", "Events waiting in a shard's inbound queue.", &depths);
+        let windows = per_shard(&|(_, _, us)| (*us as f64 / 1e6).to_string());
+        let windows: Vec<(&str, String)> = windows.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        family(
+            "volley_shard_write_coalescing_seconds",
+            "gauge",
+            "How long a shard lets events wait for company before writing them (0 while it keeps up).",
+            &windows,
+        );
         family("volley_history_events", "gauge", "Events retained for resume.", &[("", self.history.0.to_string())]);
         family("volley_history_bytes", "gauge", "Bytes retained for resume.", &[("", self.history.1.to_string())]);
         if let Some((up, reconnects, lag_us)) = self.engine {

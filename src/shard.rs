@@ -101,6 +101,46 @@ const LIMITED_READ_BYTES: usize = 2 * 1024;
 /// Pause before reading more from a connection over its message rate.
 const LIMITED_READ_PAUSE: Duration = Duration::from_millis(1);
 
+/// Queued bytes that are written at once, coalescing or not: one write of this size
+/// already amortizes its syscall.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// How long a shard lets a connection's queued events wait for more before writing them.
+///
+/// Zero while the shard keeps up, so events are written in the loop turn that fans them
+/// out. Once fan-out falls behind (events wait in the inbox longer than `BEHIND`), every
+/// delivery costs a kernel send for the shard and a read for the client, and the only
+/// way to deliver more per second is to put several events in one write: the window
+/// doubles, up to `MAX`, while the shard is behind, and halves back to zero while it is
+/// not. Replies and control frames never wait.
+#[derive(Debug, Default)]
+struct Coalescing {
+    window: Duration,
+}
+
+impl Coalescing {
+    const BEHIND: Duration = Duration::from_millis(5);
+    const CAUGHT_UP: Duration = Duration::from_millis(1);
+    const FIRST: Duration = Duration::from_millis(1);
+    const MAX: Duration = Duration::from_millis(20);
+
+    /// Takes how long the oldest event drained in a loop turn waited in the inbox.
+    fn observe(&mut self, waited: Duration) {
+        if waited > Self::BEHIND {
+            self.window = (self.window * 2).clamp(Self::FIRST, Self::MAX);
+        } else if waited < Self::CAUGHT_UP {
+            self.window /= 2;
+            if self.window < Self::FIRST / 4 {
+                self.window = Duration::ZERO;
+            }
+        }
+    }
+
+    fn window(&self) -> Duration {
+        self.window
+    }
+}
+
 /// Everything of a shard but its connections, so both can be borrowed at once.
 struct Ctx {
     id: usize,
@@ -111,7 +151,11 @@ struct Ctx {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     latency: Latency,
     scratch: Vec<u8>,
+    /// Connections with events queued and not yet written.
     dirty: Vec<usize>,
+    coalescing: Coalescing,
+    /// When the first of the connections `coalescing` holds back is due.
+    next_flush: Option<Instant>,
     /// Connections that had more to read when their per-turn budget ran out.
     read_again: Vec<usize>,
     next_conn: u64,
@@ -152,6 +196,8 @@ impl Shard {
                 latency: Latency::default(),
                 scratch: vec![0; SCRATCH_BYTES],
                 dirty: Vec::new(),
+                coalescing: Coalescing::default(),
+                next_flush: None,
                 read_again: Vec::new(),
                 next_conn: (id as u64) << 48,
                 fanned_out_through: 0,
@@ -205,10 +251,7 @@ impl Shard {
         }
         let now = Instant::now();
         let timer = self.ctx.timers.peek().map(|Reverse((t, _, _))| *t);
-        let next = match (timer, self.ctx.drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [timer, self.ctx.drain_deadline, self.ctx.next_flush].into_iter().flatten().min();
         next.map(|t| t.saturating_duration_since(now))
     }
 
@@ -260,7 +303,7 @@ impl Shard {
             transport: Transport::Http,
             scheduled: None,
             last_seq: 0,
-            dirty: false,
+            dirty_since: None,
             indexed: Vec::new(),
             admitted: refusal.is_none(),
         };
@@ -480,6 +523,7 @@ impl Shard {
         inbox.clear_wake();
         let now = Instant::now();
         let max_outbound = shared.config.max_outbound_bytes;
+        let mut oldest: Option<Duration> = None;
         while let Some(Delivery { event, ticket }) = inbox.events.pop() {
             let mut queued = 0usize;
             let counters = &shared.counters[ctx.id];
@@ -494,13 +538,15 @@ impl Shard {
                 if enqueue_event(conn, &event, max_outbound, counters, written, now) {
                     queued += 1;
                 }
-                if !conn.dirty {
-                    conn.dirty = true;
+                if conn.dirty_since.is_none() {
+                    conn.dirty_since = Some(now);
                     dirty.push(at.conn);
                 }
             });
             ctx.fanned_out_through = event.seq;
-            Latency::record(&mut ctx.latency.publish_to_queue, now.saturating_duration_since(event.published_at));
+            let waited = now.saturating_duration_since(event.published_at);
+            oldest = oldest.max(Some(waited));
+            Latency::record(&mut ctx.latency.publish_to_queue, waited);
             ctx.latency.event_bytes.saturating_record(event.json().len() as u64);
             ctx.latency.fanout.saturating_record(queued as u64);
             let delivery = Delivery { event, ticket };
@@ -508,19 +554,36 @@ impl Shard {
                 shared.bus.inboxes()[done.reply_to.shard].send(Control::PublishDone(done));
             }
         }
+        if let Some(oldest) = oldest {
+            ctx.coalescing.observe(oldest);
+            ctx.counters().coalescing_us.store(ctx.coalescing.window().as_micros() as u64, Ordering::Relaxed);
+        }
     }
 
+    /// Writes the connections events were queued for, except those the coalescing window
+    /// lets wait for more (they stay dirty and set the next wake-up).
     fn flush_dirty(&mut self) {
+        let now = Instant::now();
+        let window = if self.ctx.drain_deadline.is_some() { Duration::ZERO } else { self.ctx.coalescing.window() };
         let dirty = std::mem::take(&mut self.ctx.dirty);
+        let mut waiting = Vec::new();
+        self.ctx.next_flush = None;
         for &key in &dirty {
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.dirty = false;
-                write_batch(conn);
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(since) = conn.dirty_since else { continue };
+            let due = since + window;
+            if now < due && !conn.out.has_owned() && conn.out.bytes() < COALESCE_BYTES {
+                waiting.push(key);
+                self.ctx.next_flush = Some(self.ctx.next_flush.map_or(due, |next| next.min(due)));
+                continue;
             }
+            conn.dirty_since = None;
+            write_batch(conn);
             self.after_io(key);
         }
         self.ctx.dirty = dirty;
         self.ctx.dirty.clear();
+        self.ctx.dirty.append(&mut waiting);
     }
 
     fn run_timers(&mut self) {
@@ -732,5 +795,30 @@ impl Ctx {
             }
             State::Closing { deadline, .. } => now >= *deadline,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalescing_opens_only_while_behind_and_closes_when_caught_up() {
+        let mut c = Coalescing::default();
+        c.observe(Duration::from_millis(3));
+        assert_eq!(c.window(), Duration::ZERO, "a few ms of scheduling delay is not falling behind");
+        let windows: Vec<_> = (0..7)
+            .map(|_| {
+                c.observe(Duration::from_millis(40));
+                c.window().as_millis()
+            })
+            .collect();
+        assert_eq!(windows, [1, 2, 4, 8, 16, 20, 20]);
+        c.observe(Duration::from_millis(3));
+        assert_eq!(c.window(), Coalescing::MAX, "between the thresholds it holds");
+        for _ in 0..8 {
+            c.observe(Duration::from_micros(100));
+        }
+        assert_eq!(c.window(), Duration::ZERO);
     }
 }
