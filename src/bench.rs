@@ -158,7 +158,9 @@ pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
 /// The publish time stamped in an event's data (`"t":<µs>`; servers may reorder keys).
 fn stamped_time(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"t\":";
-    let at = memchr::memmem::find(payload, KEY)? + KEY.len();
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+    let at = FINDER.find(payload)? + KEY.len();
     let mut value = 0u64;
     let mut digits = 0;
     for &d in payload[at..].iter().take_while(|b| b.is_ascii_digit()) {
