@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -21,7 +21,12 @@ type Registry = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Messag
 #[tokio::main]
 async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".into());
-    let listener = TcpListener::bind(&addr).await.expect("bind");
+    // The same accept backlog as volley's listeners: the benchmark opens thousands of
+    // connections at once, and a short backlog would drop SYNs and shrink the run.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket.bind(addr.parse().expect("listen address")).expect("bind");
+    let listener = socket.listen(4096).expect("listen");
     let registry: Registry = Arc::default();
     let next_id = Arc::new(AtomicU64::new(1));
     loop {
