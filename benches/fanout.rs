@@ -7,7 +7,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
 use volley::bus::{Accepted, Bus, Inbox, Reply, ReplyTo};
-use volley::conn::{Chunk, Outbound};
+use volley::conn::{Chunk, LocalEvent, Outbound};
 use volley::history::Retention;
 use volley::protocol::PublishRequest;
 use volley::topic::{Index, Pattern};
@@ -44,9 +44,8 @@ fn fanout(c: &mut Criterion) {
         b.iter(|| {
             let Ok(Accepted::Now(_)) = bus.publish(vec![request()], reply.clone()) else { panic!("published") };
             let delivery = bus.inboxes()[0].events.pop().unwrap();
-            index.for_each_match(&delivery.event.topic, |conn| {
-                outbounds[conn].push(Chunk::WsEvent(delivery.event.clone()))
-            });
+            let local = LocalEvent::new(delivery.event.clone());
+            index.for_each_match(&delivery.event.topic, |conn| outbounds[conn].push(Chunk::WsEvent(local.clone())));
             for out in &mut outbounds {
                 out.write_to(&mut std::io::sink(), |e| {
                     black_box(e);

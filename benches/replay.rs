@@ -5,7 +5,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
 use volley::bus::{Accepted, Bus, Inbox, Reply, ReplyTo};
-use volley::conn::{Chunk, Filter, Outbound};
+use volley::conn::{Chunk, Filter, LocalEvent, Outbound};
 use volley::history::Retention;
 use volley::protocol::PublishRequest;
 use volley::topic::Pattern;
@@ -36,7 +36,7 @@ fn replay(c: &mut Criterion) {
             assert_eq!(events.len(), 10_000);
             let mut out = Outbound::default();
             for event in events {
-                out.push(Chunk::WsEvent(event));
+                out.push(Chunk::WsEvent(LocalEvent::new(event)));
             }
             out
         })

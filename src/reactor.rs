@@ -94,8 +94,11 @@ impl Server {
         });
         let mut threads = Vec::with_capacity(shards);
         for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
-            let shard = Shard::new(id, poll, listener, shared.clone())?;
-            let thread = std::thread::Builder::new().name(format!("volley-shard-{id}")).spawn(move || shard.run())?;
+            let shared = shared.clone();
+            // Built on its own thread: a shard's queues hold thread-local handles (`Rc`).
+            let thread = std::thread::Builder::new()
+                .name(format!("volley-shard-{id}"))
+                .spawn(move || Shard::new(id, poll, listener, shared)?.run())?;
             threads.push(thread);
         }
         tracing::info!(%addr, shards, "volley listening");

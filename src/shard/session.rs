@@ -6,6 +6,7 @@
 //! event loop stay in the shard.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
@@ -13,7 +14,7 @@ use serde_json::json;
 use super::{Ctx, LINGER, SubRef, enqueue_event, write_batch};
 use crate::auth::Grant;
 use crate::bus::{Accepted, Event, PublishError, Reply, ReplyTo};
-use crate::conn::{Conn, Filter, State, Subscription};
+use crate::conn::{Conn, Filter, LocalEvent, State, Subscription};
 use crate::history::NotRecoverable;
 use crate::limits::Verdict;
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
@@ -176,11 +177,15 @@ impl Ctx {
         let now = Instant::now();
         let max_outbound = self.config().max_outbound_bytes;
         let counters = &self.shared.counters[self.id];
+        let mut queued = 0;
         for event in events {
-            if !enqueue_event(conn, event, max_outbound, counters, &mut self.latency.publish_to_write, now) {
+            let event = LocalEvent::new(event.clone());
+            if !enqueue_event(conn, &event, max_outbound, counters, &mut self.latency.publish_to_write, now) {
                 break;
             }
+            queued += 1;
         }
+        counters.deliveries.fetch_add(queued, Ordering::Relaxed);
         write_batch(conn);
     }
 
