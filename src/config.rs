@@ -59,6 +59,11 @@ pub struct Config {
     pub http_idle_timeout_ms: u64,
     /// Events waiting in one shard's inbound queue before publishes are refused.
     pub shard_queue_capacity: usize,
+    /// Shortest time a connection's events wait for company before being written; 0 writes
+    /// them in the loop turn that queued them.
+    pub write_coalescing_min_ms: u64,
+    /// Longest such wait when a shard falls behind; 0 never lets events wait.
+    pub write_coalescing_max_ms: u64,
     /// `memory` (single node) or `redis://host:port[/db]` (a cluster sharing one stream).
     pub engine: String,
     /// Redis stream key holding the cluster's events.
@@ -100,6 +105,8 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
             shard_queue_capacity: 65_536,
+            write_coalescing_min_ms: 0,
+            write_coalescing_max_ms: 20,
             engine: "memory".into(),
             redis_stream: "volley:events".into(),
             jwt_secret: String::new(),
@@ -235,6 +242,21 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "engine".into(),
                 message: format!("{:?} is neither \"memory\" nor a redis:// URL", self.engine),
+            });
+        }
+        if self.write_coalescing_max_ms > 1000 {
+            return Err(ConfigError::Invalid {
+                key: "write_coalescing_max_ms".into(),
+                message: format!("{} is over 1000", self.write_coalescing_max_ms),
+            });
+        }
+        if self.write_coalescing_min_ms > self.write_coalescing_max_ms {
+            return Err(ConfigError::Invalid {
+                key: "write_coalescing_min_ms".into(),
+                message: format!(
+                    "{} is over write_coalescing_max_ms ({})",
+                    self.write_coalescing_min_ms, self.write_coalescing_max_ms
+                ),
             });
         }
         if self.shards > 1024 {

@@ -107,33 +107,39 @@ const COALESCE_BYTES: usize = 16 * 1024;
 
 /// How long a shard lets a connection's queued events wait for more before writing them.
 ///
-/// Zero while the shard keeps up, so events are written in the loop turn that fans them
-/// out. Once fan-out falls behind (events wait in the inbox longer than `BEHIND`), every
-/// delivery costs a kernel send for the shard and a read for the client, and the only
-/// way to deliver more per second is to put several events in one write: the window
-/// doubles, up to `MAX`, while the shard is behind, and halves back to zero while it is
-/// not. Replies and control frames never wait.
-#[derive(Debug, Default)]
+/// `min` while the shard keeps up (0 by default: events are written in the loop turn that
+/// fans them out). Once fan-out falls behind (events wait in the inbox longer than
+/// `BEHIND`), every delivery costs a kernel send for the shard and a read for the client,
+/// and the only way to deliver more per second is to put several events in one write:
+/// the window doubles, up to `max`, while the shard is behind, and halves back to `min`
+/// while it is not. Replies and control frames never wait.
+#[derive(Debug)]
 struct Coalescing {
     window: Duration,
+    min: Duration,
+    max: Duration,
 }
 
 impl Coalescing {
     const BEHIND: Duration = Duration::from_millis(5);
     const CAUGHT_UP: Duration = Duration::from_millis(1);
     const FIRST: Duration = Duration::from_millis(1);
-    const MAX: Duration = Duration::from_millis(20);
+
+    fn new(min: Duration, max: Duration) -> Self {
+        Self { window: min, min, max }
+    }
 
     /// Takes how long the oldest event drained in a loop turn waited in the inbox.
     fn observe(&mut self, waited: Duration) {
         if waited > Self::BEHIND {
-            self.window = (self.window * 2).clamp(Self::FIRST, Self::MAX);
+            self.window = (self.window * 2).max(Self::FIRST).min(self.max);
         } else if waited < Self::CAUGHT_UP {
             self.window /= 2;
             if self.window < Self::FIRST / 4 {
                 self.window = Duration::ZERO;
             }
         }
+        self.window = self.window.max(self.min);
     }
 
     fn window(&self) -> Duration {
@@ -184,6 +190,10 @@ impl Shard {
     /// A shard `id` polling `poll`, accepting on `listener`.
     pub fn new(id: usize, poll: Poll, mut listener: TcpListener, shared: Arc<Shared>) -> io::Result<Self> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let coalescing = Coalescing::new(
+            Duration::from_millis(shared.config.write_coalescing_min_ms),
+            Duration::from_millis(shared.config.write_coalescing_max_ms),
+        );
         Ok(Self {
             conns: Slab::new(),
             ctx: Ctx {
@@ -196,7 +206,7 @@ impl Shard {
                 latency: Latency::default(),
                 scratch: vec![0; SCRATCH_BYTES],
                 dirty: Vec::new(),
-                coalescing: Coalescing::default(),
+                coalescing,
                 next_flush: None,
                 read_again: Vec::new(),
                 next_conn: (id as u64) << 48,
@@ -807,7 +817,7 @@ mod tests {
 
     #[test]
     fn coalescing_opens_only_while_behind_and_closes_when_caught_up() {
-        let mut c = Coalescing::default();
+        let mut c = Coalescing::new(Duration::ZERO, Duration::from_millis(20));
         c.observe(Duration::from_millis(3));
         assert_eq!(c.window(), Duration::ZERO, "a few ms of scheduling delay is not falling behind");
         let windows: Vec<_> = (0..7)
@@ -818,10 +828,22 @@ mod tests {
             .collect();
         assert_eq!(windows, [1, 2, 4, 8, 16, 20, 20]);
         c.observe(Duration::from_millis(3));
-        assert_eq!(c.window(), Coalescing::MAX, "between the thresholds it holds");
+        assert_eq!(c.window(), Duration::from_millis(20), "between the thresholds it holds");
         for _ in 0..8 {
             c.observe(Duration::from_micros(100));
         }
         assert_eq!(c.window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn coalescing_stays_within_the_configured_bounds() {
+        let mut never = Coalescing::new(Duration::ZERO, Duration::ZERO);
+        never.observe(Duration::from_secs(1));
+        assert_eq!(never.window(), Duration::ZERO, "max 0 turns coalescing off");
+        let mut always = Coalescing::new(Duration::from_millis(5), Duration::from_millis(5));
+        assert_eq!(always.window(), Duration::from_millis(5));
+        always.observe(Duration::from_secs(1));
+        always.observe(Duration::ZERO);
+        assert_eq!(always.window(), Duration::from_millis(5), "min holds while caught up");
     }
 }
