@@ -24,6 +24,43 @@ use crate::ws::Codec;
 /// shard's samples). The bytes are still the bus's one encoding.
 pub type LocalEvent = Rc<Arc<Event>>;
 
+/// A batch-mode connection's events not yet turned into a `batch` message, with the bytes
+/// they will take (kept as they come, so the outbound bound is checked without a scan).
+#[derive(Debug, Default)]
+pub struct PendingBatch {
+    events: Vec<LocalEvent>,
+    bytes: usize,
+}
+
+impl PendingBatch {
+    /// Adds an event.
+    pub fn push(&mut self, event: LocalEvent) {
+        self.bytes += event.json().len() + 1;
+        self.events.push(event);
+    }
+
+    /// Bytes of event JSON waiting, a separator each.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Events waiting.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Takes the waiting events, leaving none.
+    pub fn take(&mut self) -> Vec<LocalEvent> {
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+}
+
 /// What the outbound queue holds: whole frames or responses.
 #[derive(Debug)]
 pub enum Chunk {
@@ -232,8 +269,8 @@ pub struct WsConn {
     pub echo: bool,
     /// Events arrive as `batch` messages.
     pub batch: bool,
-    /// Events waiting to be written as one batch this turn.
-    pub batch_pending: Vec<LocalEvent>,
+    /// Events waiting to be written as one batch message.
+    pub batch_pending: PendingBatch,
     /// The id told in the connect `ack`.
     pub client_id: String,
     /// Subscriptions, at most `max_subscriptions_per_connection`.

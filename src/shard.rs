@@ -681,7 +681,7 @@ fn enqueue_event(
 ) -> bool {
     let queued = |conn: &Conn| {
         let pending: usize = match &conn.state {
-            State::WebSocket(ws) => ws.batch_pending.iter().map(|e| e.json().len() + 1).sum(),
+            State::WebSocket(ws) => ws.batch_pending.bytes(),
             _ => 0,
         };
         conn.out.bytes() + pending + event.ws_frame().len()
@@ -722,7 +722,7 @@ fn write_batch(conn: &mut Conn) {
     if ws.batch_pending.is_empty() {
         return;
     }
-    let events = std::mem::take(&mut ws.batch_pending);
+    let events = ws.batch_pending.take();
     let mut body = String::from("{\"events\":[");
     let mut first = true;
     for event in &events {

@@ -271,7 +271,7 @@ impl Ctx {
             codec: Codec::new(config.max_message_bytes),
             echo,
             batch: request.query_param("batch").is_some_and(|b| b == "1" || b == "true"),
-            batch_pending: Vec::new(),
+            batch_pending: Default::default(),
             client_id: format!("{:x}", conn.id),
             subs: Vec::new(),
             next_key: 1,
