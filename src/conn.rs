@@ -371,6 +371,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Bytes waiting to be written: the outbound queue and a batch not yet built.
+    pub fn queued_bytes(&self) -> usize {
+        let pending = match &self.state {
+            State::WebSocket(ws) => ws.batch_pending.bytes(),
+            _ => 0,
+        };
+        self.out.bytes() + pending
+    }
+
     /// The earliest time this connection needs attention without I/O.
     pub fn deadline(&self, heartbeat: std::time::Duration) -> Option<Instant> {
         match &self.state {

@@ -554,8 +554,8 @@ impl Shard {
                     dirty.push(at.conn);
                 }
             });
-            // Counted once per event, not per delivery: a locked add per delivery was a
-            // sixth of a saturated shard's time.
+            // Counted once per event, not per delivery: a locked add per delivery showed in
+            // a saturated shard's profile (about 3 % of its samples).
             counters.deliveries.fetch_add(queued as u64, Ordering::Relaxed);
             ctx.fanned_out_through = event.seq;
             let waited = now.saturating_duration_since(event.published_at);
@@ -586,7 +586,7 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             let Some(since) = conn.dirty_since else { continue };
             let due = since + window;
-            if now < due && !conn.out.has_owned() && conn.out.bytes() < COALESCE_BYTES {
+            if now < due && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES {
                 waiting.push(key);
                 self.ctx.next_flush = Some(self.ctx.next_flush.map_or(due, |next| next.min(due)));
                 continue;
@@ -679,13 +679,7 @@ fn enqueue_event(
     written: &mut hdrhistogram::Histogram<u64>,
     now: Instant,
 ) -> bool {
-    let queued = |conn: &Conn| {
-        let pending: usize = match &conn.state {
-            State::WebSocket(ws) => ws.batch_pending.bytes(),
-            _ => 0,
-        };
-        conn.out.bytes() + pending + event.ws_frame().len()
-    };
+    let queued = |conn: &Conn| conn.queued_bytes() + event.ws_frame().len();
     if queued(conn) > max_outbound {
         // The limit is for what the peer has not taken: write what this turn queued before
         // judging. A write error surfaces at the end-of-turn flush.
