@@ -139,7 +139,12 @@ const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 /// Appends a client (masked) text frame carrying `payload`.
 pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x81);
+    masked_frame(0x1, payload, out);
+}
+
+/// Appends a final client (masked) frame with `opcode` carrying `payload`.
+pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
     match payload.len() {
         n if n < 126 => out.push(0x80 | n as u8),
         n if n < 65_536 => {

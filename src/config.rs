@@ -57,6 +57,9 @@ pub struct Config {
     pub http_header_timeout_ms: u64,
     /// Time an idle keep-alive HTTP connection is kept.
     pub http_idle_timeout_ms: u64,
+    /// Time a request waiting on other shards or the engine (`/publish?wait=1`, `/stats`,
+    /// a publish through a stalled engine) waits before it is answered `504`.
+    pub http_request_timeout_ms: u64,
     /// Events waiting in one shard's inbound queue before publishes are refused.
     pub shard_queue_capacity: usize,
     /// Shortest time a connection's events wait for company before being written; 0 writes
@@ -104,6 +107,7 @@ impl Default for Config {
             drain_timeout_ms: 10_000,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
+            http_request_timeout_ms: 10_000,
             shard_queue_capacity: 65_536,
             write_coalescing_min_ms: 0,
             write_coalescing_max_ms: 20,
@@ -199,7 +203,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 17] = [
+        let positive: [(&str, u64); 18] = [
             ("publish_rate_per_ip", self.publish_rate_per_ip as u64),
             ("publish_burst_per_ip", self.publish_burst_per_ip as u64),
             ("auth_timeout_ms", self.auth_timeout_ms),
@@ -216,6 +220,7 @@ impl Config {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
             ("http_idle_timeout_ms", self.http_idle_timeout_ms),
+            ("http_request_timeout_ms", self.http_request_timeout_ms),
             ("shard_queue_capacity", self.shard_queue_capacity as u64),
         ];
         for (key, value) in positive {

@@ -1,10 +1,13 @@
 //! One connection's state: what phase it is in and what is queued for it.
 //!
-//! Owns [`Conn`] with its explicit [`State`] (`Http` → `WebSocket` | `Sse` → `Closing`),
-//! the bounded outbound queue of whole frames ([`Outbound`]: owned bytes or references
-//! to shared events, written with one vectored write), and subscription filters. It
-//! decides nothing about routing or fan-out (the shard does) and never registers with
-//! the poll; writing goes to any `Write`, so it is tested without sockets.
+//! Owns [`Conn`] with its explicit [`State`] (`Http` → `WebSocket` | `Sse`) and its
+//! closing phase ([`Closing`], which keeps the state, so what the connection held is still
+//! known when it is removed), the outbound queue of whole frames ([`Outbound`]: owned bytes
+//! or references to shared events, written with one vectored write), the [`Backlog`] of
+//! events that wait outside it (a resume's replay and what arrives behind it), the one
+//! bound over all of them ([`Conn::queued_bytes`]), and subscription filters. It holds no
+//! socket and reads no clock: time comes in as arguments and writing goes to any `Write`,
+//! so it is tested and fuzzed without sockets. Routing and fan-out belong to `core`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -204,6 +207,54 @@ impl Outbound {
     }
 }
 
+/// Events due to a connection that wait outside its outbound queue, oldest first: the
+/// events a resume replays, and live events that arrive while some are still waiting (they
+/// must come after them). Replayed events are the bus's retained ones, shared, so only
+/// the live ones count toward the connection's bound.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    events: VecDeque<(LocalEvent, usize)>,
+    live_bytes: usize,
+}
+
+impl Backlog {
+    /// Appends events replayed from history (counted as nothing against the bound).
+    pub fn push_replay(&mut self, event: LocalEvent) {
+        self.events.push_back((event, 0));
+    }
+
+    /// Appends a live event taking `bytes` of the bound.
+    pub fn push_live(&mut self, event: LocalEvent, bytes: usize) {
+        self.live_bytes += bytes;
+        self.events.push_back((event, bytes));
+    }
+
+    /// Takes the oldest event.
+    pub fn pop(&mut self) -> Option<LocalEvent> {
+        let (event, bytes) = self.events.pop_front()?;
+        self.live_bytes -= bytes;
+        Some(event)
+    }
+
+    /// Bytes of live events waiting.
+    pub fn live_bytes(&self) -> usize {
+        self.live_bytes
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Drops everything; how many events went.
+    pub fn clear(&mut self) -> usize {
+        self.live_bytes = 0;
+        let dropped = self.events.len();
+        self.events = VecDeque::new();
+        dropped
+    }
+}
+
 /// Which events a subscription (or an SSE stream) wants, beyond the topic index.
 #[derive(Debug, Clone)]
 pub struct Filter {
@@ -252,7 +303,8 @@ pub struct Subscription {
 pub struct HttpConn {
     /// Bytes of requests not yet handled.
     pub buf: Vec<u8>,
-    /// When the connection is dropped if no complete request arrived.
+    /// When the connection is dropped if no complete request arrived; while a request
+    /// waits, when that request is answered `504`.
     pub deadline: Instant,
     /// `100 Continue` was sent for the request being read.
     pub continued: bool,
@@ -312,7 +364,8 @@ pub struct SseConn {
     pub next_ping: Instant,
 }
 
-/// Where a connection is in its life.
+/// What a connection speaks. It stays as it was while the connection closes, so its
+/// transport and subscriptions are still there to be counted out when it is removed.
 #[derive(Debug)]
 pub enum State {
     /// Reading HTTP requests.
@@ -321,20 +374,23 @@ pub enum State {
     WebSocket(Box<WsConn>),
     /// An SSE stream.
     Sse(Box<SseConn>),
-    /// Writing what is queued, then half-closing and waiting (until `deadline`) for the
-    /// peer's EOF, so a final response or close frame is not lost to a reset.
-    Closing {
-        /// When the socket is closed regardless.
-        deadline: Instant,
-        /// Our write side is shut.
-        shut: bool,
-    },
+}
+
+/// A connection on its way out: writing what is queued, then half-closing and waiting
+/// (until `deadline`) for the peer's EOF, so a final response or close frame is not lost
+/// to a reset.
+#[derive(Debug, Clone, Copy)]
+pub struct Closing {
+    /// When the socket is closed regardless.
+    pub deadline: Instant,
+    /// Our write side is shut.
+    pub shut: bool,
 }
 
 /// The transport a connection counts as, for gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// Plain HTTP (and connections being closed).
+    /// Plain HTTP.
     Http,
     /// WebSocket.
     WebSocket,
@@ -342,46 +398,219 @@ pub enum Transport {
     Sse,
 }
 
-/// One accepted TCP connection.
+/// Why a connection was over its bound: what the caller counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBound {
+    /// Events dropped with it (queued and not begun, waiting in a batch or the backlog).
+    pub dropped_events: usize,
+}
+
+/// One accepted TCP connection, without its socket.
 #[derive(Debug)]
 pub struct Conn {
     /// Unique for the broker's life (slab keys are reused).
     pub id: u64,
-    /// The socket.
-    pub socket: mio::net::TcpStream,
     /// Peer address, for per-IP accounting.
     pub peer: IpAddr,
     /// Queued output.
     pub out: Outbound,
-    /// Phase.
+    /// Events due after what `out` holds, fed into it as it drains.
+    pub backlog: Backlog,
+    /// What it speaks.
     pub state: State,
-    /// What the gauges count it as.
-    pub transport: Transport,
+    /// Set once it is closing; never cleared.
+    pub closing: Option<Closing>,
+    /// Most bytes `queued_bytes` may reach (`max_outbound_bytes`).
+    pub limit: usize,
     /// Deadline currently in the shard's timer heap, if any.
     pub scheduled: Option<Instant>,
     /// Sequence of the last event queued (deduplicates overlapping subscriptions).
     pub last_seq: u64,
     /// When events were first queued since the last flush: the shard writes them at the
-    /// end of a loop turn, or later while it coalesces (see `shard::Coalescing`).
+    /// end of a loop turn, or later while it coalesces.
     pub dirty_since: Option<Instant>,
+    /// Waits in the core's list of connections to write.
+    pub transmit_queued: bool,
+    /// Reading stopped because too much is queued; resumed once it drains.
+    pub read_blocked: bool,
     /// Every entry this connection has in the shard's index: (pattern, subscription key).
     pub indexed: Vec<(Pattern, u32)>,
     /// Counted by admission (false for a connection being turned away).
     pub admitted: bool,
 }
 
+/// How much of its bound a connection may hold and still be read from: above it, volley
+/// stops reading (the client's requests wait in the kernel) rather than make more replies.
+pub const READ_SHARE_DIVISOR: usize = 2;
+
+/// The backlog is fed into the outbound queue while that holds less than this.
+const REFILL_BYTES: usize = 64 * 1024;
+
 impl Conn {
-    /// Bytes waiting to be written: the outbound queue and a batch not yet built.
+    /// A new HTTP connection from `peer`, bounded by `limit` queued bytes.
+    pub fn new(id: u64, peer: IpAddr, limit: usize, http: HttpConn, admitted: bool) -> Self {
+        Self {
+            id,
+            peer,
+            out: Outbound::default(),
+            backlog: Backlog::default(),
+            state: State::Http(http),
+            closing: None,
+            limit,
+            scheduled: None,
+            last_seq: 0,
+            dirty_since: None,
+            transmit_queued: false,
+            read_blocked: false,
+            indexed: Vec::new(),
+            admitted,
+        }
+    }
+
+    /// What the gauges count it as.
+    pub fn transport(&self) -> Transport {
+        match self.state {
+            State::Http(_) => Transport::Http,
+            State::WebSocket(_) => Transport::WebSocket,
+            State::Sse(_) => Transport::Sse,
+        }
+    }
+
+    /// Subscriptions it holds (an SSE stream holds one).
+    pub fn subscriptions(&self) -> usize {
+        match &self.state {
+            State::Http(_) => 0,
+            State::WebSocket(ws) => ws.subs.len(),
+            State::Sse(_) => 1,
+        }
+    }
+
+    /// Bytes the bound counts: the outbound queue, a batch not yet built, and live events
+    /// waiting behind a replay. Replayed history is not counted (it is the bus's retained
+    /// bytes, shared), only what the client falls behind by.
     pub fn queued_bytes(&self) -> usize {
         let pending = match &self.state {
             State::WebSocket(ws) => ws.batch_pending.bytes(),
             _ => 0,
         };
-        self.out.bytes() + pending
+        self.out.bytes() + pending + self.backlog.live_bytes()
+    }
+
+    /// Holds more than its reading share of the bound.
+    pub fn over_read_share(&self) -> bool {
+        self.queued_bytes() > self.limit / READ_SHARE_DIVISOR
+    }
+
+    /// Whether `more` bytes fit under the bound.
+    pub fn fits(&self, more: usize) -> bool {
+        self.queued_bytes() + more <= self.limit
+    }
+
+    /// Queues bytes made for this connection (a reply, a control frame) if they fit under
+    /// the bound; `Err` when they do not (nothing queued: the caller closes it).
+    pub fn send(&mut self, bytes: Vec<u8>) -> Result<(), OverBound> {
+        if self.closing.is_some() {
+            return Ok(());
+        }
+        if !self.fits(bytes.len()) {
+            return Err(self.over_bound());
+        }
+        self.out.push_bytes(bytes);
+        Ok(())
+    }
+
+    /// Drops everything not yet begun, leaving a well-formed stream; how many events went.
+    fn over_bound(&mut self) -> OverBound {
+        let mut dropped = self.out.drop_unstarted_events() + self.backlog.clear();
+        if let State::WebSocket(ws) = &mut self.state {
+            dropped += ws.batch_pending.take().len();
+        }
+        OverBound { dropped_events: dropped }
+    }
+
+    /// Queues a live event (behind the backlog if one is waiting), or `Err` if it does
+    /// not fit under the bound.
+    pub fn push_event(&mut self, event: &LocalEvent) -> Result<(), OverBound> {
+        let len = match &self.state {
+            State::Sse(_) => event.sse_head().len() + event.json().len() + crate::sse::EVENT_END.len(),
+            _ => event.ws_frame().len(),
+        };
+        if !self.fits(len) {
+            return Err(self.over_bound());
+        }
+        if self.backlog.is_empty() {
+            self.queue_event(event.clone());
+        } else {
+            self.backlog.push_live(event.clone(), len);
+        }
+        Ok(())
+    }
+
+    fn queue_event(&mut self, event: LocalEvent) {
+        match &mut self.state {
+            State::WebSocket(ws) if ws.batch => ws.batch_pending.push(event),
+            State::WebSocket(_) => self.out.push(Chunk::WsEvent(event)),
+            State::Sse(_) => self.out.push(Chunk::SseEvent(event)),
+            State::Http(_) => {}
+        }
+    }
+
+    /// Moves backlog events into the outbound queue while it is short; how many moved.
+    pub fn refill(&mut self) -> usize {
+        let mut moved = 0;
+        let target = REFILL_BYTES.min(self.limit / 4);
+        while self.out.bytes() + self.batch_bytes() < target {
+            let Some(event) = self.backlog.pop() else { break };
+            self.queue_event(event);
+            moved += 1;
+        }
+        moved
+    }
+
+    fn batch_bytes(&self) -> usize {
+        match &self.state {
+            State::WebSocket(ws) => ws.batch_pending.bytes(),
+            _ => 0,
+        }
+    }
+
+    /// Starts closing: a WebSocket sends `close` (when given and none was sent), the rest
+    /// of the queue is written, then the write side is shut and the socket is dropped at
+    /// EOF or after `linger`. The close frame is allowed past the bound: it is the one
+    /// message a connection may hold beyond it. A second call changes nothing.
+    pub fn begin_close(&mut self, close: Option<crate::ws::Close>, linger: std::time::Duration, now: Instant) {
+        if self.closing.is_some() {
+            return;
+        }
+        if let (State::WebSocket(ws), Some(close)) = (&mut self.state, close) {
+            let mut out = Vec::new();
+            ws.codec.close(close, &mut out);
+            self.out.push_bytes(out);
+        }
+        self.closing = Some(Closing { deadline: now + linger, shut: false });
+    }
+
+    /// Whether its subscription `sub` wants `event` (the index already matched the topic).
+    pub fn wants(&self, sub: u32, event: &Event) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        match &self.state {
+            State::WebSocket(ws) => ws
+                .subs
+                .iter()
+                .find(|s| s.key == sub)
+                .is_some_and(|s| event.key > s.after && s.filter.accepts_non_topic(event)),
+            State::Sse(sse) => event.key > sse.after && sse.filter.accepts_non_topic(event),
+            State::Http(_) => false,
+        }
     }
 
     /// The earliest time this connection needs attention without I/O.
     pub fn deadline(&self, heartbeat: std::time::Duration) -> Option<Instant> {
+        if let Some(closing) = &self.closing {
+            return Some(closing.deadline);
+        }
         match &self.state {
             State::Http(http) => Some(http.deadline),
             State::WebSocket(ws) if ws.echo => None,
@@ -390,7 +619,6 @@ impl Conn {
                 Some([ws.auth_deadline, ws.resume_read_at].into_iter().flatten().fold(heartbeat, Instant::min))
             }
             State::Sse(sse) => Some(sse.next_ping),
-            State::Closing { deadline, .. } => Some(*deadline),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod core;
 pub mod engine;
 pub mod history;
 pub mod http;
@@ -24,3 +25,8 @@ pub mod shard;
 pub mod sse;
 pub mod topic;
 pub mod ws;
+
+/// Built with the `fault-injection` feature only (the test build): an event on this topic
+/// makes the shard that fans it out panic, so tests can prove a panic is contained.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_TOPIC: &str = "volley.fault.panic";

@@ -36,6 +36,8 @@ pub struct ShardCounters {
     pub slow_consumer_disconnects: AtomicU64,
     /// Client messages refused by the rate limit.
     pub rate_limited: AtomicU64,
+    /// HTTP requests answered 504 after waiting too long for other shards or the engine.
+    pub request_timeouts: AtomicU64,
     /// The shard's write coalescing window, microseconds (0 while it keeps up).
     pub coalescing_us: AtomicU64,
 }
@@ -140,6 +142,8 @@ pub struct Snapshot {
     pub slow_consumer_disconnects: u64,
     /// Messages refused by rate limits.
     pub rate_limited: u64,
+    /// HTTP requests answered 504.
+    pub request_timeouts: u64,
     /// (events, bytes) in the history.
     pub history: (usize, usize),
     /// Merged histograms.
@@ -162,6 +166,7 @@ impl Snapshot {
         self.dropped_slow_consumer += counters.dropped_slow_consumer.load(Ordering::Relaxed);
         self.slow_consumer_disconnects += counters.slow_consumer_disconnects.load(Ordering::Relaxed);
         self.rate_limited += counters.rate_limited.load(Ordering::Relaxed);
+        self.request_timeouts += counters.request_timeouts.load(Ordering::Relaxed);
     }
 
     /// The `/stats` document.
@@ -185,6 +190,7 @@ impl Snapshot {
                 "delivered": self.delivered,
                 "dropped": self.dropped_slow_consumer,
             },
+            "request_timeouts": self.request_timeouts,
             "shards": shards,
             "history": {"events": self.history.0, "bytes": self.history.1},
             "engine": self.engine.map(|(up, reconnects, lag_us)| json!({"up": up, "reconnects": reconnects, "lag_us": lag_us})),
@@ -250,6 +256,12 @@ impl Snapshot {
             "counter",
             "Connections closed with 1013.",
             &[("", self.slow_consumer_disconnects.to_string())],
+        );
+        family(
+            "volley_request_timeouts_total",
+            "counter",
+            "HTTP requests answered 504 after waiting too long for other shards or the engine.",
+            &[("", self.request_timeouts.to_string())],
         );
         let per_shard = |value: &dyn Fn(&(i64, usize, u64)) -> String| -> Vec<(String, String)> {
             self.shards.iter().enumerate().map(|(i, shard)| (format!("{{shard=\"{i}\"}}"), value(shard))).collect()

@@ -19,11 +19,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::auth::Auth;
 use crate::bus::{Bus, Control, Inbox, Sequencer};
 use crate::config::Config;
+use crate::core::Shared;
 use crate::engine::{Redis, RedisSettings};
 use crate::history::Retention;
 use crate::limits::{Admission, IpRates};
 use crate::metrics::ShardCounters;
-use crate::shard::{Shard, Shared, WAKER};
+use crate::shard::{Shard, WAKER};
 
 /// A running broker.
 pub struct Server {
@@ -90,6 +91,7 @@ impl Server {
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
             auth: Auth::new(&config.jwt_secret),
+            epoch: (std::time::Instant::now(), std::time::SystemTime::now()),
             config,
         });
         let mut threads = Vec::with_capacity(shards);
@@ -98,7 +100,7 @@ impl Server {
             // Built on its own thread: a shard's queues hold thread-local handles (`Rc`).
             let thread = std::thread::Builder::new()
                 .name(format!("volley-shard-{id}"))
-                .spawn(move || Shard::new(id, poll, listener, shared)?.run())?;
+                .spawn(move || contain(id, move || Shard::new(id, poll, listener, shared)?.run()))?;
             threads.push(thread);
         }
         tracing::info!(%addr, shards, "volley listening");
@@ -138,6 +140,33 @@ impl Server {
             }
         }
         result
+    }
+}
+
+/// Exit status of a process whose shard panicked (EX_SOFTWARE).
+pub const PANIC_EXIT_CODE: i32 = 70;
+
+/// Runs a shard; if it panics, the whole process exits with [`PANIC_EXIT_CODE`].
+///
+/// A live process with a dead shard is the worst outcome: its inbox fills, every publish is
+/// refused, gathers and `?wait=1` never complete, and the kernel keeps handing it new
+/// connections. Restarting the shard in place would need every other shard and the engine
+/// threads to forget what they hold for it, so volley does what a supervisor expects
+/// instead: it logs the panic and exits non-zero; systemd or Kubernetes restarts it, and
+/// clients reconnect and resume with `since` (history survives with the Redis engine).
+fn contain(id: usize, run: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(shard = id, %message, "shard panicked; exiting so a supervisor restarts volley");
+            eprintln!("volley: shard {id} panicked ({message}); exiting with status {PANIC_EXIT_CODE}");
+            std::process::exit(PANIC_EXIT_CODE);
+        }
     }
 }
 

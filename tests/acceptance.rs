@@ -131,27 +131,6 @@ fn a_reader_that_never_reads_is_closed_with_1013_while_a_fast_one_misses_nothing
     assert!(all.len() < 2000 * 2100, "the slow reader did not get everything: it was cut off");
 }
 
-/// The code of the first close frame in a stream of unmasked server frames.
-fn find_close_code(mut bytes: &[u8]) -> Option<u16> {
-    while bytes.len() >= 2 {
-        let opcode = bytes[0] & 0x0f;
-        let (len, header) = match bytes[1] & 0x7f {
-            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
-            127 if bytes.len() >= 10 => (u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize, 10),
-            n if n < 126 => (n as usize, 2),
-            _ => return None,
-        };
-        if bytes.len() < header + len {
-            return None;
-        }
-        if opcode == 0x8 && len >= 2 {
-            return Some(u16::from_be_bytes([bytes[header], bytes[header + 1]]));
-        }
-        bytes = &bytes[header + len..];
-    }
-    None
-}
-
 #[test]
 fn garbage_half_heads_and_abrupt_disconnects_leave_the_broker_serving() {
     let broker = Broker::with(|c| c.http_header_timeout_ms = 500);

@@ -84,10 +84,16 @@ struct Node {
 }
 
 fn node(redis: &RedisServer) -> Node {
+    node_with(redis, &[])
+}
+
+/// A node with extra `VOLLEY_*` settings.
+fn node_with(redis: &RedisServer, settings: &[(&str, &str)]) -> Node {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_volley"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--engine", &redis.url()])
         .env("VOLLEY_LOG_LEVEL", "warn")
+        .envs(settings.iter().copied())
         .spawn()
         .unwrap();
     let node = Node { port, process: Proc(child) };
@@ -268,4 +274,48 @@ fn redis_restart_loses_no_acknowledged_publish() {
     assert!(received.windows(2).all(|w| key(&w[0]) < key(&w[1])), "in order, no duplicates");
     let metrics = get(two.port, "/metrics");
     assert!(metrics.contains("volley_engine_reconnects_total"), "{metrics}");
+}
+
+/// CPU seconds a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Finding 3 of the hostile-load review: a request still waiting when its deadline passed
+/// kept that deadline, so its shard spun at 100 % CPU for good and never answered again.
+#[test]
+fn a_publish_waiting_on_a_paused_redis_gets_504_and_no_shard_spins() {
+    let redis = RedisServer::start();
+    let node =
+        node_with(&redis, &[("VOLLEY_HTTP_REQUEST_TIMEOUT_MS", "1000"), ("VOLLEY_HTTP_IDLE_TIMEOUT_MS", "1000")]);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let paused_at = Instant::now();
+    redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query::<()>(&mut con).unwrap();
+    let (status, body) = request(node.port, "POST", "/publish?wait=1", &json!({"topic": "p.x", "data": 1}).to_string())
+        .expect("answered");
+    assert_eq!(status, 504, "{body}");
+    assert!(paused_at.elapsed() < Duration::from_millis(2_500), "answered at its deadline, not Redis's");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+
+    // Redis comes back; every shard answers (SO_REUSEPORT spreads new connections).
+    while paused_at.elapsed() < Duration::from_millis(3_200) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let (status, _) = request(node.port, "GET", "/health", "").expect("every shard answers");
+        assert_eq!(status, 200);
+    }
+    let pid = node.process.0.id();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.3, "an idle broker used {used:.2} s of CPU in one second");
 }

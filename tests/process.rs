@@ -128,3 +128,110 @@ fn sigterm_drains_flushes_and_exits_zero() {
     assert_eq!(status.code(), Some(0));
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "no longer accepting");
 }
+
+/// The broker's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    kib * 1024
+}
+
+fn post(port: u16, path: &str, body: &str) -> String {
+    use std::io::Write;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply
+}
+
+/// Finding 1 of the hostile-load review: replies were queued without a bound, so a client
+/// that never reads and floods `history` requests grew the broker to 1.3 GiB.
+#[test]
+fn a_client_that_never_reads_and_floods_history_requests_is_closed_1013_with_memory_flat() {
+    use std::io::Write;
+    let port = free_port();
+    let child = volley()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("VOLLEY_LOG_LEVEL", "warn")
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    wait_healthy(port);
+    let data = "x".repeat(500);
+    for batch in 0..10 {
+        let events: Vec<_> = (0..100).map(|i| json!({"topic": "h.x", "data": format!("{batch}-{i}-{data}")})).collect();
+        assert!(
+            post(port, "/publish?wait=1", &serde_json::Value::from(events).to_string()).starts_with("HTTP/1.1 200")
+        );
+    }
+    let before = rss_bytes(running.0.id());
+
+    let (ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
+    let tungstenite::stream::MaybeTlsStream::Plain(mut socket) = ws.into_inner() else { panic!("plain TCP") };
+    socket.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let request = common::masked_text(
+        &json!({"type": "request", "payload": {"action": "history", "topics": [">"], "limit": 1000}}).to_string(),
+    );
+    let mut peak = before;
+    for _ in 0..3000 {
+        // The broker stops reading a client it is backed up on: our writes then block.
+        if socket.write_all(&request).is_err() {
+            break;
+        }
+        peak = peak.max(rss_bytes(running.0.id()));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    peak = peak.max(rss_bytes(running.0.id()));
+    assert!(peak < 64 << 20, "broker grew to {} MiB (from {} MiB)", peak >> 20, before >> 20);
+
+    // Now read: whatever was queued, then a close frame with 1013.
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut received = Vec::new();
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    let close = common::find_close_code(&received);
+    assert_eq!(close, Some(1013), "closed as a slow consumer after {} bytes", received.len());
+}
+
+/// Finding 4: a panicking shard left a live process with a dead shard. Now the process
+/// exits non-zero, so a supervisor restarts it.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_panicking_shard_ends_the_process_with_status_70() {
+    let port = free_port();
+    let child = volley()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("VOLLEY_LOG_LEVEL", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    wait_healthy(port);
+    let reply = post(port, "/publish", &json!({"topic": volley::FAULT_PANIC_TOPIC, "data": 1}).to_string());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the process outlived its panicked shard");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(volley::reactor::PANIC_EXIT_CODE));
+    let mut stderr = String::new();
+    running.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.contains("panicked"), "{stderr}");
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing left listening");
+}

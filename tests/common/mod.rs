@@ -122,3 +122,24 @@ pub fn publish(broker: &Broker, events: &Value) -> Vec<String> {
     assert_eq!(status, 200, "publish answered {status}: {body}");
     body["message_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
 }
+
+/// The code of the first close frame in a stream of unmasked server frames.
+pub fn find_close_code(mut bytes: &[u8]) -> Option<u16> {
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, header) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => (u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize, 10),
+            n if n < 126 => (n as usize, 2),
+            _ => return None,
+        };
+        if bytes.len() < header + len {
+            return None;
+        }
+        if opcode == 0x8 && len >= 2 {
+            return Some(u16::from_be_bytes([bytes[header], bytes[header + 1]]));
+        }
+        bytes = &bytes[header + len..];
+    }
+    None
+}

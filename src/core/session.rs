@@ -2,16 +2,16 @@
 //!
 //! Owns subscribe/unsubscribe (with resume hand-over), requests (publish, history, stats,
 //! auth, listings), ping/ack, rate limiting per message, and how replies and errors are
-//! sent. It reads frames through the `ws` codec and never touches sockets; routing and the
-//! event loop stay in the shard.
+//! sent (every reply under the connection's bound). It reads frames through the `ws` codec
+//! and never touches sockets or clocks; routing, fan-out and timers stay in the core.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{Ctx, LINGER, SubRef, enqueue_event, write_batch};
+use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
 use crate::bus::{Accepted, Event, PublishError, Reply, ReplyTo};
 use crate::conn::{Conn, Filter, LocalEvent, State, Subscription};
@@ -28,9 +28,22 @@ impl Ctx {
             ws.last_heard = now;
             let mut out = Vec::new();
             let step = ws.codec.next(&mut data, &mut out);
-            conn.out.push_bytes(out);
             match step {
-                Ok(None) => return,
+                // The codec's own frames (pongs, the close reply) are counted like replies;
+                // a close reply is the message allowed past the bound.
+                Err(Ended::Closed | Ended::Failed(_)) => {
+                    conn.out.push_bytes(out);
+                    conn.begin_close(None, LINGER, now);
+                    return;
+                }
+                _ if !out.is_empty() => self.send(key, conn, out, now),
+                _ => {}
+            }
+            if conn.closing.is_some() {
+                return;
+            }
+            match step {
+                Ok(None) | Err(_) => return,
                 Ok(Some(Received::Control)) => {}
                 Ok(Some(Received::Text(text))) => self.on_ws_text(key, conn, text, now),
                 Ok(Some(Received::Binary(data))) => {
@@ -38,17 +51,15 @@ impl Ctx {
                     if ws.echo {
                         let mut out = Vec::new();
                         ws.codec.send_binary(data, &mut out);
-                        conn.out.push_bytes(out);
+                        self.send(key, conn, out, now);
                     } else {
                         let rejection = Rejection::new(ErrorCode::InvalidMessage, "binary frames are not supported");
-                        send_error(conn, None, &rejection);
+                        self.send_error(key, conn, None, &rejection, now);
                     }
                 }
-                Err(Ended::Closed | Ended::Failed(_)) => {
-                    write_batch(conn);
-                    conn.state = State::Closing { deadline: now + LINGER, shut: false };
-                    return;
-                }
+            }
+            if conn.closing.is_some() {
+                return;
             }
         }
     }
@@ -59,67 +70,72 @@ impl Ctx {
         if ws.echo {
             let mut out = Vec::new();
             ws.codec.send_text(text, &mut out);
-            conn.out.push_bytes(out);
-            return;
+            return self.send(key, conn, out, now);
         }
         match ws.bucket.take(now, close_after) {
             Verdict::Allow => {}
             Verdict::Limit => {
                 ShardCounters::bump(&self.counters().rate_limited);
                 let rejection = Rejection::new(ErrorCode::RateLimited, "over the message rate limit; message dropped");
-                return send_error(conn, None, &rejection);
+                return self.send_error(key, conn, None, &rejection, now);
             }
             Verdict::Abuse => {
                 ShardCounters::bump(&self.counters().rate_limited);
-                let mut out = Vec::new();
-                ws.codec.close(Close::Policy, &mut out);
-                conn.out.push_bytes(out);
-                conn.state = State::Closing { deadline: now + LINGER, shut: false };
-                return;
+                return conn.begin_close(Some(Close::Policy), LINGER, now);
             }
         }
         let incoming = match protocol::parse_client_message(&text) {
             Ok(incoming) => incoming,
-            Err((correlation, rejection)) => return send_error(conn, correlation.as_deref(), &rejection),
+            Err((correlation, rejection)) => {
+                return self.send_error(key, conn, correlation.as_deref(), &rejection, now);
+            }
         };
         let correlation = incoming.message_id.as_deref();
         if let ClientMessage::Request(protocol::Request::Auth { token }) = &incoming.message {
-            return self.ws_auth(conn, correlation, token, now);
+            return self.ws_auth(key, conn, correlation, token, now);
         }
         if matches!(&conn.state, State::WebSocket(ws) if ws.grant.is_none()) {
             let rejection = Rejection::new(ErrorCode::Unauthorized, "authenticate first: request action auth");
-            return send_error(conn, correlation, &rejection);
+            return self.send_error(key, conn, correlation, &rejection, now);
         }
         match incoming.message {
-            ClientMessage::Subscribe(args) => self.subscribe(key, conn, correlation, args),
+            ClientMessage::Subscribe(args) => self.subscribe(key, conn, correlation, args, now),
             ClientMessage::Unsubscribe { subscription_id } => {
-                self.unsubscribe(key, conn, correlation, &subscription_id)
+                self.unsubscribe(key, conn, correlation, &subscription_id, now)
             }
             ClientMessage::Ping(payload) => {
                 let payload = payload.map(|p| p.get().to_string()).unwrap_or_else(|| "{}".into());
-                ctx_send(conn, "pong", correlation, &payload);
+                self.send_message(key, conn, "pong", correlation, &payload, now);
             }
             ClientMessage::Ack { event_id } => {
                 if let Some(published_at) = self.shared.bus.published_at(&event_id) {
                     Latency::record(&mut self.latency.publish_to_ack, now.saturating_duration_since(published_at));
                 }
             }
-            ClientMessage::Request(request) => self.ws_request(key, conn, correlation, request),
+            ClientMessage::Request(request) => self.ws_request(key, conn, correlation, request, now),
         }
     }
 
-    pub(super) fn ws_auth(&mut self, conn: &mut Conn, correlation: Option<&str>, token: &str, now: Instant) {
+    pub(super) fn ws_auth(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        token: &str,
+        now: Instant,
+    ) {
         let State::WebSocket(ws) = &mut conn.state else { return };
         match self.shared.auth.verify(Some(token)) {
             Ok(grant) => {
                 let payload = json!({"client_id": ws.client_id, "sub": grant.sub});
                 ws.grant = Some(grant);
                 ws.auth_deadline = None;
-                ctx_send(conn, "response", correlation, &payload.to_string());
+                self.send_message(key, conn, "response", correlation, &payload.to_string(), now);
             }
             Err(error) => {
-                send_error(conn, correlation, &Rejection::new(ErrorCode::Unauthorized, error.to_string()));
-                close_ws(conn, Close::Unauthorized, now);
+                let rejection = Rejection::new(ErrorCode::Unauthorized, error.to_string());
+                self.send_error(key, conn, correlation, &rejection, now);
+                conn.begin_close(Some(Close::Unauthorized), LINGER, now);
             }
         }
     }
@@ -130,24 +146,25 @@ impl Ctx {
         conn: &mut Conn,
         correlation: Option<&str>,
         args: protocol::SubscribeArgs,
+        now: Instant,
     ) {
         let max = self.config().max_subscriptions_per_connection;
         let State::WebSocket(ws) = &mut conn.state else { return };
         let Some(grant) = &ws.grant else { return };
         let topics = match readable_patterns(grant, args.topics) {
             Ok(topics) => topics,
-            Err(rejection) => return send_error(conn, correlation, &rejection),
+            Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
         };
         if ws.subs.len() >= max {
             let rejection = Rejection::new(ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions"));
-            return send_error(conn, correlation, &rejection);
+            return self.send_error(key, conn, correlation, &rejection, now);
         }
         let sub_key = ws.next_key;
         ws.next_key += 1;
         let id = args.subscription_id.unwrap_or_else(|| format!("sub-{sub_key}"));
         if ws.subs.iter().any(|s| s.id == id) {
             let rejection = Rejection::new(ErrorCode::DuplicateSubscription, format!("subscription {id:?} exists"));
-            return send_error(conn, correlation, &rejection);
+            return self.send_error(key, conn, correlation, &rejection, now);
         }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
         let (recovered, after, replay) = self.resume(args.since.as_deref(), &filter);
@@ -156,10 +173,10 @@ impl Ctx {
             conn.indexed.push((pattern.clone(), sub_key));
         }
         ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after });
-        ShardCounters::add(&self.counters().subscriptions, 1);
+        self.gauge(None, None, 1);
         let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
-        ctx_send(conn, "ack", correlation, &payload.to_string());
-        self.replay_into(conn, &replay);
+        self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
+        self.replay_into(conn, replay);
     }
 
     /// For a subscription resuming after `since`: whether it can, the order key live
@@ -173,20 +190,18 @@ impl Ctx {
         }
     }
 
-    pub(super) fn replay_into(&mut self, conn: &mut Conn, events: &[Arc<Event>]) {
-        let now = Instant::now();
-        let max_outbound = self.config().max_outbound_bytes;
-        let counters = &self.shared.counters[self.id];
-        let mut queued = 0;
-        for event in events {
-            let event = LocalEvent::new(event.clone());
-            if !enqueue_event(conn, &event, max_outbound, counters, &mut self.latency.publish_to_write, now) {
-                break;
-            }
-            queued += 1;
+    /// Puts replayed events in the connection's backlog, from which they are fed into its
+    /// outbound queue as it drains (a resume larger than the bound is not a slow consumer).
+    pub(super) fn replay_into(&mut self, conn: &mut Conn, events: Vec<Arc<Event>>) {
+        if conn.closing.is_some() {
+            return;
         }
-        counters.deliveries.fetch_add(queued, Ordering::Relaxed);
-        write_batch(conn);
+        let counters = &self.shared.counters[self.id];
+        counters.deliveries.fetch_add(events.len() as u64, Ordering::Relaxed);
+        for event in events {
+            conn.backlog.push_replay(LocalEvent::new(event));
+        }
+        conn.refill();
     }
 
     pub(super) fn unsubscribe(
@@ -195,12 +210,13 @@ impl Ctx {
         conn: &mut Conn,
         correlation: Option<&str>,
         subscription_id: &str,
+        now: Instant,
     ) {
         let State::WebSocket(ws) = &mut conn.state else { return };
         let Some(position) = ws.subs.iter().position(|s| s.id == subscription_id) else {
             let rejection =
                 Rejection::new(ErrorCode::UnknownSubscription, format!("no subscription {subscription_id:?}"));
-            return send_error(conn, correlation, &rejection);
+            return self.send_error(key, conn, correlation, &rejection, now);
         };
         let sub = ws.subs.swap_remove(position);
         let index = &mut self.index;
@@ -211,9 +227,9 @@ impl Ctx {
             }
             !mine
         });
-        ShardCounters::add(&self.counters().subscriptions, -1);
+        self.gauge(None, None, -1);
         let payload = json!({"subscription_id": sub.id, "status": "unsubscribed"});
-        ctx_send(conn, "ack", correlation, &payload.to_string());
+        self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
     }
 
     pub(super) fn ws_request(
@@ -222,6 +238,7 @@ impl Ctx {
         conn: &mut Conn,
         correlation: Option<&str>,
         request: protocol::Request,
+        now: Instant,
     ) {
         let State::WebSocket(ws) = &mut conn.state else { return };
         let payload = match request {
@@ -245,7 +262,7 @@ impl Ctx {
                 if !ws.grant.as_ref().is_some_and(|g| g.may_publish(&publish.topic)) =>
             {
                 let rejection = Rejection::new(ErrorCode::Forbidden, format!("may not publish on {}", publish.topic));
-                return send_error(conn, correlation, &rejection);
+                return self.send_error(key, conn, correlation, &rejection, now);
             }
             protocol::Request::Publish(publish) => {
                 let reply = Reply {
@@ -256,14 +273,14 @@ impl Ctx {
                 match self.shared.bus.publish(vec![publish], reply) {
                     Ok(Accepted::Now(ids)) => json!({"message_id": ids.first()}).to_string(),
                     Ok(Accepted::Later) => return,
-                    Err(error) => return send_error(conn, correlation, &publish_rejection(&error)),
+                    Err(error) => return self.send_error(key, conn, correlation, &publish_rejection(&error), now),
                 }
             }
             protocol::Request::History(mut query) => {
                 let Some(grant) = &ws.grant else { return };
                 match readable_patterns(grant, std::mem::take(&mut query.topics)) {
                     Ok(topics) => query.topics = topics,
-                    Err(rejection) => return send_error(conn, correlation, &rejection),
+                    Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
                 }
                 self.history(&query)
             }
@@ -273,34 +290,42 @@ impl Ctx {
                 return self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)));
             }
         };
-        ctx_send(conn, "response", correlation, &payload);
+        self.send_message(key, conn, "response", correlation, &payload, now);
     }
-}
 
-/// Sends a server message on a WebSocket connection (nothing if it is not one).
-pub(super) fn ctx_send(conn: &mut Conn, kind: &str, correlation_id: Option<&str>, payload: &str) {
-    let State::WebSocket(ws) = &mut conn.state else { return };
-    if !ws.codec.can_write() {
-        return;
+    /// Sends a server message on a WebSocket connection (nothing if it is not one, or
+    /// closing), under its bound.
+    pub(super) fn send_message(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        kind: &str,
+        correlation_id: Option<&str>,
+        payload: &str,
+        now: Instant,
+    ) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        if !ws.codec.can_write() || conn.closing.is_some() {
+            return;
+        }
+        let id = ws.next_message_id();
+        let text = protocol::server_message(kind, &id, self.shared.wall(now), correlation_id, payload);
+        let mut out = Vec::new();
+        ws.codec.send_text(text, &mut out);
+        self.send(key, conn, out, now);
     }
-    let id = ws.next_message_id();
-    let text = protocol::server_message(kind, &id, SystemTime::now(), correlation_id, payload);
-    let mut out = Vec::new();
-    ws.codec.send_text(text, &mut out);
-    conn.out.push_bytes(out);
-}
 
-pub(super) fn send_error(conn: &mut Conn, correlation_id: Option<&str>, rejection: &Rejection) {
-    ctx_send(conn, "error", correlation_id, &protocol::error_payload(rejection).to_string());
-}
-
-/// Starts the close handshake with `close` and lets the connection linger until done.
-pub(super) fn close_ws(conn: &mut Conn, close: Close, now: Instant) {
-    let State::WebSocket(ws) = &mut conn.state else { return };
-    let mut out = Vec::new();
-    ws.codec.close(close, &mut out);
-    conn.out.push_bytes(out);
-    conn.state = State::Closing { deadline: now + LINGER, shut: false };
+    /// Sends an `error` message.
+    pub(super) fn send_error(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation_id: Option<&str>,
+        rejection: &Rejection,
+        now: Instant,
+    ) {
+        self.send_message(key, conn, "error", correlation_id, &protocol::error_payload(rejection).to_string(), now);
+    }
 }
 
 /// The patterns to use for a read: those asked for, each covered by the grant, or the

@@ -3,11 +3,12 @@
 //!
 //! Owns what a plain HTTP connection can ask for and how each answer looks (status, CORS,
 //! error bodies). It turns a connection into a WebSocket or SSE stream but leaves the
-//! WebSocket protocol to `session` and the event loop, fan-out and timers to the shard.
+//! WebSocket protocol to `session` and fan-out and timers to the core; like the rest of
+//! the core it touches no socket and reads no clock.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -27,29 +28,37 @@ use crate::ws::{self, Close, Codec};
 impl Ctx {
     pub(super) fn process_http(&mut self, key: usize, conn: &mut Conn, now: Instant) {
         loop {
+            if conn.closing.is_some() {
+                return;
+            }
+            if conn.over_read_share() {
+                // Backpressure: the rest waits until the client has read what is queued.
+                conn.read_blocked = true;
+                return;
+            }
             let State::Http(http) = &mut conn.state else { return };
             if http.waiting.is_some() {
                 return;
             }
             let (request, head_len) = match http::parse_head(&http.buf) {
                 Parsed::Partial => return,
-                Parsed::Invalid(error) => return self.fail_http(conn, &error, now),
+                Parsed::Invalid(error) => return self.fail_http(key, conn, &error, now),
                 Parsed::Complete(request, head_len) => (request, head_len),
             };
             if request.chunked {
                 let error = HttpError::new(411, "bad_request", "chunked bodies are not supported; send Content-Length");
-                return self.fail_http(conn, &error, now);
+                return self.fail_http(key, conn, &error, now);
             }
             let body_len = request.content_length.unwrap_or(0);
             if body_len > self.config().max_body_bytes {
                 let error =
                     HttpError::new(413, "too_large", format!("body over {} bytes", self.config().max_body_bytes));
-                return self.fail_http(conn, &error, now);
+                return self.fail_http(key, conn, &error, now);
             }
             if http.buf.len() < head_len + body_len {
                 if request.expect_continue && !http.continued {
                     http.continued = true;
-                    conn.out.push_bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                    self.send(key, conn, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), now);
                 }
                 return;
             }
@@ -63,16 +72,23 @@ impl Ctx {
         }
     }
 
-    pub(super) fn fail_http(&mut self, conn: &mut Conn, error: &HttpError, now: Instant) {
-        conn.out.push_bytes(Response::error(error).encode(true));
-        conn.state = State::Closing { deadline: now + LINGER, shut: false };
+    pub(super) fn fail_http(&mut self, key: usize, conn: &mut Conn, error: &HttpError, now: Instant) {
+        self.send(key, conn, Response::error(error).encode(true), now);
+        conn.begin_close(None, LINGER, now);
     }
 
-    pub(super) fn respond(&mut self, conn: &mut Conn, request: &Request, response: Response, now: Instant) -> Routed {
+    pub(super) fn respond(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: &Request,
+        response: Response,
+        now: Instant,
+    ) -> Routed {
         let response = self.cors(request, response);
-        conn.out.push_bytes(response.encode(request.close));
-        if request.close {
-            conn.state = State::Closing { deadline: now + LINGER, shut: false };
+        self.send(key, conn, response.encode(request.close), now);
+        if request.close || conn.closing.is_some() {
+            conn.begin_close(None, LINGER, now);
             return Routed::Halt;
         }
         Routed::Next
@@ -103,9 +119,11 @@ impl Ctx {
         if let Some(routed) = self.route_now(key, conn, request_ref, body, now) {
             return routed;
         }
-        // The answer comes from other shards: keep the request for it.
+        // The answer comes from other shards or the engine: keep the request for it, and
+        // answer it 504 if that takes too long.
         if let State::Http(http) = &mut conn.state {
             http.waiting = Some(request);
+            http.deadline = now + Duration::from_millis(self.config().http_request_timeout_ms);
         }
         Routed::Halt
     }
@@ -126,7 +144,7 @@ impl Ctx {
                 .header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
                 .header("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID")
                 .header("Access-Control-Max-Age", "86400");
-            return Some(self.respond(conn, request, response, now));
+            return Some(self.respond(key, conn, request, response, now));
         }
         let echo = !self.config().echo_path.is_empty() && path == self.config().echo_path;
         let allowed: &[&str] = match path {
@@ -136,13 +154,13 @@ impl Ctx {
             "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET"],
             _ => {
                 let error = HttpError::new(404, "not_found", format!("no route {path}"));
-                return Some(self.respond(conn, request, Response::error(&error), now));
+                return Some(self.respond(key, conn, request, Response::error(&error), now));
             }
         };
         if !allowed.contains(&method) {
             let error = HttpError::new(405, "method_not_allowed", format!("{path} takes {}", allowed.join(", ")));
             let response = Response::error(&error).header("Allow", allowed.join(", "));
-            return Some(self.respond(conn, request, response, now));
+            return Some(self.respond(key, conn, request, response, now));
         }
         Some(match path {
             "/ws" => self.upgrade(key, conn, request, false, now),
@@ -154,7 +172,7 @@ impl Ctx {
                     Ok(query) => Response::with_body(200, "application/json", self.history(&query).into_bytes()),
                     Err(response) => response,
                 };
-                self.respond(conn, request, response, now)
+                self.respond(key, conn, request, response, now)
             }
             "/health" => {
                 let engine_up = self.shared.engine.as_ref().map(|e| e.up.load(Ordering::Acquire));
@@ -168,7 +186,7 @@ impl Ctx {
                         Some(false) => Response::json(200, &json!({"status": "degraded", "engine": "down"})),
                     }
                 };
-                self.respond(conn, request, response, now)
+                self.respond(key, conn, request, response, now)
             }
             _ => {
                 let format = if path == "/stats" { StatsFormat::Json } else { StatsFormat::Prometheus };
@@ -198,16 +216,16 @@ impl Ctx {
             ShardCounters::bump(&self.counters().rate_limited);
             let error = HttpError::new(429, "rate_limited", "too many publish requests from this address");
             let response = Response::error(&error).header("Retry-After", retry_after.to_string());
-            return Some(self.respond(conn, request, response, now));
+            return Some(self.respond(key, conn, request, response, now));
         }
         let grant = match self.shared.auth.verify(request.token().as_deref()) {
             Ok(grant) => grant,
-            Err(error) => return Some(self.respond(conn, request, unauthorized(&error), now)),
+            Err(error) => return Some(self.respond(key, conn, request, unauthorized(&error), now)),
         };
         let requests = match protocol::parse_publish_body(body, 1000) {
             Ok(r) => r,
             Err(rejection) => {
-                return Some(self.respond(conn, request, Response::error(&http_error_of(&rejection)), now));
+                return Some(self.respond(key, conn, request, Response::error(&http_error_of(&rejection)), now));
             }
         };
         if let Some(i) = requests.iter().position(|r| !grant.may_publish(&r.topic)) {
@@ -218,15 +236,15 @@ impl Ctx {
                 message: format!("may not publish on {}", requests[i].topic),
                 field: Some(field),
             };
-            return Some(self.respond(conn, request, Response::error(&error), now));
+            return Some(self.respond(key, conn, request, Response::error(&error), now));
         }
         let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
         let reply = Reply { to: self.reply_to(key, conn), wait, websocket: None };
         let count = requests.len();
         match self.shared.bus.publish(requests, reply) {
             Ok(Accepted::Later) => None,
-            Ok(Accepted::Now(ids)) => Some(self.respond(conn, request, published_response(Ok(ids), count), now)),
-            Err(error) => Some(self.respond(conn, request, published_response(Err(error), count), now)),
+            Ok(Accepted::Now(ids)) => Some(self.respond(key, conn, request, published_response(Ok(ids), count), now)),
+            Err(error) => Some(self.respond(key, conn, request, published_response(Err(error), count), now)),
         }
     }
 
@@ -240,17 +258,17 @@ impl Ctx {
     ) -> Routed {
         if !request.websocket_upgrade {
             let error = HttpError::new(426, "bad_request", "this route needs a WebSocket upgrade");
-            return self.respond(conn, request, ws::upgrade_error_response(&error), now);
+            return self.respond(key, conn, request, ws::upgrade_error_response(&error), now);
         }
         if let Some(origin) = request.origin.as_deref()
             && !self.config().origin_allowed(origin)
         {
             let error = HttpError::new(403, "forbidden", format!("origin {origin} is not allowed"));
-            return self.respond(conn, request, Response::error(&error), now);
+            return self.respond(key, conn, request, Response::error(&error), now);
         }
         let handshake = match ws::accept(request) {
             Ok(bytes) => bytes,
-            Err(error) => return self.respond(conn, request, ws::upgrade_error_response(&error), now),
+            Err(error) => return self.respond(key, conn, request, ws::upgrade_error_response(&error), now),
         };
         // A browser cannot read an HTTP status from a failed upgrade, so a bad token is
         // answered after it, with close 4001; no token at all may still come as the
@@ -260,7 +278,7 @@ impl Ctx {
             Err(AuthError::Missing) => (None, false),
             Err(_) => (None, true),
         };
-        conn.out.push_bytes(handshake);
+        self.send(key, conn, handshake, now);
         let leftover = match &mut conn.state {
             State::Http(http) => std::mem::take(&mut http.buf),
             _ => Vec::new(),
@@ -283,14 +301,7 @@ impl Ctx {
             auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
             grant: if echo { Some(Grant::everything()) } else { grant },
         });
-        if refuse {
-            let mut out = Vec::new();
-            ws.codec.close(Close::Unauthorized, &mut out);
-            conn.out.push_bytes(out);
-            conn.state = State::Closing { deadline: now + LINGER, shut: false };
-            return Routed::Halt;
-        }
-        if !echo {
+        if !echo && !refuse {
             let payload = json!({
                 "status": "connected",
                 "client_id": ws.client_id,
@@ -299,15 +310,17 @@ impl Ctx {
                 "max_message_bytes": config.max_message_bytes,
             });
             let id = ws.next_message_id();
-            let text = protocol::server_message("ack", &id, SystemTime::now(), None, &payload.to_string());
+            let text = protocol::server_message("ack", &id, self.shared.wall(now), None, &payload.to_string());
             let mut out = Vec::new();
             ws.codec.send_text(text, &mut out);
             conn.out.push_bytes(out);
         }
         conn.state = State::WebSocket(ws);
-        conn.transport = Transport::WebSocket;
-        ShardCounters::add(&self.counters().http, -1);
-        ShardCounters::add(&self.counters().websocket, 1);
+        self.gauge(Some(Transport::Http), Some(Transport::WebSocket), 0);
+        if refuse {
+            conn.begin_close(Some(Close::Unauthorized), LINGER, now);
+            return Routed::Halt;
+        }
         if !leftover.is_empty() {
             self.on_ws_bytes(key, conn, &leftover, now);
         }
@@ -350,24 +363,21 @@ impl Ctx {
     pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
         let query = match self.authorized_query(request) {
             Ok(q) => q,
-            Err(response) => return self.respond(conn, request, response, now),
+            Err(response) => return self.respond(key, conn, request, response, now),
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
         let (recovered, after, replay) = self.resume(since.as_deref(), &filter);
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
-        conn.out.push_bytes(head);
+        self.send(key, conn, head, now);
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
             conn.indexed.push((pattern.clone(), SSE_SUB));
         }
         conn.state =
             State::Sse(Box::new(SseConn { filter, after, next_ping: now + self.config().heartbeat_interval() }));
-        conn.transport = Transport::Sse;
-        ShardCounters::add(&self.counters().http, -1);
-        ShardCounters::add(&self.counters().sse, 1);
-        ShardCounters::add(&self.counters().subscriptions, 1);
-        self.replay_into(conn, &replay);
+        self.gauge(Some(Transport::Http), Some(Transport::Sse), 1);
+        self.replay_into(conn, replay);
         Routed::Halt
     }
 }

@@ -1,0 +1,879 @@
+//! A shard's connections without their sockets: the sans-IO core of the event loop.
+//!
+//! Owns every connection's state machine (HTTP routing in `routes`, the WebSocket
+//! protocol in `session`), the subscription index, fan-out of the events the bus queued
+//! for this shard, write coalescing, the timer heap (one entry per connection, never a
+//! scan of all connections), the drain, and the gauges (changed only in [`Core::accept`],
+//! the transitions in `routes`/`session` through [`Ctx::gauge`], and [`Core::remove`]).
+//!
+//! In the manner of quinn-proto it does no I/O and reads no clock: the shard hands it
+//! bytes read with [`Core::handle_input`], a time with [`Core::handle_timeout`], asks
+//! [`Core::poll_timeout`] when to come back, [`Core::read_budget`] how much to read, and
+//! writes each connection [`Core::poll_transmit`] names through [`Core::write_to`] into
+//! its socket. Sockets removed here are reported by [`Core::poll_closed`]. So every bound
+//! and timer is tested with plain byte slices and a manual clock (see `tests` below and
+//! the `connection` fuzz target). It must not touch sockets, the poll or the clock.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+use slab::Slab;
+
+use crate::auth::Auth;
+use crate::bus::{Bus, Control, Delivery, ReplyTo};
+use crate::config::Config;
+use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, State, Transport};
+use crate::engine::EngineStatus;
+use crate::http::{HttpError, Response};
+use crate::limits::{Admission, IpRates, Refusal};
+use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
+use crate::protocol;
+use crate::sse;
+use crate::topic::Index;
+use crate::ws::Close;
+
+mod routes;
+mod session;
+
+use routes::published_response;
+use session::publish_rejection;
+
+/// State every shard can read: settings, the bus, admission, counters, the drain flag.
+pub struct Shared {
+    /// Settings.
+    pub config: Config,
+    /// Token verification.
+    pub auth: Auth,
+    /// The publish path.
+    pub bus: Arc<Bus>,
+    /// Health of the cluster engine, when one runs.
+    pub engine: Option<Arc<EngineStatus>>,
+    /// Connection limits.
+    pub admission: Admission,
+    /// HTTP publish rate per client address.
+    pub publish_rates: IpRates,
+    /// One per shard, written only by that shard.
+    pub counters: Vec<ShardCounters>,
+    /// Set when a drain begins: `/health` answers 503.
+    pub draining: AtomicBool,
+    /// One reading of both clocks at start: wall-clock timestamps are derived from the
+    /// monotonic `now` the core is given, so the core never reads a clock.
+    pub epoch: (Instant, SystemTime),
+}
+
+impl Shared {
+    fn snapshot(&self, latency: Latency) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (counters, inbox) in self.counters.iter().zip(self.bus.inboxes()) {
+            snapshot.add_shard(counters, inbox.events.len());
+        }
+        snapshot.published = self.bus.counters.published.load(Ordering::Relaxed);
+        snapshot.refused_overloaded = self.bus.counters.refused_overloaded.load(Ordering::Relaxed);
+        snapshot.history = self.bus.history_size();
+        snapshot.latency = latency;
+        snapshot.engine = self.engine.as_ref().map(|e| {
+            (e.up.load(Ordering::Acquire), e.reconnects.load(Ordering::Relaxed), e.lag_us.load(Ordering::Relaxed))
+        });
+        snapshot
+    }
+
+    /// The wall-clock time at monotonic `now`.
+    pub fn wall(&self, now: Instant) -> SystemTime {
+        let (mono, wall) = self.epoch;
+        match now.checked_duration_since(mono) {
+            Some(after) => wall + after,
+            None => wall - mono.duration_since(now),
+        }
+    }
+}
+
+/// Where an index entry points: a connection and one of its subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SubRef {
+    conn: usize,
+    sub: u32,
+}
+
+/// The key an SSE stream's one subscription has.
+const SSE_SUB: u32 = 0;
+/// How long a closing connection may take to flush and see the peer's EOF.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long a slow consumer gets to read its 1013 close frame.
+const SLOW_CONSUMER_LINGER: Duration = Duration::from_secs(5);
+/// Read size per turn for a connection over its message rate.
+const LIMITED_READ_BYTES: usize = 2 * 1024;
+/// Pause before reading more from a connection over its message rate.
+const LIMITED_READ_PAUSE: Duration = Duration::from_millis(1);
+/// Most bytes of events fanned out per call of [`Core::handle_inbox`], and at most a
+/// quarter of the outbound bound: the shard writes between calls, so one turn cannot put
+/// more in front of a client that reads than it has room for, and judge it slow for that.
+const FANOUT_BYTES_PER_TURN: usize = 256 * 1024;
+
+/// Queued bytes that are written at once, coalescing or not: one write of this size
+/// already amortizes its syscall.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// How long a shard lets a connection's queued events wait for more before writing them.
+///
+/// `min` while the shard keeps up (0 by default: events are written in the loop turn that
+/// fans them out). Once fan-out falls behind (events wait in the inbox longer than
+/// `BEHIND`), every delivery costs a kernel send for the shard and a read for the client,
+/// and the only way to deliver more per second is to put several events in one write:
+/// the window doubles, up to `max`, while the shard is behind, and halves back to `min`
+/// while it is not. Replies and control frames never wait.
+#[derive(Debug)]
+struct Coalescing {
+    window: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Coalescing {
+    const BEHIND: Duration = Duration::from_millis(5);
+    const CAUGHT_UP: Duration = Duration::from_millis(1);
+    const FIRST: Duration = Duration::from_millis(1);
+
+    fn new(min: Duration, max: Duration) -> Self {
+        Self { window: min, min, max }
+    }
+
+    /// Takes how long the oldest event drained in a loop turn waited in the inbox.
+    fn observe(&mut self, waited: Duration) {
+        if waited > Self::BEHIND {
+            self.window = (self.window * 2).max(Self::FIRST).min(self.max);
+        } else if waited < Self::CAUGHT_UP {
+            self.window /= 2;
+            if self.window < Self::FIRST / 4 {
+                self.window = Duration::ZERO;
+            }
+        }
+        self.window = self.window.max(self.min);
+    }
+
+    fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// Everything of a core but its connections, so both can be borrowed at once.
+struct Ctx {
+    id: usize,
+    shared: Arc<Shared>,
+    index: Index<SubRef>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    latency: Latency,
+    /// Connections with events queued and not yet written.
+    dirty: Vec<usize>,
+    coalescing: Coalescing,
+    /// When the first of the connections `coalescing` holds back is due.
+    next_flush: Option<Instant>,
+    /// Connections to write this turn (each at most once: `Conn::transmit_queued`).
+    transmit: Vec<usize>,
+    /// Connections to read again without waiting for readiness.
+    read_again: Vec<usize>,
+    /// Connections removed whose sockets the shard must drop.
+    closed: Vec<usize>,
+    /// Connections whose deadlines may have moved since the last re-arm.
+    touched: Vec<usize>,
+    next_conn: u64,
+    /// Highest sequence fanned out here: the live/replay boundary for `since`.
+    fanned_out_through: u64,
+    /// When draining: the time the shard stops regardless.
+    drain_deadline: Option<Instant>,
+    stopping: bool,
+}
+
+/// A shard's connections and everything it decides about them, without I/O.
+pub struct Core {
+    conns: Slab<Conn>,
+    ctx: Ctx,
+}
+
+/// What routing one request did to the connection.
+enum Routed {
+    /// Answered; the next pipelined request may be handled.
+    Next,
+    /// The connection changed state or waits for other shards: stop handling requests.
+    Halt,
+}
+
+/// What the shard does with a socket after [`Core::write_to`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterWrite {
+    /// Keep it (more may come, or the rest waits for writability).
+    Keep,
+    /// Everything of a closing connection is written: shut the write side.
+    Shutdown,
+}
+
+impl Core {
+    /// The core of shard `id`.
+    pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        let coalescing = Coalescing::new(
+            Duration::from_millis(shared.config.write_coalescing_min_ms),
+            Duration::from_millis(shared.config.write_coalescing_max_ms),
+        );
+        Self {
+            conns: Slab::new(),
+            ctx: Ctx {
+                id,
+                shared,
+                index: Index::default(),
+                timers: BinaryHeap::new(),
+                latency: Latency::default(),
+                dirty: Vec::new(),
+                coalescing,
+                next_flush: None,
+                transmit: Vec::new(),
+                read_again: Vec::new(),
+                closed: Vec::new(),
+                touched: Vec::new(),
+                next_conn: (id as u64) << 48,
+                fanned_out_through: 0,
+                drain_deadline: None,
+                stopping: false,
+            },
+        }
+    }
+
+    /// Admission of a new connection from `peer`: counted until [`Self::remove`].
+    pub fn admit(&self, peer: IpAddr) -> Result<(), Refusal> {
+        self.ctx.shared.admission.admit(peer)
+    }
+
+    /// Gives back an admission whose connection never reached the core.
+    pub fn release(&self, peer: IpAddr) {
+        self.ctx.shared.admission.release(peer);
+    }
+
+    /// The key the next accepted connection gets.
+    pub fn vacant_key(&self) -> usize {
+        self.conns.vacant_key()
+    }
+
+    /// Takes a new connection from `peer` (turned away with an HTTP error when
+    /// `refusal` says so); returns its key, the one [`Self::vacant_key`] told.
+    pub fn accept(&mut self, peer: IpAddr, refusal: Option<Refusal>, now: Instant) -> usize {
+        self.ctx.next_conn += 1;
+        let config = &self.ctx.shared.config;
+        let http = HttpConn {
+            buf: Vec::new(),
+            deadline: now + Duration::from_millis(config.http_header_timeout_ms),
+            waiting: None,
+            continued: false,
+        };
+        let mut conn = Conn::new(self.ctx.next_conn, peer, config.max_outbound_bytes, http, refusal.is_none());
+        match refusal {
+            None => self.ctx.gauge(None, Some(Transport::Http), 0),
+            Some(refusal) => {
+                let error = match refusal {
+                    Refusal::Full => HttpError::new(503, "too_many_connections", "the broker is at max_connections"),
+                    Refusal::TooManyFromIp => {
+                        HttpError::new(429, "too_many_connections", "too many connections from this address")
+                    }
+                };
+                conn.out.push_bytes(Response::error(&error).header("Retry-After", "1").encode(true));
+                conn.begin_close(None, LINGER, now);
+            }
+        }
+        let key = self.conns.insert(conn);
+        self.ctx.touch(key);
+        self.ctx.want_transmit(&mut self.conns[key], key);
+        self.rearm();
+        key
+    }
+
+    /// How many bytes the shard may read from `key` now: 0 while it holds more than its
+    /// share of the bound (backpressure: read again once it drains), while it is paused
+    /// over its message rate, or when it is gone.
+    pub fn read_budget(&mut self, key: usize, max: usize) -> usize {
+        let Some(conn) = self.conns.get_mut(key) else { return 0 };
+        if conn.closing.is_some() {
+            // Only waiting for EOF; whatever comes is discarded.
+            return max;
+        }
+        if conn.over_read_share() {
+            conn.read_blocked = true;
+            return 0;
+        }
+        match &conn.state {
+            State::WebSocket(ws) if ws.resume_read_at.is_some() => 0,
+            State::WebSocket(ws) if ws.bucket.is_limiting() => LIMITED_READ_BYTES.min(max),
+            _ => max,
+        }
+    }
+
+    /// The shard read a whole budget from `key` and stopped there: read it again next
+    /// turn, or, over its message rate, after a pause (so what a flooding client sends
+    /// stays in the kernel's buffers and TCP pushes back on it).
+    pub fn budget_spent(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match &mut conn.state {
+            State::WebSocket(ws) if ws.bucket.is_limiting() && conn.closing.is_none() => {
+                ws.resume_read_at = Some(now + LIMITED_READ_PAUSE);
+                self.ctx.touch(key);
+                self.rearm();
+            }
+            _ => self.ctx.read_again.push(key),
+        }
+    }
+
+    /// Connections to read without waiting for readiness (budget spent, backpressure
+    /// lifted, rate pause over).
+    pub fn take_read_again(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.ctx.read_again)
+    }
+
+    /// Whether some connection waits to be read again.
+    pub fn has_read_again(&self) -> bool {
+        !self.ctx.read_again.is_empty()
+    }
+
+    /// Bytes read from `key`.
+    pub fn handle_input(&mut self, key: usize, data: &[u8], now: Instant) {
+        let Core { conns, ctx } = self;
+        let Some(conn) = conns.get_mut(key) else { return };
+        ctx.on_bytes(key, conn, data, now);
+        ctx.touch(key);
+        ctx.want_transmit(conn, key);
+        self.rearm();
+    }
+
+    /// The peer closed its side (or the socket failed).
+    pub fn handle_eof(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        // The peer may have half-closed after its last request: answer it first.
+        if matches!(conn.state, State::Http(_)) && conn.closing.is_none() && !conn.out.is_empty() {
+            conn.begin_close(None, LINGER, now);
+            self.ctx.touch(key);
+            self.rearm();
+        } else {
+            self.remove(key);
+        }
+    }
+
+    /// Handles what other threads sent: control messages, then events to fan out, at most
+    /// [`FANOUT_BYTES_PER_TURN`] of them; true when events are left for another call.
+    pub fn handle_inbox(&mut self, now: Instant) -> bool {
+        self.drain_control(now);
+        let more = self.drain_events(now);
+        self.rearm();
+        more
+    }
+
+    /// When [`Self::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timer = self.ctx.timers.peek().map(|Reverse((t, _, _))| *t);
+        [timer, self.ctx.drain_deadline, self.ctx.next_flush].into_iter().flatten().min()
+    }
+
+    /// Runs every deadline due at `now`, each once: a handler always moves its
+    /// connection's deadline past `now` (or removes the connection).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ctx.drain_deadline.is_some_and(|d| now >= d) {
+            self.ctx.stopping = true;
+            return;
+        }
+        let mut due = Vec::new();
+        while let Some(Reverse((at, key, id))) = self.ctx.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.ctx.timers.pop();
+            if self.conns.get(key).is_some_and(|c| c.id == id && c.scheduled == Some(at)) {
+                due.push(key);
+            }
+        }
+        for key in due {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.scheduled = None;
+            if self.ctx.on_timeout(key, conn, now) {
+                self.remove(key);
+            } else {
+                let conn = &mut self.conns[key];
+                debug_assert!(
+                    conn.deadline(self.ctx.shared.config.heartbeat_interval()).is_none_or(|d| d > now),
+                    "a timer handler left its deadline at or before now"
+                );
+                self.ctx.want_transmit(conn, key);
+                self.ctx.touch(key);
+            }
+        }
+        self.rearm();
+    }
+
+    /// The connections to write now, each once: those with replies, and those whose
+    /// events the coalescing window no longer holds back.
+    pub fn poll_transmit(&mut self, now: Instant) -> Vec<usize> {
+        self.flush_dirty(now);
+        let keys = std::mem::take(&mut self.ctx.transmit);
+        for &key in &keys {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.transmit_queued = false;
+            }
+        }
+        keys
+    }
+
+    /// Writes what `key` has queued into `w` (its socket), feeding its backlog in as the
+    /// queue drains. A write error removes the connection.
+    pub fn write_to(&mut self, key: usize, w: &mut impl Write, now: Instant) -> AfterWrite {
+        let Core { conns, ctx } = self;
+        let Some(conn) = conns.get_mut(key) else { return AfterWrite::Keep };
+        let histogram = &mut ctx.latency.publish_to_write;
+        let result = loop {
+            write_batch(conn, ctx.shared.wall(now));
+            match conn.out.write_to(w, |e| Latency::record(histogram, now.saturating_duration_since(e.published_at))) {
+                Ok(true) if conn.refill() > 0 => continue,
+                other => break other,
+            }
+        };
+        let after = match result {
+            Err(_) => {
+                self.remove(key);
+                return AfterWrite::Keep;
+            }
+            Ok(false) => AfterWrite::Keep,
+            Ok(true) => match &mut conn.closing {
+                Some(closing) if !closing.shut => {
+                    closing.shut = true;
+                    AfterWrite::Shutdown
+                }
+                _ => AfterWrite::Keep,
+            },
+        };
+        if conn.read_blocked && !conn.over_read_share() {
+            conn.read_blocked = false;
+            ctx.read_again.push(key);
+            // Requests pipelined behind the backpressure wait in the buffer.
+            if let State::Http(_) = conn.state
+                && conn.closing.is_none()
+            {
+                ctx.process_http(key, conn, now);
+                ctx.want_transmit(conn, key);
+            }
+        }
+        after
+    }
+
+    /// Removes `key` (the one close path): index entries, gauges and admission are
+    /// counted out from what the connection still holds; its socket is reported by
+    /// [`Self::poll_closed`].
+    pub fn remove(&mut self, key: usize) {
+        let Some(mut conn) = self.conns.try_remove(key) else { return };
+        for (pattern, sub) in conn.indexed.drain(..) {
+            self.ctx.index.remove(&pattern, SubRef { conn: key, sub });
+        }
+        let transport = (conn.admitted || conn.transport() != Transport::Http).then(|| conn.transport());
+        self.ctx.gauge(transport, None, -(conn.subscriptions() as i64));
+        if conn.admitted {
+            self.ctx.shared.admission.release(conn.peer);
+        }
+        self.ctx.closed.push(key);
+    }
+
+    /// Keys removed since the last call, whose sockets the shard drops.
+    pub fn poll_closed(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.ctx.closed)
+    }
+
+    /// Whether the shard should accept new connections (not once draining).
+    pub fn accepting(&self) -> bool {
+        self.ctx.drain_deadline.is_none() && !self.ctx.stopping
+    }
+
+    /// Whether the loop should end: stopped, or drained of every connection.
+    pub fn finished(&self) -> bool {
+        self.ctx.stopping || (self.ctx.drain_deadline.is_some() && self.conns.is_empty())
+    }
+
+    /// The connection at `key`, for tests and the fuzz target's invariants.
+    pub fn conn(&self, key: usize) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    /// Puts the deadlines of the connections touched since the last call on the heap.
+    fn rearm(&mut self) {
+        let heartbeat = self.ctx.shared.config.heartbeat_interval();
+        for key in std::mem::take(&mut self.ctx.touched) {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            if let Some(deadline) = conn.deadline(heartbeat)
+                && conn.scheduled.is_none_or(|s| deadline < s)
+            {
+                conn.scheduled = Some(deadline);
+                self.ctx.timers.push(Reverse((deadline, key, conn.id)));
+            }
+        }
+    }
+
+    fn drain_control(&mut self, now: Instant) {
+        let shared = self.ctx.shared.clone();
+        let inbox = &shared.bus.inboxes()[self.ctx.id];
+        while let Some(message) = inbox.control.pop() {
+            match message {
+                Control::PublishDone(ticket) => {
+                    let ReplyTo { key, conn_id, .. } = ticket.reply_to;
+                    let body = json!({"message_ids": ticket.ids, "delivered_to": ticket.delivered()});
+                    self.resume_http(key, conn_id, Response::json(200, &body), now);
+                }
+                Control::Published(reply, result) => {
+                    let ReplyTo { key, conn_id, .. } = reply.to;
+                    match &reply.websocket {
+                        None => self.resume_http(key, conn_id, published_response(result, 0), now),
+                        Some(correlation) => {
+                            let Core { conns, ctx } = self;
+                            let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { continue };
+                            match result {
+                                Ok(ids) => {
+                                    let payload = json!({"message_id": ids.first()}).to_string();
+                                    ctx.send_message(key, conn, "response", correlation.as_deref(), &payload, now);
+                                }
+                                Err(error) => {
+                                    ctx.send_error(key, conn, correlation.as_deref(), &publish_rejection(&error), now)
+                                }
+                            }
+                            ctx.touch(key);
+                            ctx.want_transmit(conn, key);
+                        }
+                    }
+                }
+                Control::Collect(gather) => {
+                    if gather.add(&self.ctx.latency) {
+                        let shard = gather.reply_to.shard;
+                        shared.bus.inboxes()[shard].send(Control::StatsReady(gather));
+                    }
+                }
+                Control::StatsReady(gather) => self.answer_stats(&gather, now),
+                Control::Drain => self.begin_drain(now),
+                Control::Stop => self.ctx.stopping = true,
+            }
+        }
+    }
+
+    fn answer_stats(&mut self, gather: &Gather, now: Instant) {
+        let ReplyTo { key, conn_id, .. } = gather.reply_to;
+        let snapshot = self.ctx.shared.snapshot(gather.latency());
+        match &gather.format {
+            StatsFormat::Json => self.resume_http(key, conn_id, Response::json(200, &snapshot.to_json()), now),
+            StatsFormat::Prometheus => self.resume_http(
+                key,
+                conn_id,
+                Response::with_body(200, "text/plain; version=0.0.4", snapshot.to_prometheus().into_bytes()),
+                now,
+            ),
+            StatsFormat::WsResponse(correlation) => {
+                let Core { conns, ctx } = self;
+                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { return };
+                ctx.send_message(key, conn, "response", correlation.as_deref(), &snapshot.to_json().to_string(), now);
+                ctx.touch(key);
+                ctx.want_transmit(conn, key);
+            }
+        }
+    }
+
+    /// Answers the request an HTTP connection was waiting on, then handles what it
+    /// pipelined behind it. An answer for a request already answered `504` finds the
+    /// connection gone (it closes after a 504).
+    fn resume_http(&mut self, key: usize, conn_id: u64, response: Response, now: Instant) {
+        let Core { conns, ctx } = self;
+        let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id && c.closing.is_none()) else { return };
+        let State::Http(http) = &mut conn.state else { return };
+        let Some(request) = http.waiting.take() else { return };
+        http.deadline = now + Duration::from_millis(ctx.config().http_idle_timeout_ms);
+        if let Routed::Next = ctx.respond(key, conn, &request, response, now) {
+            ctx.process_http(key, conn, now);
+        }
+        ctx.touch(key);
+        ctx.want_transmit(conn, key);
+    }
+
+    /// Fans out events from the inbox until it is empty or a turn's worth of bytes went;
+    /// true when more wait.
+    fn drain_events(&mut self, now: Instant) -> bool {
+        let Core { conns, ctx } = self;
+        let shared = ctx.shared.clone();
+        let inbox = &shared.bus.inboxes()[ctx.id];
+        inbox.clear_wake();
+        let mut oldest: Option<Duration> = None;
+        let mut budget = FANOUT_BYTES_PER_TURN.min(shared.config.max_outbound_bytes / 4);
+        let mut more = false;
+        while let Some(Delivery { event, ticket }) = inbox.events.pop() {
+            #[cfg(feature = "fault-injection")]
+            if &*event.topic == crate::FAULT_PANIC_TOPIC {
+                panic!("fault injection: shard {} was asked to panic", ctx.id);
+            }
+            let mut queued = 0usize;
+            let counters = &shared.counters[ctx.id];
+            let local = LocalEvent::new(event.clone());
+            let mut slow = Vec::new();
+            ctx.index.for_each_match(&event.topic, |at| {
+                let Some(conn) = conns.get_mut(at.conn) else { return };
+                if conn.last_seq == event.seq || !conn.wants(at.sub, &event) {
+                    return;
+                }
+                conn.last_seq = event.seq;
+                match conn.push_event(&local) {
+                    Ok(()) => queued += 1,
+                    Err(over) => slow.push((at.conn, over)),
+                }
+                if conn.dirty_since.is_none() {
+                    conn.dirty_since = Some(now);
+                    ctx.dirty.push(at.conn);
+                }
+            });
+            for (key, over) in slow {
+                ctx.slow_consumer(key, &mut conns[key], over, now);
+            }
+            // Counted once per event, not per delivery: a locked add per delivery showed in
+            // a saturated shard's profile (about 3 % of its samples).
+            counters.deliveries.fetch_add(queued as u64, Ordering::Relaxed);
+            ctx.fanned_out_through = event.seq;
+            let waited = now.saturating_duration_since(event.published_at);
+            oldest = oldest.max(Some(waited));
+            Latency::record(&mut ctx.latency.publish_to_queue, waited);
+            ctx.latency.event_bytes.saturating_record(event.json().len() as u64);
+            ctx.latency.fanout.saturating_record(queued as u64);
+            budget = budget.saturating_sub(event.ws_frame().len());
+            let delivery = Delivery { event, ticket };
+            if let Some(done) = delivery.report(queued) {
+                shared.bus.inboxes()[done.reply_to.shard].send(Control::PublishDone(done));
+            }
+            if budget == 0 {
+                more = !inbox.events.is_empty();
+                break;
+            }
+        }
+        if let Some(oldest) = oldest {
+            ctx.coalescing.observe(oldest);
+            ctx.counters().coalescing_us.store(ctx.coalescing.window().as_micros() as u64, Ordering::Relaxed);
+        }
+        more
+    }
+
+    /// Moves the dirty connections whose events may be written now to the transmit list;
+    /// the coalescing window lets the rest wait for more (they stay dirty and set the next
+    /// wake-up).
+    fn flush_dirty(&mut self, now: Instant) {
+        let window = if self.ctx.drain_deadline.is_some() { Duration::ZERO } else { self.ctx.coalescing.window() };
+        let mut dirty = std::mem::take(&mut self.ctx.dirty);
+        self.ctx.next_flush = None;
+        dirty.retain(|&key| {
+            let Some(conn) = self.conns.get_mut(key) else { return false };
+            let Some(since) = conn.dirty_since else { return false };
+            let due = since + window;
+            if now < due && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES {
+                self.ctx.next_flush = Some(self.ctx.next_flush.map_or(due, |next| next.min(due)));
+                return true;
+            }
+            conn.dirty_since = None;
+            self.ctx.transmit_now(conn, key);
+            false
+        });
+        self.ctx.dirty = dirty;
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        self.ctx.drain_deadline = Some(now + Duration::from_millis(self.ctx.shared.config.drain_timeout_ms));
+        let Core { conns, ctx } = self;
+        for (key, conn) in conns.iter_mut() {
+            write_batch(conn, ctx.shared.wall(now));
+            match &conn.state {
+                State::WebSocket(_) => conn.begin_close(Some(Close::GoingAway), LINGER, now),
+                State::Sse(_) => conn.begin_close(None, LINGER, now),
+                State::Http(http) if http.waiting.is_none() => conn.begin_close(None, LINGER, now),
+                State::Http(_) => {}
+            }
+            ctx.touch(key);
+            ctx.want_transmit(conn, key);
+        }
+    }
+}
+
+/// Turns a batch-mode connection's pending events into one `batch` message, built from
+/// the events' shared bytes (no re-serialization).
+fn write_batch(conn: &mut Conn, wall: SystemTime) {
+    let State::WebSocket(ws) = &mut conn.state else { return };
+    if ws.batch_pending.is_empty() {
+        return;
+    }
+    let events = ws.batch_pending.take();
+    let mut body = String::from("{\"events\":[");
+    let mut first = true;
+    for event in &events {
+        if !first {
+            body.push(',');
+        }
+        first = false;
+        // Event JSON is built from `str`s by the bus, so it is UTF-8.
+        body.push_str(std::str::from_utf8(event.json()).unwrap_or("null"));
+    }
+    body.push_str("]}");
+    let id = ws.next_message_id();
+    let text = protocol::server_message("batch", &id, wall, None, &body);
+    let mut out = Vec::new();
+    ws.codec.send_text(text, &mut out);
+    // The batch's events were counted against the bound while pending; now its bytes are.
+    conn.out.push_bytes(out);
+}
+
+impl Ctx {
+    fn counters(&self) -> &ShardCounters {
+        &self.shared.counters[self.id]
+    }
+
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    fn reply_to(&self, key: usize, conn: &Conn) -> ReplyTo {
+        ReplyTo { shard: self.id, key, conn_id: conn.id }
+    }
+
+    /// The one place the connection and subscription gauges change: a connection moving
+    /// from one transport to another (`None`: arriving or leaving) and subscriptions
+    /// added or removed.
+    fn gauge(&self, from: Option<Transport>, to: Option<Transport>, subscriptions: i64) {
+        let counters = self.counters();
+        let gauge = |t: Transport| match t {
+            Transport::Http => &counters.http,
+            Transport::WebSocket => &counters.websocket,
+            Transport::Sse => &counters.sse,
+        };
+        if let Some(from) = from {
+            ShardCounters::add(gauge(from), -1);
+        }
+        if let Some(to) = to {
+            ShardCounters::add(gauge(to), 1);
+        }
+        if subscriptions != 0 {
+            ShardCounters::add(&counters.subscriptions, subscriptions);
+        }
+    }
+
+    /// Its deadline may have moved: re-armed at the end of the call.
+    fn touch(&mut self, key: usize) {
+        self.touched.push(key);
+    }
+
+    /// Schedules a write of `conn` this turn if it has something that must not wait:
+    /// a reply, a control frame, or the end of a closing connection. (Events wait in
+    /// `dirty` for the coalescing window.)
+    fn want_transmit(&mut self, conn: &mut Conn, key: usize) {
+        if conn.out.has_owned() || conn.closing.is_some_and(|c| !c.shut) {
+            self.transmit_now(conn, key);
+        }
+    }
+
+    /// Schedules a write of `conn` this turn.
+    fn transmit_now(&mut self, conn: &mut Conn, key: usize) {
+        if !conn.transmit_queued {
+            conn.transmit_queued = true;
+            self.transmit.push(key);
+        }
+    }
+
+    /// Closes a connection that went over its bound with 1013 (SSE and HTTP: just
+    /// closed), counting what it dropped.
+    fn slow_consumer(&mut self, key: usize, conn: &mut Conn, over: OverBound, now: Instant) {
+        let counters = self.counters();
+        counters.dropped_slow_consumer.fetch_add(over.dropped_events as u64, Ordering::Relaxed);
+        ShardCounters::bump(&counters.slow_consumer_disconnects);
+        conn.begin_close(Some(Close::TryAgainLater), SLOW_CONSUMER_LINGER, now);
+        self.touch(key);
+        self.want_transmit(conn, key);
+    }
+
+    /// Queues a reply, or closes the connection as a slow consumer when it does not fit.
+    fn send(&mut self, key: usize, conn: &mut Conn, bytes: Vec<u8>, now: Instant) {
+        if let Err(over) = conn.send(bytes) {
+            self.slow_consumer(key, conn, over, now);
+        }
+    }
+
+    fn on_bytes(&mut self, key: usize, conn: &mut Conn, data: &[u8], now: Instant) {
+        if conn.closing.is_some() {
+            // A closing connection is only waiting for EOF.
+            return;
+        }
+        match &mut conn.state {
+            State::Http(http) => {
+                if http.buf.is_empty() && http.waiting.is_none() {
+                    let header_deadline = now + Duration::from_millis(self.config().http_header_timeout_ms);
+                    http.deadline = http.deadline.min(header_deadline);
+                }
+                // One request head and body at most; more would be pipelining past a request
+                // that is still waiting, which a client has no reason to do.
+                if http.buf.len() + data.len() > crate::http::MAX_HEAD_BYTES + self.config().max_body_bytes {
+                    let error = HttpError::new(413, "too_large", "request data over the head and body limits");
+                    return self.fail_http(key, conn, &error, now);
+                }
+                http.buf.extend_from_slice(data);
+                self.process_http(key, conn, now);
+            }
+            State::WebSocket(_) => self.on_ws_bytes(key, conn, data, now),
+            // SSE clients do not talk.
+            State::Sse(_) => {}
+        }
+    }
+
+    /// Handles a connection's due deadlines, each kind with its own outcome; true when
+    /// it must be removed now.
+    fn on_timeout(&mut self, key: usize, conn: &mut Conn, now: Instant) -> bool {
+        if let Some(closing) = conn.closing {
+            return now >= closing.deadline;
+        }
+        let heartbeat = self.config().heartbeat_interval();
+        match &mut conn.state {
+            State::Http(http) if now < http.deadline => false,
+            State::Http(http) if http.waiting.is_some() => {
+                let error = HttpError::new(504, "timeout", "no answer in time from the shards or the engine");
+                if let Some(request) = http.waiting.take() {
+                    let response = self.cors(&request, Response::error(&error));
+                    conn.out.push_bytes(response.encode(true));
+                }
+                ShardCounters::bump(&self.counters().request_timeouts);
+                conn.begin_close(None, LINGER, now);
+                false
+            }
+            // Header or idle timeout: nothing to answer.
+            State::Http(_) => true,
+            State::WebSocket(ws) if ws.auth_deadline.is_some_and(|d| now >= d) => {
+                conn.begin_close(Some(Close::Unauthorized), LINGER, now);
+                false
+            }
+            State::WebSocket(ws) if now >= ws.last_heard + 2 * heartbeat => {
+                conn.begin_close(Some(Close::GoingAway), LINGER, now);
+                false
+            }
+            State::WebSocket(ws) => {
+                if ws.resume_read_at.is_some_and(|t| t <= now) {
+                    ws.resume_read_at = None;
+                    self.read_again.push(key);
+                }
+                if now >= ws.next_ping {
+                    ws.next_ping = now + heartbeat;
+                    let mut out = Vec::new();
+                    ws.codec.ping(&mut out);
+                    self.send(key, conn, out, now);
+                }
+                false
+            }
+            State::Sse(sse) => {
+                if now >= sse.next_ping {
+                    sse.next_ping = now + heartbeat;
+                    self.send(key, conn, sse::PING.to_vec(), now);
+                }
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

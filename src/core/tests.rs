@@ -1,0 +1,494 @@
+//! The core driven by hand: bytes in, a manual clock, output drained (or not) into a
+//! `Vec`. Every timer is tested here without sleeping, and so are the bounds.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use super::{AfterWrite, Core, LINGER, Shared};
+use crate::auth::Auth;
+use crate::bus::{Bus, Control, Inbox};
+use crate::config::Config;
+use crate::history::Retention;
+use crate::limits::{Admission, IpRates};
+use crate::metrics::ShardCounters;
+
+const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A one-shard core with its own bus, and a clock that moves only when told.
+pub(crate) struct Harness {
+    pub core: Core,
+    pub now: Instant,
+    pub shared: Arc<Shared>,
+    /// Connections the core asked to write and the test has not drained yet.
+    ready: std::collections::BTreeSet<usize>,
+    _poll: mio::Poll,
+}
+
+/// A frame a server sent: opcode and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+
+    /// A text frame's JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
+    }
+}
+
+/// Splits server (unmasked) frames; stops at an incomplete one.
+pub(crate) fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => {
+                let mut n = [0; 8];
+                n.copy_from_slice(&bytes[2..10]);
+                (u64::from_be_bytes(n) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if bytes.len() < head + len {
+            break;
+        }
+        out.push(Frame { opcode, payload: bytes[head..head + len].to_vec() });
+        bytes = &bytes[head + len..];
+    }
+    out
+}
+
+/// A client (masked) frame.
+pub(crate) fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    crate::bench::masked_frame(opcode, payload, &mut frame);
+    frame
+}
+
+/// A client text frame.
+pub(crate) fn text(payload: &str) -> Vec<u8> {
+    masked(1, payload.as_bytes())
+}
+
+impl Harness {
+    pub fn new(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config { shards: 1, ..Config::default() };
+        tweak(&mut config);
+        let poll = mio::Poll::new().expect("poll");
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+        let retention = Retention {
+            max_events: config.history_max_events,
+            max_age: Duration::from_millis(config.history_max_age_ms),
+            max_bytes: config.history_max_bytes,
+        };
+        let bus = Bus::new(vec![Inbox::new(waker, config.shard_queue_capacity)], retention, config.max_message_bytes);
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            bus: Arc::new(bus),
+            engine: None,
+            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
+            counters: vec![ShardCounters::default()],
+            draining: Default::default(),
+            auth: Auth::new(&config.jwt_secret),
+            epoch: (now, SystemTime::now()),
+            config,
+        });
+        Self { core: Core::new(0, shared.clone()), now, shared, ready: Default::default(), _poll: poll }
+    }
+
+    pub fn connect(&mut self) -> usize {
+        self.core.admit(PEER).expect("admitted");
+        self.core.accept(PEER, None, self.now)
+    }
+
+    pub fn input(&mut self, key: usize, bytes: &[u8]) {
+        self.core.handle_input(key, bytes, self.now);
+    }
+
+    /// Moves the clock and runs what is due, as a shard's loop turn would.
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.turn();
+    }
+
+    /// One loop turn at the current time, without reading.
+    pub fn turn(&mut self) {
+        while self.core.handle_inbox(self.now) {}
+        self.core.handle_timeout(self.now);
+    }
+
+    /// Everything the connection writes now, if the core asks for a write (a peer that
+    /// reads everything).
+    pub fn output(&mut self, key: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.ready.extend(self.core.poll_transmit(self.now));
+        if self.ready.remove(&key) {
+            let _ = self.core.write_to(key, &mut out, self.now);
+        }
+        out
+    }
+
+    pub fn frames(&mut self, key: usize) -> Vec<Frame> {
+        frames(&self.output(key))
+    }
+
+    /// A WebSocket that has read its handshake and connect ack.
+    pub fn websocket(&mut self, path: &str) -> usize {
+        let key = self.connect();
+        self.input(key, UPGRADE.replace("/ws", path).as_bytes());
+        let out = self.output(key);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        key
+    }
+
+    pub fn gauges(&self) -> (i64, i64, i64, i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters[0];
+        (c.http.load(Relaxed), c.websocket.load(Relaxed), c.sse.load(Relaxed), c.subscriptions.load(Relaxed))
+    }
+
+    pub fn publish(&mut self, topic: &str, data: &str) {
+        let body = format!(r#"{{"topic":"{topic}","source":"test","data":{data}}}"#);
+        let requests = crate::protocol::parse_publish_body(body.as_bytes(), 1).expect("valid publish");
+        let reply = crate::bus::Reply {
+            to: crate::bus::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 },
+            wait: false,
+            websocket: None,
+        };
+        self.shared.bus.publish(requests, reply).expect("published");
+    }
+}
+
+fn heartbeat(h: &Harness) -> Duration {
+    h.shared.config.heartbeat_interval()
+}
+
+#[test]
+fn heartbeat_pings_once_per_interval_then_drops_a_silent_client() {
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    let interval = heartbeat(&h);
+    h.advance(interval);
+    assert_eq!(h.frames(key).iter().map(|f| f.opcode).collect::<Vec<_>>(), [9], "one ping");
+    h.turn();
+    h.core.handle_timeout(h.now);
+    assert!(h.frames(key).is_empty(), "a deadline never fires twice for one now");
+    h.advance(interval - Duration::from_millis(1));
+    assert!(h.frames(key).is_empty());
+    h.advance(Duration::from_millis(1));
+    let frames = h.frames(key);
+    assert_eq!(frames.last().and_then(Frame::close_code), Some(1001), "stale after two intervals: {frames:?}");
+    assert!(h.core.conn(key).is_some(), "lingers for the peer's close");
+    h.advance(LINGER);
+    assert!(h.core.conn(key).is_none(), "removed after the linger");
+    assert_eq!(h.gauges(), (0, 0, 0, 0));
+}
+
+#[test]
+fn a_client_that_talks_is_not_stale() {
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    let interval = heartbeat(&h);
+    for _ in 0..5 {
+        h.advance(interval);
+        h.input(key, &masked(0xA, b""));
+        let frames = h.frames(key);
+        assert!(frames.iter().all(|f| f.opcode == 9), "{frames:?}");
+    }
+    assert!(h.core.conn(key).is_some_and(|c| c.closing.is_none()));
+}
+
+#[test]
+fn header_timeout_drops_a_slow_head() {
+    let mut h = Harness::new(|c| c.http_header_timeout_ms = 500);
+    let key = h.connect();
+    h.input(key, b"GET /health HTTP/1.1\r\nHost:");
+    h.advance(Duration::from_millis(499));
+    assert!(h.core.conn(key).is_some());
+    h.advance(Duration::from_millis(1));
+    assert!(h.core.conn(key).is_none(), "dropped at the header deadline");
+    assert_eq!(h.gauges(), (0, 0, 0, 0));
+}
+
+#[test]
+fn idle_timeout_closes_a_kept_alive_connection() {
+    let mut h = Harness::new(|c| c.http_idle_timeout_ms = 1_000);
+    let key = h.connect();
+    h.input(key, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(String::from_utf8_lossy(&h.output(key)).starts_with("HTTP/1.1 200"));
+    h.advance(Duration::from_millis(999));
+    assert!(h.core.conn(key).is_some());
+    h.advance(Duration::from_millis(1));
+    assert!(h.core.conn(key).is_none(), "idle connection closed");
+}
+
+#[test]
+fn auth_timeout_closes_with_4001() {
+    let mut h = Harness::new(|c| {
+        c.jwt_secret = "secret".into();
+        c.auth_timeout_ms = 2_000;
+    });
+    let key = h.websocket("/ws");
+    h.advance(Duration::from_millis(1_999));
+    assert!(h.frames(key).is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.frames(key).last().and_then(Frame::close_code), Some(4001));
+}
+
+#[test]
+fn rate_limit_refuses_then_closes_with_1008() {
+    let mut h = Harness::new(|c| {
+        c.rate_per_second = 10;
+        c.rate_burst = 2;
+        c.rate_limit_close_after_ms = 1_000;
+    });
+    let key = h.websocket("/ws");
+    let ping = text(r#"{"type":"ping"}"#);
+    h.input(key, &[ping.clone(), ping.clone(), ping.clone()].concat());
+    let frames = h.frames(key);
+    let kinds: Vec<_> = frames.iter().map(|f| f.json()["type"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(kinds, ["pong", "pong", "error"], "burst of two, then refused");
+    assert_eq!(frames[2].json()["payload"]["code"], "rate_limited");
+    // Still flooding a second later: closed.
+    for _ in 0..20 {
+        h.advance(Duration::from_millis(60));
+        h.input(key, &[ping.clone(), ping.clone()].concat());
+    }
+    let frames = h.frames(key);
+    assert_eq!(frames.last().and_then(Frame::close_code), Some(1008), "{frames:?}");
+}
+
+#[test]
+fn rate_limited_reads_pause_and_resume_by_timer() {
+    let mut h = Harness::new(|c| {
+        c.rate_per_second = 10;
+        c.rate_burst = 1;
+    });
+    let key = h.websocket("/ws");
+    let ping = text(r#"{"type":"ping"}"#);
+    h.input(key, &[ping.clone(), ping.clone()].concat());
+    assert_eq!(h.core.read_budget(key, 1 << 16), super::LIMITED_READ_BYTES);
+    h.core.budget_spent(key, h.now);
+    assert_eq!(h.core.read_budget(key, 1 << 16), 0, "paused");
+    assert!(h.core.take_read_again().is_empty());
+    h.advance(super::LIMITED_READ_PAUSE);
+    assert_eq!(h.core.take_read_again(), [key], "the pause timer asks for a read");
+    assert_eq!(h.core.read_budget(key, 1 << 16), super::LIMITED_READ_BYTES);
+}
+
+#[test]
+fn coalescing_window_holds_events_and_the_timer_writes_them() {
+    let mut h = Harness::new(|c| {
+        c.write_coalescing_min_ms = 300;
+        c.write_coalescing_max_ms = 300;
+    });
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    assert_eq!(h.frames(key)[0].json()["type"], "ack", "replies never wait");
+    h.publish("a", "1");
+    h.turn();
+    assert!(h.frames(key).is_empty(), "held for the window");
+    let due = h.core.poll_timeout().expect("a wake-up for the window");
+    assert_eq!(due - h.now, Duration::from_millis(300));
+    h.advance(Duration::from_millis(299));
+    assert!(h.frames(key).is_empty());
+    h.advance(Duration::from_millis(1));
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].json()["payload"]["data"], 1);
+}
+
+#[test]
+fn drain_closes_with_1001_and_stops_at_its_deadline() {
+    let mut h = Harness::new(|c| c.drain_timeout_ms = 5_000);
+    let key = h.websocket("/ws");
+    let http = h.connect();
+    h.shared.bus.inboxes()[0].send(Control::Drain);
+    h.turn();
+    assert!(!h.core.accepting());
+    assert_eq!(h.frames(key).last().and_then(Frame::close_code), Some(1001));
+    assert!(h.core.conn(http).is_some_and(|c| c.closing.is_some()));
+    assert!(!h.core.finished(), "waits for its connections");
+    h.advance(Duration::from_millis(5_000));
+    assert!(h.core.finished(), "stops at the drain deadline");
+}
+
+#[test]
+fn sse_pings_every_interval() {
+    let mut h = Harness::new(|_| {});
+    let key = h.connect();
+    h.input(key, b"GET /sse?topics=a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(String::from_utf8_lossy(&h.output(key)).starts_with("HTTP/1.1 200"));
+    for _ in 0..3 {
+        h.advance(heartbeat(&h));
+        assert_eq!(h.output(key), crate::sse::PING);
+    }
+}
+
+#[test]
+fn a_request_waiting_too_long_is_answered_504_once() {
+    let mut h = Harness::new(|c| c.http_request_timeout_ms = 1_000);
+    let key = h.connect();
+    // The stats gather goes to every shard's inbox: this test never delivers it in time.
+    h.input(key, b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n");
+    h.core.handle_timeout(h.now);
+    assert!(h.output(key).is_empty(), "waiting");
+    h.now += Duration::from_millis(1_000);
+    h.core.handle_timeout(h.now);
+    h.core.handle_timeout(h.now);
+    let out = String::from_utf8_lossy(&h.output(key)).into_owned();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "answered once");
+    // The late answer finds the request gone.
+    h.turn();
+    assert!(h.output(key).is_empty());
+    h.advance(LINGER);
+    assert!(h.core.conn(key).is_none());
+    assert_eq!(h.gauges(), (0, 0, 0, 0));
+}
+
+#[test]
+fn replies_count_against_the_bound_and_a_flooder_gets_1013() {
+    let limit = 64 * 1024;
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = limit;
+        c.rate_per_second = 100_000;
+        c.rate_burst = 100_000;
+    });
+    for i in 0..100 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+    }
+    h.turn();
+    let key = h.websocket("/ws");
+    let request = text(r#"{"type":"request","payload":{"action":"history","topics":[">"],"limit":1000}}"#);
+    // One reply (~45 KiB) puts it over its reading share: it is not read any more.
+    h.input(key, &request);
+    assert_eq!(h.core.read_budget(key, 1 << 16), 0);
+    // But what one read had already brought in is handled, and the replies pass the bound.
+    h.input(key, &request.repeat(50));
+    let conn = h.core.conn(key).expect("closing, not gone");
+    assert!(conn.queued_bytes() <= limit + 64, "never above the bound plus one message");
+    assert!(conn.closing.is_some());
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 2, "one reply, then the close: {:?}", frames.iter().map(|f| f.opcode).collect::<Vec<_>>());
+    assert_eq!(frames.last().and_then(Frame::close_code), Some(1013), "closed as a slow consumer");
+}
+
+#[test]
+fn backpressure_stops_reading_and_resumes_when_drained() {
+    let limit = 64 * 1024;
+    let mut h = Harness::new(|c| c.max_outbound_bytes = limit);
+    for i in 0..40 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+    }
+    h.turn();
+    let key = h.websocket("/ws");
+    // One reply of ~17 KiB per request: two pass the reading share (32 KiB).
+    let request = text(r#"{"type":"request","payload":{"action":"history","topics":[">"],"limit":40}}"#);
+    h.input(key, &request);
+    assert!(h.core.read_budget(key, 1 << 16) > 0);
+    h.input(key, &request);
+    assert_eq!(h.core.read_budget(key, 1 << 16), 0, "over its share: not read");
+    assert!(h.core.take_read_again().is_empty());
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 2, "both replies written");
+    assert_eq!(h.core.take_read_again(), [key], "drained: read again");
+    assert!(h.core.read_budget(key, 1 << 16) > 0);
+}
+
+#[test]
+fn a_resume_larger_than_the_bound_is_fed_as_the_client_reads() {
+    let limit = 32 * 1024;
+    let mut h = Harness::new(|c| c.max_outbound_bytes = limit);
+    h.publish("a", r#""first""#);
+    h.turn();
+    let first = h.shared.bus.newest(u64::MAX, 1, |_| true)[0].id.to_string();
+    for i in 0..500 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+    }
+    h.turn();
+    let key = h.websocket("/ws");
+    let subscribe = format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{first}"}}}}"#);
+    h.input(key, &text(&subscribe));
+    h.publish("a", r#""live""#);
+    h.turn();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        assert!(h.core.conn(key).is_some_and(|c| c.queued_bytes() <= limit));
+        let frames = h.frames(key);
+        if frames.is_empty() {
+            break;
+        }
+        got.extend(frames.into_iter().map(|f| f.json()));
+    }
+    assert_eq!(got[0]["type"], "ack");
+    let events: Vec<_> = got[1..].iter().map(|m| m["payload"]["data"].clone()).collect();
+    assert_eq!(events.len(), 501, "every retained event, then the live one");
+    assert_eq!(events[500], "live");
+    assert!(h.core.conn(key).is_some_and(|c| c.closing.is_none()), "a resume is not a slow consumer");
+}
+
+#[test]
+fn gauges_return_to_zero_however_a_client_leaves() {
+    let mut h = Harness::new(|_| {});
+    let subscribe = text(r#"{"type":"subscribe","payload":{"topics":["a","b.*"]}}"#);
+    // Close frame, then the peer's EOF.
+    let a = h.websocket("/ws");
+    h.input(a, &subscribe);
+    // Abort.
+    let b = h.websocket("/ws");
+    h.input(b, &subscribe);
+    // Slow consumer.
+    let c = h.websocket("/ws");
+    h.input(c, &subscribe);
+    // SSE.
+    let d = h.connect();
+    h.input(d, b"GET /sse?topics=a HTTP/1.1\r\nHost: t\r\n\r\n");
+    for key in [a, b, c, d] {
+        h.output(key);
+    }
+    assert_eq!(h.gauges(), (0, 3, 1, 4), "one subscription each, the SSE stream's too");
+    h.input(a, &masked(8, &1000u16.to_be_bytes()));
+    assert_eq!(h.frames(a).last().and_then(Frame::close_code), Some(1000), "close answered");
+    h.core.handle_eof(a, h.now);
+    h.core.remove(b);
+    h.core.handle_eof(d, h.now);
+    for i in 0..4000 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+        h.turn();
+    }
+    assert!(h.core.conn(c).is_some_and(|conn| conn.closing.is_some()), "over its bound");
+    h.advance(super::SLOW_CONSUMER_LINGER);
+    assert!(h.core.conn(c).is_none());
+    assert_eq!(h.gauges(), (0, 0, 0, 0), "every gauge back to zero");
+    assert_eq!(h.core.poll_closed().len(), 4);
+}
+
+#[test]
+fn a_closing_connection_is_shut_once_its_queue_is_written() {
+    let mut h = Harness::new(|_| {});
+    let key = h.connect();
+    h.input(key, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    h.core.poll_transmit(h.now);
+    let mut out = Vec::new();
+    assert_eq!(h.core.write_to(key, &mut out, h.now), AfterWrite::Shutdown);
+    assert_eq!(h.core.write_to(key, &mut out, h.now), AfterWrite::Keep, "shut once");
+    h.core.handle_eof(key, h.now);
+    assert!(h.core.conn(key).is_none());
+}
