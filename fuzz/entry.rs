@@ -5,7 +5,14 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use volley::bus::{Bus, Inbox};
+use std::io::{self, IoSlice, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use volley::bus::{Bus, Inbox, Reply, ReplyTo};
+use volley::config::Config;
+use volley::core::Core;
 use volley::history::Retention;
 use volley::http::{Parsed, parse_head};
 use volley::protocol::{parse_client_message, parse_publish_body};
@@ -16,7 +23,8 @@ use volley::ws::Codec;
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the corpus directory names).
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
+    ("connection", connection),
     ("http_head", http_head),
     ("ws_read", ws_read),
     ("protocol_message", protocol_message),
@@ -90,5 +98,138 @@ pub fn sse_last_event_id(data: &[u8]) {
         && let Some(id) = request.last_event_id
     {
         let _ = bus().replay(&id, u64::MAX, 10, |_| true);
+    }
+}
+
+/// A peer that takes at most `room` bytes, then would block.
+struct Peer {
+    room: usize,
+}
+
+impl Write for Peer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = want.min(self.room);
+        if n == 0 && want > 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+const UPGRADE: &[u8] = b"GET /ws?batch=0 HTTP/1.1\r\nHost: f\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+const TOPICS: [&str; 4] = ["a", "a.b", "b.c", "c"];
+const MESSAGES: [&str; 6] = [
+    r#"{"type":"subscribe","payload":{"topics":["a",">"]}}"#,
+    r#"{"type":"subscribe","payload":{"topics":["a.*"],"since":"1-1"}}"#,
+    r#"{"type":"unsubscribe","payload":{"subscription_id":"sub-1"}}"#,
+    r#"{"type":"request","payload":{"action":"history","topics":[">"],"limit":1000}}"#,
+    r#"{"type":"ping","payload":{}}"#,
+    r#"{"type":"request","payload":{"action":"publish","topic":"a.b","data":1}}"#,
+];
+
+/// One whole connection driven by a structured sequence of operations (bytes in, the
+/// clock advanced, events published, output drained fully, partly or not at all, EOF),
+/// with the core's invariants checked after every step.
+pub fn connection(data: &[u8]) {
+    let config = Config {
+        shards: 1,
+        max_message_bytes: 4096,
+        max_outbound_bytes: 16 * 1024,
+        heartbeat_interval_ms: 1_000,
+        http_header_timeout_ms: 500,
+        http_idle_timeout_ms: 2_000,
+        http_request_timeout_ms: 700,
+        auth_timeout_ms: 800,
+        rate_per_second: 50,
+        rate_burst: 20,
+        rate_limit_close_after_ms: 1_000,
+        history_max_events: 64,
+        write_coalescing_max_ms: 5,
+        ..Config::default()
+    };
+    let limit = config.max_outbound_bytes;
+    let Ok((mut core, shared, _poll)) = Core::standalone(config) else { return };
+    let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut now: Instant = shared.epoch.0;
+    if core.admit(peer).is_err() {
+        return;
+    }
+    let key = core.accept(peer, None, now);
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    while let Some(op) = next() {
+        match op % 9 {
+            0 => {
+                let len = next().unwrap_or(0) as usize;
+                let chunk: Vec<u8> = (0..len).map_while(|_| next()).collect();
+                let budget = core.read_budget(key, 1 << 16);
+                core.handle_input(key, &chunk[..chunk.len().min(budget)], now);
+            }
+            1 => {
+                now += std::time::Duration::from_millis(u64::from(next().unwrap_or(0)) * 8);
+                core.handle_timeout(now);
+                let before = core.conn(key).map(|c| c.queued_bytes());
+                core.handle_timeout(now);
+                assert_eq!(core.conn(key).map(|c| c.queued_bytes()), before, "a deadline fired twice for one now");
+            }
+            2 | 3 => {
+                let room = if op % 9 == 2 { usize::MAX } else { usize::from(next().unwrap_or(0)) * 16 };
+                for ready in core.poll_transmit(now) {
+                    let _ = core.write_to(ready, &mut Peer { room }, now);
+                }
+            }
+            4 => {
+                let topic = TOPICS[usize::from(next().unwrap_or(0)) % TOPICS.len()];
+                let size = usize::from(next().unwrap_or(0)) * 16;
+                let body = format!(r#"{{"topic":"{topic}","data":"{}"}}"#, "x".repeat(size));
+                if let Ok(requests) = volley::protocol::parse_publish_body(body.as_bytes(), 1) {
+                    let reply =
+                        Reply { to: ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 }, wait: false, websocket: None };
+                    let _ = shared.bus.publish(requests, reply);
+                }
+                while core.handle_inbox(now) {}
+            }
+            5 => core.handle_input(key, UPGRADE, now),
+            6 => {
+                let message = MESSAGES[usize::from(next().unwrap_or(0)) % MESSAGES.len()];
+                let mut frame = Vec::new();
+                volley::bench::masked_text(message.as_bytes(), &mut frame);
+                core.handle_input(key, &frame, now);
+            }
+            7 => core.handle_eof(key, now),
+            _ => {
+                if core.read_budget(key, 1 << 16) == 0 {
+                    let _ = core.take_read_again();
+                }
+            }
+        }
+        check(&core, &shared, key, limit);
+    }
+}
+
+fn check(core: &Core, shared: &volley::core::Shared, key: usize, limit: usize) {
+    let counters = &shared.counters[0];
+    let connections = counters.http.load(Relaxed) + counters.websocket.load(Relaxed) + counters.sse.load(Relaxed);
+    let subscriptions = counters.subscriptions.load(Relaxed);
+    match core.conn(key) {
+        Some(conn) => {
+            assert!(conn.queued_bytes() <= limit + 1024, "{} queued past the bound {limit}", conn.queued_bytes());
+            assert_eq!(connections, 1, "one connection counted");
+            assert_eq!(subscriptions, conn.subscriptions() as i64, "the gauge follows the subscriptions");
+            assert_eq!(core.index_entries(), conn.indexed.len(), "the index holds what the connection says");
+        }
+        None => {
+            assert_eq!((connections, subscriptions), (0, 0), "gauges back to zero once it left");
+            assert_eq!(core.index_entries(), 0, "nothing left in the index");
+        }
     }
 }

@@ -202,6 +202,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The history bounds.
+    pub fn retention(&self) -> crate::history::Retention {
+        crate::history::Retention {
+            max_events: self.history_max_events,
+            max_age: Duration::from_millis(self.history_max_age_ms),
+            max_bytes: self.history_max_bytes,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let positive: [(&str, u64); 18] = [
             ("publish_rate_per_ip", self.publish_rate_per_ip as u64),

@@ -11,19 +11,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::auth::Auth;
 use crate::bus::{Bus, Control, Inbox, Sequencer};
 use crate::config::Config;
 use crate::core::Shared;
 use crate::engine::{Redis, RedisSettings};
-use crate::history::Retention;
-use crate::limits::{Admission, IpRates};
-use crate::metrics::ShardCounters;
 use crate::shard::{Shard, WAKER};
 
 /// A running broker.
@@ -60,11 +55,7 @@ impl Server {
             inboxes.push(Inbox::new(Waker::new(poll.registry(), WAKER)?, config.shard_queue_capacity));
             polls.push(poll);
         }
-        let retention = Retention {
-            max_events: config.history_max_events,
-            max_age: Duration::from_millis(config.history_max_age_ms),
-            max_bytes: config.history_max_bytes,
-        };
+        let retention = config.retention();
         let (bus, engine) = if config.engine == "memory" {
             (Bus::new(inboxes, retention, config.max_message_bytes), None)
         } else {
@@ -83,17 +74,7 @@ impl Server {
         if let Some(engine) = engine {
             engine.start(bus.clone())?;
         }
-        let shared = Arc::new(Shared {
-            bus,
-            engine: status,
-            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
-            publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
-            counters: (0..shards).map(|_| ShardCounters::default()).collect(),
-            draining: Default::default(),
-            auth: Auth::new(&config.jwt_secret),
-            epoch: (std::time::Instant::now(), std::time::SystemTime::now()),
-            config,
-        });
+        let shared = Arc::new(Shared::new(config, bus, status, shards));
         let mut threads = Vec::with_capacity(shards);
         for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
             let shared = shared.clone();

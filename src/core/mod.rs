@@ -16,7 +16,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +68,21 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The shared state of `shards` shards over `bus`.
+    pub fn new(config: Config, bus: Arc<Bus>, engine: Option<Arc<EngineStatus>>, shards: usize) -> Self {
+        Self {
+            bus,
+            engine,
+            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
+            counters: (0..shards).map(|_| ShardCounters::default()).collect(),
+            draining: Default::default(),
+            auth: Auth::new(&config.jwt_secret),
+            epoch: (Instant::now(), SystemTime::now()),
+            config,
+        }
+    }
+
     fn snapshot(&self, latency: Latency) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (counters, inbox) in self.counters.iter().zip(self.bus.inboxes()) {
@@ -491,6 +506,22 @@ impl Core {
     /// Whether the loop should end: stopped, or drained of every connection.
     pub fn finished(&self) -> bool {
         self.ctx.stopping || (self.ctx.drain_deadline.is_some() && self.conns.is_empty())
+    }
+
+    /// A one-shard core over its own in-memory bus, for tests and the fuzz target; the
+    /// poll only holds the inbox's waker and must live as long as the core.
+    pub fn standalone(config: Config) -> io::Result<(Self, Arc<Shared>, mio::Poll)> {
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0))?;
+        let inbox = crate::bus::Inbox::new(waker, config.shard_queue_capacity);
+        let bus = Bus::new(vec![inbox], config.retention(), config.max_message_bytes);
+        let shared = Arc::new(Shared::new(config, Arc::new(bus), None, 1));
+        Ok((Self::new(0, shared.clone()), shared, poll))
+    }
+
+    /// Entries in the subscription index (each connection's `indexed` adds up to it).
+    pub fn index_entries(&self) -> usize {
+        self.ctx.index.len()
     }
 
     /// The connection at `key`, for tests and the fuzz target's invariants.

@@ -3,17 +3,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::{AfterWrite, Core, LINGER, Shared};
-use crate::auth::Auth;
-use crate::bus::{Bus, Control, Inbox};
+use crate::bus::Control;
 use crate::config::Config;
-use crate::history::Retention;
-use crate::limits::{Admission, IpRates};
-use crate::metrics::ShardCounters;
 
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -88,27 +84,8 @@ impl Harness {
     pub fn new(tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config { shards: 1, ..Config::default() };
         tweak(&mut config);
-        let poll = mio::Poll::new().expect("poll");
-        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
-        let retention = Retention {
-            max_events: config.history_max_events,
-            max_age: Duration::from_millis(config.history_max_age_ms),
-            max_bytes: config.history_max_bytes,
-        };
-        let bus = Bus::new(vec![Inbox::new(waker, config.shard_queue_capacity)], retention, config.max_message_bytes);
-        let now = Instant::now();
-        let shared = Arc::new(Shared {
-            bus: Arc::new(bus),
-            engine: None,
-            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
-            publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
-            counters: vec![ShardCounters::default()],
-            draining: Default::default(),
-            auth: Auth::new(&config.jwt_secret),
-            epoch: (now, SystemTime::now()),
-            config,
-        });
-        Self { core: Core::new(0, shared.clone()), now, shared, ready: Default::default(), _poll: poll }
+        let (core, shared, poll) = Core::standalone(config).expect("a core");
+        Self { core, now: shared.epoch.0, shared, ready: Default::default(), _poll: poll }
     }
 
     pub fn connect(&mut self) -> usize {
