@@ -9,7 +9,10 @@
 //! inside it is a memcpy of pre-escaped JSON, never serialization. With a cluster engine
 //! ([`Sequencer::Engine`]) the order is the engine's: a publish is handed over and comes
 //! back through [`Bus::ingest`], which runs the same critical section with the engine's
-//! ids. The bus owns event ids, order keys and the shard inboxes; it never touches
+//! ids. Readers of the history (resume, `/history`, acks) never run inside it for longer
+//! than a snapshot or a binary search takes: they copy a [`Snapshot`] under the lock and
+//! search, filter and clone events outside it, so a resuming subscriber never holds up a
+//! publish. The bus owns event ids, order keys and the shard inboxes; it never touches
 //! sockets or connections.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use mio::Waker;
 
-use crate::history::{History, NotRecoverable, Retention};
+use crate::history::{History, NotRecoverable, Retention, Snapshot};
 use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
 
 /// A position in the engine's order: (epoch, seq) locally, (ms, n) for a Redis stream id.
@@ -493,11 +496,10 @@ impl Bus {
         keep: impl FnMut(&Event) -> bool,
     ) -> Result<(OrderKey, Vec<Arc<Event>>), NotRecoverable> {
         let key = self.parse_key(since).ok_or(NotRecoverable)?;
-        let mut ordered = self.lock();
-        ordered.history.evict(Instant::now());
-        match ordered.history.position(key) {
-            Ok(seq) => Ok((key, ordered.history.after(seq, upto, limit, keep))),
-            Err(NotRecoverable) if self.is_pending_engine_key(key, ordered.history.last_key()) => Ok((key, Vec::new())),
+        let snapshot = self.snapshot();
+        match snapshot.position(key) {
+            Ok(seq) => Ok((key, snapshot.after(seq, upto, limit, keep))),
+            Err(NotRecoverable) if self.is_pending_engine_key(key, snapshot.last_key()) => Ok((key, Vec::new())),
             Err(e) => Err(e),
         }
     }
@@ -512,12 +514,21 @@ impl Bus {
 
     /// The newest `limit` retained events up to `upto` that `keep` accepts, oldest first.
     pub fn newest(&self, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
-        let mut ordered = self.lock();
-        ordered.history.evict(Instant::now());
-        ordered.history.newest(upto, limit, keep)
+        self.snapshot().newest(upto, limit, keep)
     }
 
-    /// When the event named by `id` was published, while it is retained.
+    /// The history as of now, for searching and filtering outside the lock: the caller's
+    /// `keep` and the cloning of up to every retained event must never hold up a publish.
+    /// Evicts first, so a reader never sees what the bounds no longer allow even when
+    /// nothing has been published for a while.
+    fn snapshot(&self) -> Snapshot {
+        let mut ordered = self.lock();
+        ordered.history.evict(Instant::now());
+        ordered.history.snapshot()
+    }
+
+    /// When the event named by `id` was published, while it is retained. A binary search
+    /// under the lock: cheaper than a snapshot, and independent of what is retained.
     pub fn published_at(&self, id: &str) -> Option<Instant> {
         let key = self.parse_key(id)?;
         self.lock().history.find(key).map(|e| e.published_at)
@@ -533,6 +544,16 @@ impl Bus {
         let ordered = self.lock();
         (ordered.history.len(), ordered.history.bytes())
     }
+}
+
+/// An event for the history's unit tests, which cannot build one (its bytes are private).
+#[cfg(test)]
+pub(crate) fn test_event(seq: u64, key: (u64, u64), published_at: Instant) -> Arc<Event> {
+    let raw = serde_json::value::RawValue::from_string(format!(r#"{{"topic":"t","data":{seq}}}"#))
+        .expect("test JSON is valid");
+    let request = PublishRequest::from_json(&raw, "").expect("test request is valid");
+    let prepared = Prepared { tail: request.encoded_tail(), request };
+    Arc::new(encode(seq, key, &format!("{}-{}", key.0, key.1), &prepared, "2026-01-01T00:00:00Z", published_at))
 }
 
 /// Lays out an event's bytes once: the WebSocket frame (header + JSON) and the SSE head.
@@ -706,5 +727,63 @@ mod tests {
         assert!(bus.replay("garbage", 5, 100, |_| true).is_err());
         let future = format!("{}-99", ids[0].split_once('-').unwrap().0);
         assert!(bus.replay(&future, 5, 100, |_| true).is_err());
+    }
+
+    /// Runs `read` on another thread with a `keep` that blocks on its first call, and
+    /// checks that a publish (and the cheap reads) complete while it is blocked.
+    /// A history read: the bus, the id to resume after, and the `keep` to pass on.
+    type Read = fn(&Bus, &str, &mut dyn FnMut(&Event) -> bool) -> usize;
+
+    fn publish_completes_while_a_reader_blocks(read: Read) {
+        use std::sync::mpsc;
+        let (bus, _polls) = bus(1, 64);
+        let bus = Arc::new(bus);
+        let ids: Vec<_> = (0..2).flat_map(|_| publish(&bus, vec![req("a")]).unwrap()).collect();
+        // Just before the first event: a resume from it replays both.
+        let since = format!("{}-0", ids[0].split_once('-').unwrap().0);
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let reader = std::thread::spawn({
+            let bus = bus.clone();
+            move || {
+                let mut first = true;
+                read(&bus, &since, &mut |_| {
+                    if std::mem::take(&mut first) {
+                        let _ = entered_tx.send(());
+                        let _ = release_rx.recv();
+                    }
+                    true
+                })
+            }
+        });
+        entered_rx.recv_timeout(Duration::from_secs(10)).expect("the reader reached keep");
+        let (done_tx, done_rx) = mpsc::channel();
+        let publisher = std::thread::spawn({
+            let bus = bus.clone();
+            move || {
+                let published = publish(&bus, vec![req("b")]).is_ok();
+                let acked = bus.published_at(&ids[1]).is_some();
+                let _ = done_tx.send((published, acked, bus.history_size().0));
+            }
+        });
+        let finished = done_rx.recv_timeout(Duration::from_secs(3));
+        // Released whatever happened, so a failure reports instead of hanging.
+        let _ = release_tx.send(());
+        let seen = reader.join().expect("reader");
+        publisher.join().expect("publisher");
+        assert_eq!(finished, Ok((true, true, 3)), "a publish waited for a reader's keep");
+        assert_eq!(seen, 2, "the reader sees the history as of its snapshot");
+    }
+
+    #[test]
+    fn replay_never_blocks_a_publish() {
+        publish_completes_while_a_reader_blocks(|bus, since, keep| {
+            bus.replay(since, u64::MAX, usize::MAX, keep).map(|(_, events)| events.len()).unwrap_or(usize::MAX)
+        });
+    }
+
+    #[test]
+    fn newest_never_blocks_a_publish() {
+        publish_completes_while_a_reader_blocks(|bus, _, keep| bus.newest(u64::MAX, usize::MAX, keep).len());
     }
 }

@@ -1,15 +1,32 @@
 //! The retained log of recent events, for resume (`since`, `Last-Event-ID`) and `/history`.
 //!
-//! Owns a ring of shared [`Event`]s bounded by count, age and bytes, and the rule for
-//! when a position can be recovered. Events are contiguous by sequence number, so finding
-//! a position is arithmetic, not a search. It never encodes or copies an event; it is
-//! only ever touched inside the bus's publish critical section or a reader's short one.
+//! Owns the retained [`Event`]s bounded by count, age and bytes, and the rule for when a
+//! position can be recovered. It never encodes or copies an event, and knows nothing of
+//! shards, queues or connections.
+//!
+//! Readers must never hold up a publish. The log is a list of sealed, immutable chunks of
+//! [`CHUNK`] events (`Arc<[Arc<Event>]>`) plus one open tail that only the publisher
+//! appends to. The bus mutates a [`History`] only inside its publish critical section;
+//! a reader takes a [`Snapshot`] under that same lock, which costs one reference count per
+//! sealed chunk plus at most `CHUNK - 1` for the tail (not one per retained event), and
+//! then searches, filters and clones outside it. Events are contiguous by sequence
+//! number and every sealed chunk is full, so finding a position is arithmetic plus a
+//! binary search on keys, never a scan.
+//!
+//! Eviction drops whole chunks: the oldest sealed chunk stays allocated until its last
+//! event is evicted (and until the last snapshot holding it is dropped), so up to
+//! `CHUNK - 1` evicted events may outlive their eviction. The byte and count bounds apply
+//! to the events retained, which is what readers can see.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bus::Event;
+
+/// Events per sealed chunk. Large enough that a snapshot of 10,000 retained events is a
+/// few dozen reference counts, small enough that copying the open tail (at most
+/// `CHUNK - 1` reference counts) under the lock stays in the microsecond range.
+pub const CHUNK: usize = 256;
 
 /// Bounds of the retained log.
 #[derive(Debug, Clone, Copy)]
@@ -22,10 +39,18 @@ pub struct Retention {
     pub max_bytes: usize,
 }
 
-/// The retained log.
+/// The retained log, as the publisher sees it.
 #[derive(Debug)]
 pub struct History {
-    events: VecDeque<Arc<Event>>,
+    /// Full chunks, oldest first. A `Vec` rather than a deque so a snapshot and every
+    /// query see one contiguous slice; dropping the oldest chunk shifts `len / CHUNK`
+    /// pointers once per `CHUNK` evictions.
+    sealed: Vec<Arc<[Arc<Event>]>>,
+    /// Events not yet in a full chunk. Only the oldest segment holds evicted events:
+    /// when the tail is oldest (nothing sealed) eviction removes from it directly.
+    tail: Vec<Arc<Event>>,
+    /// Evicted events at the start of `sealed[0]`; 0 when nothing is sealed.
+    skip: usize,
     bytes: usize,
     retention: Retention,
     /// Positions with a key below this cannot be resumed: the key of the newest event
@@ -39,31 +64,89 @@ pub struct History {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotRecoverable;
 
+/// An immutable view of the log at one instant, taken under the bus lock and read
+/// without it. Publishes and evictions after it was taken do not change it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    sealed: Vec<Arc<[Arc<Event>]>>,
+    tail: Vec<Arc<Event>>,
+    skip: usize,
+    floor: Option<(u64, u64)>,
+    last_seq: u64,
+}
+
 impl History {
     /// An empty log.
     pub fn new(retention: Retention) -> Self {
-        Self { events: VecDeque::new(), bytes: 0, retention, floor: None, last_seq: 0 }
+        Self {
+            sealed: Vec::new(),
+            tail: Vec::with_capacity(CHUNK),
+            skip: 0,
+            bytes: 0,
+            retention,
+            floor: None,
+            last_seq: 0,
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View { sealed: &self.sealed, tail: &self.tail, skip: self.skip, floor: self.floor, last_seq: self.last_seq }
+    }
+
+    /// A view to query outside the lock. Costs a reference count per sealed chunk and per
+    /// tail event, never per retained event.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            sealed: self.sealed.clone(),
+            tail: self.tail.clone(),
+            skip: self.skip,
+            floor: self.floor,
+            last_seq: self.last_seq,
+        }
     }
 
     /// Appends the next event in sequence, evicting what the bounds no longer allow.
     pub fn push(&mut self, event: Arc<Event>, now: Instant) {
         self.last_seq = event.seq;
         self.bytes += event.retained_bytes();
-        self.events.push_back(event);
+        self.tail.push(event);
+        if self.tail.len() == CHUNK {
+            // Sealing moves the pointers into one shared allocation; the events are not
+            // touched, and snapshots already taken keep their own copy of the old tail.
+            let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
+            self.sealed.push(full.into());
+        }
         self.evict(now);
     }
 
     /// Drops events over the count, byte or age bound.
     pub fn evict(&mut self, now: Instant) {
-        while let Some(front) = self.events.front() {
-            let too_many = self.events.len() > self.retention.max_events || self.bytes > self.retention.max_bytes;
+        while let Some(front) = self.view().front() {
+            let (key, bytes) = (front.key, front.retained_bytes());
+            let too_many = self.len() > self.retention.max_events || self.bytes > self.retention.max_bytes;
             let too_old = now.saturating_duration_since(front.published_at) > self.retention.max_age;
             if !(too_many || too_old) {
                 break;
             }
-            self.bytes -= front.retained_bytes();
-            self.floor = Some(front.key);
-            self.events.pop_front();
+            self.bytes -= bytes;
+            self.floor = Some(key);
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        match self.sealed.first() {
+            Some(oldest) => {
+                self.skip += 1;
+                if self.skip == oldest.len() {
+                    self.sealed.remove(0);
+                    self.skip = 0;
+                }
+            }
+            // Fewer than CHUNK events are retained, so this shifts at most that many.
+            None => {
+                self.tail.remove(0);
+            }
         }
     }
 
@@ -74,12 +157,12 @@ impl History {
 
     /// Events retained.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.view().len()
     }
 
     /// True when nothing is retained.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.len() == 0
     }
 
     /// Encoded bytes retained.
@@ -89,49 +172,300 @@ impl History {
 
     /// Key of the newest event.
     pub fn last_key(&self) -> Option<(u64, u64)> {
-        self.events.back().map(|e| e.key).or(self.floor)
+        self.view().last_key()
     }
 
     /// Marks everything before the first retained event as unrecoverable (a joining node
     /// has loaded what the cluster retains and nothing older).
     pub fn mark_caught_up(&mut self) {
-        if let Some(front) = self.events.front() {
+        if let Some(front) = self.view().front() {
             self.floor = Some(self.floor.map_or(front.key, |f| f.max(front.key)));
         }
+    }
+
+    /// See [`Snapshot::position`].
+    pub fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
+        self.view().position(key)
+    }
+
+    /// The retained event with exactly `key`: a binary search, cheap enough to run under
+    /// the lock.
+    pub fn find(&self, key: (u64, u64)) -> Option<&Arc<Event>> {
+        self.view().find(key)
+    }
+
+    /// See [`Snapshot::after`]; runs `keep` on the caller's thread, so the bus calls it on
+    /// a snapshot, not here.
+    pub fn after(&self, since: u64, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        self.view().after(since, upto, limit, keep)
+    }
+
+    /// See [`Snapshot::newest`]; the bus calls it on a snapshot, not here.
+    pub fn newest(&self, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        self.view().newest(upto, limit, keep)
+    }
+}
+
+impl Snapshot {
+    fn view(&self) -> View<'_> {
+        View { sealed: &self.sealed, tail: &self.tail, skip: self.skip, floor: self.floor, last_seq: self.last_seq }
+    }
+
+    /// Events in the snapshot.
+    pub fn len(&self) -> usize {
+        self.view().len()
+    }
+
+    /// True when the snapshot holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Key of the newest event (or, when none is retained, of the newest evicted).
+    pub fn last_key(&self) -> Option<(u64, u64)> {
+        self.view().last_key()
     }
 
     /// The sequence of the last event at or before `key`: where a client that saw `key`
     /// resumes. Fails when events after it were evicted, or `key` is in the future.
     pub fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
-        if self.floor.is_some_and(|floor| key < floor) || self.last_key().is_none_or(|last| key > last) {
-            return Err(NotRecoverable);
-        }
-        let at_or_before = self.events.partition_point(|e| e.key <= key);
-        Ok(match at_or_before.checked_sub(1).and_then(|i| self.events.get(i)) {
-            Some(event) => event.seq,
-            None => self.events.front().map_or(self.last_seq, |front| front.seq - 1),
-        })
+        self.view().position(key)
     }
 
-    /// The retained event with exactly `key`.
+    /// The event with exactly `key`.
     pub fn find(&self, key: (u64, u64)) -> Option<&Arc<Event>> {
-        let i = self.events.partition_point(|e| e.key < key);
-        self.events.get(i).filter(|e| e.key == key)
+        self.view().find(key)
     }
 
     /// Events after sequence `since` up to and including `upto`, oldest first, that
     /// `keep` accepts, at most `limit`.
-    pub fn after(&self, since: u64, upto: u64, limit: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
-        let Some(front) = self.events.front() else { return Vec::new() };
-        let start = (since + 1).saturating_sub(front.seq) as usize;
-        self.events.iter().skip(start).take_while(|e| e.seq <= upto).filter(|e| keep(e)).take(limit).cloned().collect()
+    pub fn after(&self, since: u64, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        self.view().after(since, upto, limit, keep)
     }
 
     /// The newest `limit` events up to `upto` that `keep` accepts, oldest first.
-    pub fn newest(&self, upto: u64, limit: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+    pub fn newest(&self, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        self.view().newest(upto, limit, keep)
+    }
+}
+
+/// The queries, over either the live log or a snapshot: `sealed` are full chunks, `tail`
+/// follows them, and the first `skip` events of the first segment are evicted. Index `i`
+/// below counts retained events from the oldest.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    sealed: &'a [Arc<[Arc<Event>]>],
+    tail: &'a [Arc<Event>],
+    skip: usize,
+    floor: Option<(u64, u64)>,
+    last_seq: u64,
+}
+
+impl<'a> View<'a> {
+    fn len(&self) -> usize {
+        self.sealed.len() * CHUNK + self.tail.len() - self.skip
+    }
+
+    fn segment(&self, k: usize) -> &'a [Arc<Event>] {
+        match self.sealed.get(k) {
+            Some(chunk) => chunk,
+            None => self.tail,
+        }
+    }
+
+    /// The `i`th retained event (every sealed chunk is full, so this is arithmetic).
+    fn get(&self, i: usize) -> Option<&'a Arc<Event>> {
+        if i >= self.len() {
+            return None;
+        }
+        let g = i + self.skip;
+        let k = (g / CHUNK).min(self.sealed.len());
+        self.segment(k).get(g - k * CHUNK)
+    }
+
+    fn front(&self) -> Option<&'a Arc<Event>> {
+        self.get(0)
+    }
+
+    fn last_key(&self) -> Option<(u64, u64)> {
+        self.len().checked_sub(1).and_then(|i| self.get(i)).map(|e| e.key).or(self.floor)
+    }
+
+    /// Retained events from index `i` on, oldest first; reversible.
+    fn iter_from(&self, i: usize) -> impl DoubleEndedIterator<Item = &'a Arc<Event>> + use<'a> {
+        let view = *self;
+        let g = i.min(view.len()) + view.skip;
+        (g / CHUNK..=view.sealed.len()).flat_map(move |k| {
+            let segment = view.segment(k);
+            &segment[g.saturating_sub(k * CHUNK).min(segment.len())..]
+        })
+    }
+
+    /// The first index whose event fails `pred`, given that `pred` holds for a prefix
+    /// (keys and sequences only grow).
+    fn partition_point(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.get(mid) {
+                Some(e) if pred(e) => low = mid + 1,
+                _ => high = mid,
+            }
+        }
+        low
+    }
+
+    fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
+        if self.floor.is_some_and(|floor| key < floor) || self.last_key().is_none_or(|last| key > last) {
+            return Err(NotRecoverable);
+        }
+        let at_or_before = self.partition_point(|e| e.key <= key);
+        Ok(match at_or_before.checked_sub(1).and_then(|i| self.get(i)) {
+            Some(event) => event.seq,
+            None => self.front().map_or(self.last_seq, |front| front.seq - 1),
+        })
+    }
+
+    fn find(&self, key: (u64, u64)) -> Option<&'a Arc<Event>> {
+        self.get(self.partition_point(|e| e.key < key)).filter(|e| e.key == key)
+    }
+
+    fn after(&self, since: u64, upto: u64, limit: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        let Some(front) = self.front() else { return Vec::new() };
+        let start = usize::try_from(since.saturating_add(1).saturating_sub(front.seq)).unwrap_or(usize::MAX);
+        self.iter_from(start).take_while(|e| e.seq <= upto).filter(|e| keep(e)).take(limit).cloned().collect()
+    }
+
+    fn newest(&self, upto: u64, limit: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
         let mut out: Vec<_> =
-            self.events.iter().rev().filter(|e| e.seq <= upto && keep(e)).take(limit).cloned().collect();
+            self.iter_from(0).rev().filter(|e| e.seq <= upto && keep(e)).take(limit).cloned().collect();
         out.reverse();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::test_event;
+
+    const EPOCH: u64 = 7;
+
+    fn history(max_events: usize) -> History {
+        History::new(Retention { max_events, max_age: Duration::from_secs(60), max_bytes: usize::MAX })
+    }
+
+    fn fill(history: &mut History, seqs: std::ops::RangeInclusive<u64>, at: Instant) {
+        for seq in seqs {
+            history.push(test_event(seq, (EPOCH, seq), at), at);
+        }
+    }
+
+    fn seqs(events: &[Arc<Event>]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    fn range(from: u64, to: u64) -> Vec<u64> {
+        (from..=to).collect()
+    }
+
+    /// Seams between chunks, where arithmetic on positions goes wrong first.
+    fn edges(n: u64) -> Vec<u64> {
+        let c = CHUNK as u64;
+        let mut edges = vec![0, 1, c - 1, c, c + 1, 2 * c - 1, 2 * c, 2 * c + 1, 3 * c, n - 1, n];
+        edges.retain(|&k| k <= n);
+        edges
+    }
+
+    #[test]
+    fn snapshot_queries_across_chunk_edges() {
+        let n = 3 * CHUNK as u64 + 10;
+        let mut h = history(10_000);
+        fill(&mut h, 1..=n, Instant::now());
+        assert_eq!((h.sealed.len(), h.tail.len(), h.len()), (3, 10, n as usize));
+        let snap = h.snapshot();
+        for k in edges(n) {
+            assert_eq!(snap.position((EPOCH, k)), Ok(k), "position {k}");
+            assert_eq!(seqs(&snap.after(k, u64::MAX, usize::MAX, |_| true)), range(k + 1, n), "after {k}");
+            assert_eq!(seqs(&snap.after(k, k + 2, usize::MAX, |_| true)), range(k + 1, (k + 2).min(n)), "upto {k}");
+            assert_eq!(seqs(&snap.after(k, u64::MAX, 2, |_| true)), range(k + 1, (k + 2).min(n)), "limit {k}");
+            if k > 0 {
+                assert_eq!(snap.find((EPOCH, k)).map(|e| e.seq), Some(k), "find {k}");
+                assert_eq!(h.find((EPOCH, k)).map(|e| e.seq), Some(k), "find live {k}");
+                assert_eq!(seqs(&snap.newest(k, 3, |_| true)), range(k.saturating_sub(2).max(1), k), "newest {k}");
+            }
+        }
+        let evens = snap.after(CHUNK as u64 - 3, 2 * CHUNK as u64 + 3, usize::MAX, |e| e.seq % 2 == 0);
+        assert_eq!(seqs(&evens), (CHUNK as u64 - 2..=2 * CHUNK as u64 + 2).step_by(2).collect::<Vec<_>>());
+        assert_eq!(seqs(&snap.newest(u64::MAX, 3, |e| e.seq % CHUNK as u64 == 0)), vec![256, 512, 768]);
+        assert_eq!(snap.find((EPOCH, n + 1)).map(|e| e.seq), None);
+        assert_eq!(snap.position((EPOCH, n + 1)), Err(NotRecoverable), "the future");
+    }
+
+    #[test]
+    fn eviction_drops_whole_chunks_and_snapshots_keep_theirs() {
+        let c = CHUNK as u64;
+        let mut h = history(CHUNK + 10);
+        fill(&mut h, 1..=4 * c, Instant::now());
+        // Retained: the last CHUNK + 10, starting 10 before the end of the third chunk.
+        let first = 3 * c - 9;
+        assert_eq!((h.sealed.len(), h.skip, h.tail.len(), h.len()), (2, CHUNK - 10, 0, CHUNK + 10));
+        let snap = h.snapshot();
+        assert_eq!(snap.position((EPOCH, first - 2)), Err(NotRecoverable), "events after it were evicted");
+        assert_eq!(snap.position((EPOCH, first - 1)), Ok(first - 1), "the newest evicted is the floor");
+        assert_eq!(seqs(&snap.after(first - 1, u64::MAX, usize::MAX, |_| true)), range(first, 4 * c));
+        assert_eq!(snap.position((EPOCH, 3 * c)), Ok(3 * c), "a chunk's last event");
+        assert_eq!(seqs(&snap.after(3 * c, u64::MAX, usize::MAX, |_| true)), range(3 * c + 1, 4 * c));
+        assert_eq!(seqs(&snap.newest(u64::MAX, usize::MAX, |_| true)), range(first, 4 * c));
+
+        // The publisher moves on and evicts everything the snapshot holds.
+        fill(&mut h, 4 * c + 1..=6 * c, Instant::now());
+        assert_eq!(h.position((EPOCH, 3 * c)), Err(NotRecoverable));
+        assert_eq!(seqs(&h.after(5 * c, u64::MAX, usize::MAX, |_| true)), range(5 * c + 1, 6 * c));
+        assert_eq!(seqs(&snap.after(first - 1, u64::MAX, usize::MAX, |_| true)), range(first, 4 * c), "unchanged");
+        assert_eq!(snap.last_key(), Some((EPOCH, 4 * c)));
+    }
+
+    #[test]
+    fn matches_a_plain_window_for_every_retention() {
+        for max_events in [1, 2, 3, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 600] {
+            let mut h = history(max_events);
+            let now = Instant::now();
+            for last in 1..=1100u64 {
+                fill(&mut h, last..=last, now);
+                let first = last.saturating_sub(max_events as u64) + 1;
+                if last % 7 != 0 && last < 1090 {
+                    continue;
+                }
+                let snap = h.snapshot();
+                let all = seqs(&snap.after(first - 1, u64::MAX, usize::MAX, |_| true));
+                assert_eq!(all, range(first, last), "max {max_events} at {last}");
+                assert_eq!(seqs(&snap.newest(u64::MAX, usize::MAX, |_| true)), all);
+                assert_eq!((snap.len(), h.len()), (all.len(), all.len()));
+                assert_eq!(snap.last_key(), Some((EPOCH, last)));
+                for k in first.saturating_sub(2)..=(first + 1).min(last) {
+                    let want = if k + 1 >= first { Ok(k) } else { Err(NotRecoverable) };
+                    assert_eq!(snap.position((EPOCH, k)), want, "max {max_events} at {last}: position {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn age_and_byte_bounds() {
+        let start = Instant::now();
+        let one = test_event(512, (EPOCH, 512), start).retained_bytes(); // ids of 510..=512 are as long
+        let retention = Retention { max_events: 10_000, max_age: Duration::from_secs(10), max_bytes: 3 * one + 1 };
+        let mut h = History::new(retention);
+        fill(&mut h, 1..=2 * CHUNK as u64, start);
+        assert_eq!((h.len(), h.bytes()), (3, 3 * one));
+        h.evict(start + Duration::from_secs(11));
+        assert!(h.is_empty() && h.bytes() == 0 && h.snapshot().is_empty());
+        let last = 2 * CHUNK as u64;
+        assert_eq!(h.last_key(), Some((EPOCH, last)), "the floor stands in for the last key");
+        assert_eq!(h.position((EPOCH, last)), Ok(last), "caught up: nothing to replay");
+        assert_eq!(h.position((EPOCH, last - 1)), Err(NotRecoverable));
+        fill(&mut h, last + 1..=last + 1, start + Duration::from_secs(11));
+        assert_eq!(seqs(&h.snapshot().after(last, u64::MAX, usize::MAX, |_| true)), vec![last + 1]);
     }
 }
