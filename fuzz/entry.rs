@@ -154,6 +154,7 @@ pub fn connection(data: &[u8]) {
         rate_limit_close_after_ms: 1_000,
         history_max_events: 64,
         write_coalescing_max_ms: 5,
+        shard_queue_capacity: 256,
         ..Config::default()
     };
     let limit = config.max_outbound_bytes;

@@ -711,14 +711,16 @@ pub fn table(reports: &[Report]) -> String {
         );
     }
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    if let [volley, peer] = reports
-        && let (Some(a), Some(b)) = (volley.server_rss_per_connection, peer.server_rss_per_connection)
-    {
-        let _ = writeln!(out, "\nvolley/peer: server memory per connection ×{:.3}", ratio(a, b));
-    } else if let [volley, peer] = reports {
+    let Some((volley, others)) = reports.split_first() else { return out };
+    for peer in others {
+        let names = format!("{}/{}", volley.server, peer.server);
+        if let (Some(a), Some(b)) = (volley.server_rss_per_connection, peer.server_rss_per_connection) {
+            let _ = writeln!(out, "\n{names}: server memory per connection ×{:.3}", ratio(a, b));
+            continue;
+        }
         let _ = writeln!(
             out,
-            "\nvolley/peer: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2} (latency: lower is better)",
+            "\n{names}: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2} (latency: lower is better)",
             ratio(volley.events_per_sec, peer.events_per_sec),
             ratio(volley.latency_us.p50 as f64, peer.latency_us.p50 as f64),
             ratio(volley.latency_us.p99 as f64, peer.latency_us.p99 as f64),

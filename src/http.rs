@@ -7,6 +7,8 @@
 
 use serde_json::json;
 
+use crate::protocol::ErrorCode;
+
 /// Largest request head (PROTOCOL.md: over it, `431`).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
@@ -58,10 +60,10 @@ pub enum Parsed {
 /// A request that cannot be served, with its status and error code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpError {
-    /// HTTP status.
+    /// HTTP status: the code's own, unless a caller picked a sibling.
     pub status: u16,
     /// PROTOCOL.md error code.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// For humans.
     pub message: String,
     /// The field at fault, if one.
@@ -69,14 +71,29 @@ pub struct HttpError {
 }
 
 impl HttpError {
-    /// An error without a field.
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
+    /// An error without a field, answered with the code's status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let code = code.for_http();
+        Self { status: code.http_status(), code, message: message.into(), field: None }
+    }
+
+    /// The same error answered with `status` instead (411, 426, 429 siblings).
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The same error naming `field`.
+    pub fn at(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
     }
 
     /// The JSON body `{"error":{...}}`.
     pub fn body(&self) -> Vec<u8> {
-        json!({"error": {"code": self.code, "message": self.message, "field": self.field}}).to_string().into_bytes()
+        json!({"error": {"code": self.code.as_str(), "message": self.message, "field": self.field}})
+            .to_string()
+            .into_bytes()
     }
 }
 
@@ -87,22 +104,22 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let consumed = match req.parse(buf) {
         Ok(httparse::Status::Partial) => {
             return if buf.len() > MAX_HEAD_BYTES {
-                Parsed::Invalid(HttpError::new(431, "head_too_large", "request head over 16 KiB"))
+                Parsed::Invalid(HttpError::new(ErrorCode::HeadTooLarge, "request head over 16 KiB"))
             } else {
                 Parsed::Partial
             };
         }
         Ok(httparse::Status::Complete(n)) => n,
         Err(httparse::Error::TooManyHeaders) => {
-            return Parsed::Invalid(HttpError::new(431, "head_too_large", "too many headers"));
+            return Parsed::Invalid(HttpError::new(ErrorCode::HeadTooLarge, "too many headers"));
         }
-        Err(e) => return Parsed::Invalid(HttpError::new(400, "bad_request", format!("malformed request: {e}"))),
+        Err(e) => return Parsed::Invalid(HttpError::new(ErrorCode::BadRequest, format!("malformed request: {e}"))),
     };
     if consumed > MAX_HEAD_BYTES {
-        return Parsed::Invalid(HttpError::new(431, "head_too_large", "request head over 16 KiB"));
+        return Parsed::Invalid(HttpError::new(ErrorCode::HeadTooLarge, "request head over 16 KiB"));
     }
     let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version) else {
-        return Parsed::Invalid(HttpError::new(400, "bad_request", "incomplete request line"));
+        return Parsed::Invalid(HttpError::new(ErrorCode::BadRequest, "incomplete request line"));
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut out = Request {
@@ -117,14 +134,17 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut connection_upgrade = false;
     for header in req.headers.iter() {
         let Ok(value) = std::str::from_utf8(header.value) else {
-            return Parsed::Invalid(HttpError::new(400, "bad_request", format!("header {} is not UTF-8", header.name)));
+            return Parsed::Invalid(HttpError::new(
+                ErrorCode::BadRequest,
+                format!("header {} is not UTF-8", header.name),
+            ));
         };
         let value = value.trim();
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
             match value.parse::<usize>() {
                 Ok(n) if out.content_length.is_none_or(|prev| prev == n) => out.content_length = Some(n),
-                _ => return Parsed::Invalid(HttpError::new(400, "bad_request", "invalid Content-Length")),
+                _ => return Parsed::Invalid(HttpError::new(ErrorCode::BadRequest, "invalid Content-Length")),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             out.chunked = true;
@@ -174,34 +194,10 @@ impl Request {
     }
 }
 
-/// Decoded `key=value` pairs of a query string.
+/// Decoded `key=value` pairs of a query string (`application/x-www-form-urlencoded`:
+/// `+` is a space, percent escapes are decoded, invalid UTF-8 is replaced).
 pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k), percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
 }
 
 /// Text of the status codes volley sends.

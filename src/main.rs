@@ -87,6 +87,10 @@ struct BenchArgs {
     /// Start volley and the peer baseline and print volley/peer ratios.
     #[arg(long)]
     compare: bool,
+    /// Also start this other volley build (say, the previous release) the same way, after
+    /// this one, and print this/baseline ratios.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// The peer baseline binary (build: cargo build --release --manifest-path benches/peers/Cargo.toml).
     #[arg(long, default_value = "benches/peers/target/release/volley-peer")]
     peer: PathBuf,
@@ -110,9 +114,12 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         server_pid: args.server_pid,
     };
     let mut reports = Vec::new();
-    if args.spawn || args.compare {
+    if args.spawn || args.compare || args.baseline.is_some() {
         let me = std::env::current_exe()?;
         let mut servers = vec![("volley", me, true)];
+        if let Some(baseline) = &args.baseline {
+            servers.push(("baseline", baseline.clone(), true));
+        }
         if args.compare {
             servers.push(("peer", args.peer.clone(), false));
         }

@@ -5,7 +5,7 @@
 //! including the one encoding of an event that all receivers share. Pure functions over
 //! bytes and values: no sockets, no clocks except a caller-supplied time, no shard state.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -40,9 +40,72 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// The cluster engine cannot take a publish now.
     EngineUnavailable,
+    /// HTTP: a request volley cannot serve as sent (also a bad `limit`).
+    BadRequest,
+    /// HTTP: an event in a publish body of the wrong shape.
+    InvalidEvent,
+    /// HTTP: no such route.
+    NotFound,
+    /// HTTP: the route does not take this method.
+    MethodNotAllowed,
+    /// HTTP: a body or event over its size limit.
+    TooLarge,
+    /// HTTP: a request head over its size limit.
+    HeadTooLarge,
+    /// HTTP: over `max_connections` (503) or `max_connections_per_ip` (429).
+    TooManyConnections,
+    /// HTTP: a request waited too long for other shards or the engine.
+    Timeout,
 }
 
 impl ErrorCode {
+    /// The HTTP status this code is answered with (a few callers pick a sibling status:
+    /// 411 and 426 for `bad_request`, 429 for `too_many_connections` from one address).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::TooLarge => 413,
+            Self::RateLimited => 429,
+            Self::HeadTooLarge => 431,
+            Self::EngineUnavailable | Self::TooManyConnections => 503,
+            Self::Timeout => 504,
+            _ => 400,
+        }
+    }
+
+    /// The code in HTTP's vocabulary (PROTOCOL.md's HTTP list): message-level codes of the
+    /// WebSocket protocol become `invalid_event` (a publish body) or `bad_request`.
+    pub fn for_http(self) -> Self {
+        match self {
+            Self::InvalidMessage => Self::InvalidEvent,
+            Self::UnknownType
+            | Self::UnknownAction
+            | Self::UnknownSubscription
+            | Self::DuplicateSubscription
+            | Self::TooManySubscriptions => Self::BadRequest,
+            other => other,
+        }
+    }
+
+    /// The code in the WebSocket protocol's vocabulary: HTTP-only codes become
+    /// `invalid_message`.
+    pub fn for_websocket(self) -> Self {
+        match self {
+            Self::BadRequest
+            | Self::InvalidEvent
+            | Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::TooLarge
+            | Self::HeadTooLarge
+            | Self::TooManyConnections
+            | Self::Timeout => Self::InvalidMessage,
+            other => other,
+        }
+    }
+
     /// The code as on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -58,6 +121,14 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::EngineUnavailable => "engine_unavailable",
+            Self::BadRequest => "bad_request",
+            Self::InvalidEvent => "invalid_event",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooLarge => "too_large",
+            Self::HeadTooLarge => "head_too_large",
+            Self::TooManyConnections => "too_many_connections",
+            Self::Timeout => "timeout",
         }
     }
 }
@@ -335,7 +406,7 @@ pub fn parse_patterns<S: AsRef<str>>(list: &[S]) -> Result<Vec<Pattern>, Rejecti
 
 /// Reads a history `limit` given as a number or a decimal string.
 pub fn parse_limit(value: Option<&Value>) -> Result<usize, Rejection> {
-    let bad = || Rejection::at(ErrorCode::InvalidMessage, "limit", "limit must be a positive integer");
+    let bad = || Rejection::at(ErrorCode::BadRequest, "limit", "limit must be a positive integer");
     let n = match value {
         None | Some(Value::Null) => return Ok(HISTORY_DEFAULT_LIMIT),
         Some(Value::Number(n)) => n.as_u64().ok_or_else(bad)?,
@@ -455,7 +526,7 @@ pub fn server_message(
 
 /// The payload of an `error`.
 pub fn error_payload(rejection: &Rejection) -> Value {
-    json!({"code": rejection.code.as_str(), "message": rejection.message})
+    json!({"code": rejection.code.for_websocket().as_str(), "message": rejection.message})
 }
 
 /// Appends `s` as a JSON string literal.
@@ -471,36 +542,23 @@ fn push_json_opt(out: &mut String, s: Option<&str>) {
     }
 }
 
-/// Appends `t` as `2026-11-23T12:00:00.123456Z`.
-pub fn push_timestamp(out: &mut String, t: SystemTime) {
-    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since_epoch.as_secs() as i64;
-    let micros = since_epoch.subsec_micros();
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    use std::fmt::Write;
-    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, rem % 3600 / 60, rem % 60);
-}
+/// RFC 3339 in UTC with microseconds, as every message's `timestamp`.
+const TIMESTAMP: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
-/// algorithm): formatting a timestamp per event must not allocate or lock.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// Appends `t` as `2026-11-23T12:00:00.123456Z` (once per event or reply, not per
+/// delivery).
+pub fn push_timestamp(out: &mut String, t: SystemTime) {
+    let t = time::OffsetDateTime::from(t);
+    if let Ok(text) = t.format(TIMESTAMP) {
+        out.push_str(&text);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn timestamp_format() {

@@ -14,6 +14,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext}
 use tungstenite::{Error, Message};
 
 use crate::http::{HttpError, Request, Response};
+use crate::protocol::ErrorCode;
 
 /// Close codes volley sends (PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,13 +59,13 @@ impl Close {
 /// Answers an upgrade request: the 101 response bytes, or why not.
 pub fn accept(request: &Request) -> Result<Vec<u8>, HttpError> {
     if request.method != "GET" {
-        return Err(HttpError::new(405, "method_not_allowed", "WebSocket upgrades use GET"));
+        return Err(HttpError::new(ErrorCode::MethodNotAllowed, "WebSocket upgrades use GET"));
     }
     if request.websocket_version.as_deref() != Some("13") {
-        return Err(HttpError::new(426, "bad_request", "only WebSocket version 13 is supported"));
+        return Err(HttpError::new(ErrorCode::BadRequest, "only WebSocket version 13 is supported").with_status(426));
     }
     let Some(key) = request.websocket_key.as_deref().filter(|k| !k.is_empty()) else {
-        return Err(HttpError::new(400, "bad_request", "missing Sec-WebSocket-Key"));
+        return Err(HttpError::new(ErrorCode::BadRequest, "missing Sec-WebSocket-Key"));
     };
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     Ok(format!(

@@ -34,6 +34,7 @@ use crate::http::{HttpError, Response};
 use crate::limits::{Admission, IpRates, Refusal};
 use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol;
+use crate::protocol::ErrorCode;
 use crate::sse;
 use crate::topic::Index;
 use crate::ws::Close;
@@ -288,9 +289,10 @@ impl Core {
             None => self.ctx.gauge(None, Some(Transport::Http), 0),
             Some(refusal) => {
                 let error = match refusal {
-                    Refusal::Full => HttpError::new(503, "too_many_connections", "the broker is at max_connections"),
+                    Refusal::Full => HttpError::new(ErrorCode::TooManyConnections, "the broker is at max_connections"),
                     Refusal::TooManyFromIp => {
-                        HttpError::new(429, "too_many_connections", "too many connections from this address")
+                        HttpError::new(ErrorCode::TooManyConnections, "too many connections from this address")
+                            .with_status(429)
                     }
                 };
                 conn.out.push_bytes(Response::error(&error).header("Retry-After", "1").encode(true));
@@ -841,7 +843,7 @@ impl Ctx {
                 // One request head and body at most; more would be pipelining past a request
                 // that is still waiting, which a client has no reason to do.
                 if http.buf.len() + data.len() > crate::http::MAX_HEAD_BYTES + self.config().max_body_bytes {
-                    let error = HttpError::new(413, "too_large", "request data over the head and body limits");
+                    let error = HttpError::new(ErrorCode::TooLarge, "request data over the head and body limits");
                     return self.fail_http(key, conn, &error, now);
                 }
                 http.buf.extend_from_slice(data);
@@ -863,7 +865,7 @@ impl Ctx {
         match &mut conn.state {
             State::Http(http) if now < http.deadline => false,
             State::Http(http) if http.waiting.is_some() => {
-                let error = HttpError::new(504, "timeout", "no answer in time from the shards or the engine");
+                let error = HttpError::new(ErrorCode::Timeout, "no answer in time from the shards or the engine");
                 if let Some(request) = http.waiting.take() {
                     let response = self.cors(&request, Response::error(&error));
                     conn.out.push_bytes(response.encode(true));

@@ -46,13 +46,15 @@ impl Ctx {
                 Parsed::Complete(request, head_len) => (request, head_len),
             };
             if request.chunked {
-                let error = HttpError::new(411, "bad_request", "chunked bodies are not supported; send Content-Length");
+                let error =
+                    HttpError::new(ErrorCode::BadRequest, "chunked bodies are not supported; send Content-Length")
+                        .with_status(411);
                 return self.fail_http(key, conn, &error, now);
             }
             let body_len = request.content_length.unwrap_or(0);
             if body_len > self.config().max_body_bytes {
                 let error =
-                    HttpError::new(413, "too_large", format!("body over {} bytes", self.config().max_body_bytes));
+                    HttpError::new(ErrorCode::TooLarge, format!("body over {} bytes", self.config().max_body_bytes));
                 return self.fail_http(key, conn, &error, now);
             }
             if http.buf.len() < head_len + body_len {
@@ -153,12 +155,12 @@ impl Ctx {
             "/publish" => &["POST"],
             "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET"],
             _ => {
-                let error = HttpError::new(404, "not_found", format!("no route {path}"));
+                let error = HttpError::new(ErrorCode::NotFound, format!("no route {path}"));
                 return Some(self.respond(key, conn, request, Response::error(&error), now));
             }
         };
         if !allowed.contains(&method) {
-            let error = HttpError::new(405, "method_not_allowed", format!("{path} takes {}", allowed.join(", ")));
+            let error = HttpError::new(ErrorCode::MethodNotAllowed, format!("{path} takes {}", allowed.join(", ")));
             let response = Response::error(&error).header("Allow", allowed.join(", "));
             return Some(self.respond(key, conn, request, response, now));
         }
@@ -214,7 +216,7 @@ impl Ctx {
     ) -> Option<Routed> {
         if let Err(retry_after) = self.shared.publish_rates.take(conn.peer, now) {
             ShardCounters::bump(&self.counters().rate_limited);
-            let error = HttpError::new(429, "rate_limited", "too many publish requests from this address");
+            let error = HttpError::new(ErrorCode::RateLimited, "too many publish requests from this address");
             let response = Response::error(&error).header("Retry-After", retry_after.to_string());
             return Some(self.respond(key, conn, request, response, now));
         }
@@ -230,12 +232,8 @@ impl Ctx {
         };
         if let Some(i) = requests.iter().position(|r| !grant.may_publish(&r.topic)) {
             let field = if requests.len() > 1 { format!("[{i}].topic") } else { "topic".into() };
-            let error = HttpError {
-                status: 403,
-                code: "forbidden",
-                message: format!("may not publish on {}", requests[i].topic),
-                field: Some(field),
-            };
+            let error =
+                HttpError::new(ErrorCode::Forbidden, format!("may not publish on {}", requests[i].topic)).at(field);
             return Some(self.respond(key, conn, request, Response::error(&error), now));
         }
         let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
@@ -257,13 +255,13 @@ impl Ctx {
         now: Instant,
     ) -> Routed {
         if !request.websocket_upgrade {
-            let error = HttpError::new(426, "bad_request", "this route needs a WebSocket upgrade");
+            let error = HttpError::new(ErrorCode::BadRequest, "this route needs a WebSocket upgrade").with_status(426);
             return self.respond(key, conn, request, ws::upgrade_error_response(&error), now);
         }
         if let Some(origin) = request.origin.as_deref()
             && !self.config().origin_allowed(origin)
         {
-            let error = HttpError::new(403, "forbidden", format!("origin {origin} is not allowed"));
+            let error = HttpError::new(ErrorCode::Forbidden, format!("origin {origin} is not allowed"));
             return self.respond(key, conn, request, Response::error(&error), now);
         }
         let handshake = match ws::accept(request) {
@@ -384,7 +382,7 @@ impl Ctx {
 
 /// `401` for a refused token.
 pub(super) fn unauthorized(error: &AuthError) -> Response {
-    Response::error(&HttpError::new(401, "unauthorized", error.to_string())).header("WWW-Authenticate", "Bearer")
+    Response::error(&HttpError::new(ErrorCode::Unauthorized, error.to_string())).header("WWW-Authenticate", "Bearer")
 }
 
 /// Reads `topics`, `sources`, `correlation_id`, `since`, `limit` from a query string.
@@ -413,14 +411,13 @@ pub(super) fn published_response(result: Result<Vec<Box<str>>, PublishError>, co
         Err(error) => error,
     };
     let http_error = match error {
-        PublishError::TooLarge(i) => HttpError {
-            status: 413,
-            code: "too_large",
-            message: error.to_string(),
-            field: Some(if count > 1 { format!("[{i}]") } else { "data".into() }),
-        },
+        PublishError::TooLarge(i) => HttpError::new(ErrorCode::TooLarge, error.to_string()).at(if count > 1 {
+            format!("[{i}]")
+        } else {
+            "data".into()
+        }),
         PublishError::Overloaded | PublishError::EngineUnavailable => {
-            HttpError::new(503, "engine_unavailable", error.to_string())
+            HttpError::new(ErrorCode::EngineUnavailable, error.to_string())
         }
     };
     let response = Response::error(&http_error);
@@ -429,14 +426,9 @@ pub(super) fn published_response(result: Result<Vec<Box<str>>, PublishError>, co
 
 /// The HTTP form of a protocol rejection.
 pub(super) fn http_error_of(rejection: &Rejection) -> HttpError {
-    let (status, code) = match rejection.code {
-        ErrorCode::InvalidJson => (400, "invalid_json"),
-        ErrorCode::InvalidTopic => (400, "invalid_topic"),
-        ErrorCode::Forbidden => (403, "forbidden"),
-        ErrorCode::Unauthorized => (401, "unauthorized"),
-        ErrorCode::RateLimited => (429, "rate_limited"),
-        _ if rejection.field.as_deref() == Some("limit") => (400, "bad_request"),
-        _ => (400, "invalid_event"),
-    };
-    HttpError { status, code, message: rejection.message.clone(), field: rejection.field.clone() }
+    let error = HttpError::new(rejection.code, rejection.message.clone());
+    match &rejection.field {
+        Some(field) => error.at(field.clone()),
+        None => error,
+    }
 }
