@@ -322,7 +322,9 @@ fn batch_mode_wraps_events_byte_identically() {
 }
 
 #[test]
-fn coalesced_events_wait_for_their_window_and_replies_do_not() {
+fn a_coalescing_window_never_holds_a_closed_loop_publishers_events() {
+    // With a long window, events that have no company coming (the inbox is empty) are
+    // written at once: a publisher waiting for each delivery never waits for the window.
     let window = Duration::from_millis(300);
     let broker = Broker::with(|c| {
         c.write_coalescing_min_ms = 300;
@@ -336,19 +338,12 @@ fn coalesced_events_wait_for_their_window_and_replies_do_not() {
         let request = json!({"type": "request", "message_id": format!("p{i}"),
             "payload": {"action": "publish", "topic": "c", "data": i}});
         send_json(&mut publisher, &request);
-    }
-    for i in 0..3 {
         let reply = recv_json(&mut publisher);
         assert_eq!(
             (reply["type"].as_str(), reply["correlation_id"].as_str()),
             (Some("response"), Some(&*format!("p{i}")))
         );
+        assert_eq!(recv_json(&mut subscriber)["payload"]["data"], i, "delivered before the next publish");
     }
-    assert!(sent.elapsed() < window, "replies never wait for company: {:?}", sent.elapsed());
-    // Nothing but the shard's own timer writes the held events: no other traffic follows.
-    let data: Vec<Value> = (0..3).map(|_| recv_json(&mut subscriber)["payload"]["data"].clone()).collect();
-    let waited = sent.elapsed();
-    assert!(waited >= window, "events waited for their window: {waited:?}");
-    assert!(waited < window + Duration::from_secs(2), "the shard's own timer wrote them: {waited:?}");
-    assert_eq!(data, [json!(0), json!(1), json!(2)], "all of them, in order");
+    assert!(sent.elapsed() < window, "three round trips took {:?}", sent.elapsed());
 }

@@ -691,9 +691,17 @@ impl Core {
 
     /// Moves the dirty connections whose events may be written now to the transmit list;
     /// the coalescing window lets the rest wait for more (they stay dirty and set the next
-    /// wake-up).
+    /// wake-up), but only while more events wait in the inbox: once it is empty nothing is
+    /// known to be coming, and holding events then would leave the shard idle while a
+    /// publisher that waits for them (a closed loop) waits too. That was the half-speed
+    /// mode the window alone settled into.
     fn flush_dirty(&mut self, now: Instant) {
-        let window = if self.ctx.drain_deadline.is_some() { Duration::ZERO } else { self.ctx.coalescing.window() };
+        let company_coming = !self.ctx.shared.bus.inboxes()[self.ctx.id].events.is_empty();
+        let window = if self.ctx.drain_deadline.is_some() || !company_coming {
+            Duration::ZERO
+        } else {
+            self.ctx.coalescing.window()
+        };
         let mut dirty = std::mem::take(&mut self.ctx.dirty);
         self.ctx.next_flush = None;
         dirty.retain(|&key| {

@@ -270,25 +270,53 @@ fn rate_limited_reads_pause_and_resume_by_timer() {
 }
 
 #[test]
-fn coalescing_window_holds_events_and_the_timer_writes_them() {
+fn coalescing_window_holds_events_while_more_wait_and_its_timer_writes_them() {
+    // A small bound makes each inbox call fan out about one event.
     let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 4096;
         c.write_coalescing_min_ms = 300;
         c.write_coalescing_max_ms = 300;
     });
     let key = h.websocket("/ws");
     h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
     assert_eq!(h.frames(key)[0].json()["type"], "ack", "replies never wait");
-    h.publish("a", "1");
-    h.turn();
-    assert!(h.frames(key).is_empty(), "held for the window");
+    for i in 0..4 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(600)));
+    }
+    assert!(h.core.handle_inbox(h.now), "more events wait in the inbox");
+    assert!(h.frames(key).is_empty(), "held for company while company is coming");
     let due = h.core.poll_timeout().expect("a wake-up for the window");
     assert_eq!(due - h.now, Duration::from_millis(300));
-    h.advance(Duration::from_millis(299));
+    h.now += Duration::from_millis(299);
+    h.core.handle_timeout(h.now);
     assert!(h.frames(key).is_empty());
-    h.advance(Duration::from_millis(1));
-    let frames = h.frames(key);
-    assert_eq!(frames.len(), 1);
-    assert_eq!(frames[0].json()["payload"]["data"], 1);
+    h.now += Duration::from_millis(1);
+    h.core.handle_timeout(h.now);
+    let held = h.frames(key).len();
+    assert!(held >= 1, "the window's timer writes what it held");
+    h.turn();
+    assert_eq!(held + h.frames(key).len(), 4, "the rest as soon as the inbox is empty");
+}
+
+#[test]
+fn events_are_never_held_once_the_inbox_is_empty() {
+    // The half-speed mode: a closed-loop publisher waits for its events while the shard,
+    // with nothing else to do, holds them for company that cannot come.
+    let mut h = Harness::new(|c| {
+        c.write_coalescing_min_ms = 20;
+        c.write_coalescing_max_ms = 20;
+    });
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.output(key);
+    for round in 0..10 {
+        h.publish("a", &round.to_string());
+        h.turn();
+        let frames = h.frames(key);
+        assert_eq!(frames.len(), 1, "round {round}: written in the turn that fanned it out");
+        let next = h.core.poll_timeout();
+        assert!(next.is_none_or(|t| t > h.now + Duration::from_millis(20)), "nothing held for a window");
+    }
 }
 
 #[test]
