@@ -49,9 +49,15 @@ pub struct Options {
     pub topics: usize,
     /// Publisher connections.
     pub publishers: usize,
-    /// Publishes per second over all publishers; 0: as fast as a window of 64 in flight per
-    /// publisher allows.
+    /// Publishes per second over all publishers, open loop: publish `i` is scheduled at
+    /// `start + i / rate` and its latency counts from that time, so a publisher held up by
+    /// the server is charged for it (no coordinated omission). 0 with no `closed_loop`:
+    /// saturation, as fast as 64 unacknowledged publishes per publisher allow (deep
+    /// queues: a regime that flatters batching, labelled as such).
     pub rate: u64,
+    /// Closed loop: at most this many undelivered events per subscriber in flight; a
+    /// publish waits until the subscribers have caught up.
+    pub closed_loop: Option<u64>,
     /// Bytes of padding in each event's data.
     pub payload_bytes: usize,
     /// Measured time.
@@ -94,12 +100,20 @@ pub struct Report {
     pub delivered: u64,
     /// Deliveries expected (published × subscribers of the topic).
     pub expected: u64,
+    /// How the load was offered: `rate 2000/s`, `closed loop 16`, `saturate`.
+    pub load: String,
+    /// Publishes per second offered (open loop) or achieved (closed loop, saturation).
+    pub offered_per_sec: f64,
     /// Deliveries per second in the window.
     pub events_per_sec: f64,
     /// Publish to receive, microseconds.
     pub latency_us: Percentiles,
     /// CPU the harness used, in cores (1.0 = one core busy).
     pub client_cpu_cores: f64,
+    /// CPU the server used during the window, in cores (when its pid is known).
+    pub server_cpu_cores: Option<f64>,
+    /// Server CPU per delivery in the window, microseconds: what each event costs.
+    pub server_cpu_us_per_delivery: Option<f64>,
     /// Server RSS growth per subscribed connection, bytes (idle).
     pub server_rss_per_connection: Option<f64>,
 }
@@ -108,6 +122,51 @@ impl Report {
     /// Deliveries that did not arrive.
     pub fn missing(&self) -> u64 {
         self.expected.saturating_sub(self.delivered)
+    }
+
+    /// Everything offered was published and delivered: the publisher kept its schedule
+    /// (99 % of the offered rate acknowledged) and nothing is missing.
+    pub fn delivered_in_full(&self, window: Duration) -> bool {
+        let published_per_sec = self.published as f64 / window.as_secs_f64();
+        self.missing() == 0 && published_per_sec >= 0.99 * self.offered_per_sec
+    }
+}
+
+/// The capacity rule: the highest offered rate delivered in full with p99 at or under
+/// `slo`. `rows` are (offered rate, its report).
+pub fn capacity<'r>(rows: impl IntoIterator<Item = (u64, &'r Report)>, window: Duration, slo: Duration) -> Option<u64> {
+    rows.into_iter()
+        .filter(|(_, r)| r.delivered_in_full(window) && r.latency_us.p99 <= slo.as_micros() as u64)
+        .map(|(rate, _)| rate)
+        .max()
+}
+
+/// When each publish of an open-loop publisher is due: `rate` per second from `start_us`
+/// (wall-clock microseconds, the unit stamped in events).
+#[derive(Debug, Clone, Copy)]
+pub struct Pacer {
+    start_us: u64,
+    rate: f64,
+}
+
+impl Pacer {
+    /// Publishes at `rate` per second from `start_us`.
+    pub fn new(start_us: u64, rate: f64) -> Self {
+        Self { start_us, rate }
+    }
+
+    /// The scheduled time of publish `i`: stamped in the event, so its latency counts
+    /// from when it should have been sent, not from when a stalled publisher got to it.
+    pub fn scheduled(&self, i: u64) -> u64 {
+        self.start_us + (i as f64 * 1e6 / self.rate) as u64
+    }
+
+    /// How many publishes are due at `now_us` (all those scheduled at or before it).
+    pub fn due(&self, now_us: u64) -> u64 {
+        match now_us.checked_sub(self.start_us) {
+            None => 0,
+            Some(elapsed) => (elapsed as f64 * self.rate / 1e6) as u64 + 1,
+        }
     }
 }
 
@@ -205,7 +264,12 @@ struct LoopResult {
 struct Shared {
     ready: AtomicUsize,
     dead: AtomicUsize,
+    /// Deliveries of events published inside the window.
     received: AtomicU64,
+    /// Every delivery, whenever published (closed-loop accounting).
+    arrived: AtomicU64,
+    /// Deliveries owed for every publish sent (publishes × subscribers of their topic).
+    owed: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -284,6 +348,7 @@ fn subscriber_loop(
                     };
                     let now = now_us();
                     let mut on_event = |t: u64| {
+                        shared.arrived.fetch_add(1, Ordering::Relaxed);
                         if window.is_some_and(|w| w.contains(now)) {
                             arrived_in_window += 1;
                         }
@@ -368,22 +433,8 @@ fn process(
         }
         return at;
     }
-    loop {
-        let b = &data[at..];
-        if b.len() < 2 {
-            break;
-        }
-        let (len, header) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize, 10),
-            n if n < 126 => (n as usize, 2),
-            _ => break,
-        };
-        if b.len() < header + len {
-            break;
-        }
-        let opcode = b[0] & 0x0f;
-        let payload = &b[header..header + len];
+    while let Some((opcode, payload, used)) = next_frame(&data[at..]) {
+        let len = payload.len();
         match opcode {
             0x1 => match sub.phase {
                 Phase::Ready => {
@@ -415,62 +466,187 @@ fn process(
             }
             _ => {}
         }
-        at += header + len;
+        at += used;
     }
     at
 }
 
-/// A publisher connection: blocking tungstenite, a window of requests in flight.
+/// The next whole unmasked frame in `b`: opcode, payload, bytes used.
+fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, header) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+        n if n < 126 => (n as usize, 2),
+        _ => return None,
+    };
+    if b.len() < header + len {
+        return None;
+    }
+    Some((b[0] & 0x0f, &b[header..header + len], header + len))
+}
+
+/// What a publisher waits on before each publish.
+enum Gate {
+    /// Open loop: the pacer's schedule.
+    Paced(Pacer),
+    /// At most this many deliveries owed and not yet arrived.
+    Closed(u64),
+    /// At most this many publishes unacknowledged.
+    Window(u64),
+}
+
+/// A publisher connection: frames written on this thread, acknowledgements read on
+/// another, so a publish never waits for the answer to the one before it (open loop).
 fn publisher_loop(
     opts: Options,
     index: usize,
     window: Window,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
+    subscribers_per_topic: Arc<HashMap<String, u64>>,
 ) -> io::Result<HashMap<String, u64>> {
     // Publishers start on the last node, subscribers on the first: in a cluster the
     // first publisher's events all cross nodes.
     let url = format!("ws://{}/ws", opts.addrs[(opts.addrs.len() - 1 + index) % opts.addrs.len()]);
     let (mut ws, _) = tungstenite::connect(url).map_err(io::Error::other)?;
     let _ = ws.read(); // connect ack
+    let tungstenite::stream::MaybeTlsStream::Plain(mut stream) = ws.into_inner() else {
+        return Err(io::Error::other("publishers speak plain TCP"));
+    };
+    stream.set_nodelay(true)?;
+    let reader_stream = stream.try_clone()?;
+    let in_flight: Arc<std::sync::Mutex<std::collections::VecDeque<(String, u64)>>> = Default::default();
+    let acked_count = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (in_flight, acked_count, stop) = (in_flight.clone(), acked_count.clone(), stop.clone());
+        std::thread::spawn(move || read_acks(reader_stream, window, &in_flight, &acked_count, &stop))
+    };
     let pad = "x".repeat(opts.payload_bytes.saturating_sub(30));
-    let per_publisher_rate = opts.rate as f64 / opts.publishers.max(1) as f64;
-    let started = Instant::now();
+    let publishers = opts.publishers.max(1) as u64;
+    let connections = opts.connections as u64;
+    let gate = match (opts.rate, opts.closed_loop) {
+        (_, Some(n)) => Gate::Closed(n.max(1) * connections / publishers),
+        (0, None) => Gate::Window(64),
+        (rate, None) => {
+            let per_publisher = rate as f64 / publishers as f64;
+            // Publishers interleave their schedules instead of sending together.
+            let offset = (index as f64 * 1e6 / rate as f64) as u64;
+            Gate::Paced(Pacer::new(now_us() + offset, per_publisher))
+        }
+    };
     let mut sent = 0u64;
-    let mut acked: HashMap<String, u64> = HashMap::new();
     let mut topic_turn = index;
+    let mut frames = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let batch = if per_publisher_rate > 0.0 {
-            let due = (started.elapsed().as_secs_f64() * per_publisher_rate) as u64;
-            if due <= sent {
-                std::thread::sleep(Duration::from_micros(500));
-                continue;
+        let (batch, stamp) = match &gate {
+            Gate::Paced(pacer) => {
+                let due = pacer.due(now_us());
+                if due <= sent {
+                    let wait = pacer.scheduled(sent).saturating_sub(now_us());
+                    std::thread::sleep(Duration::from_micros(wait.clamp(50, 1_000)));
+                    continue;
+                }
+                ((due - sent).min(256), None)
             }
-            (due - sent).min(64)
-        } else {
-            64
+            Gate::Closed(limit) => {
+                let owed = shared.owed.load(Ordering::Relaxed);
+                let arrived = shared.arrived.load(Ordering::Relaxed);
+                if owed.saturating_sub(arrived) >= *limit {
+                    std::thread::sleep(Duration::from_micros(50));
+                    continue;
+                }
+                (1, Some(now_us()))
+            }
+            Gate::Window(limit) => {
+                let open = sent.saturating_sub(acked_count.load(Ordering::Relaxed));
+                if open >= *limit {
+                    std::thread::sleep(Duration::from_micros(50));
+                    continue;
+                }
+                (*limit - open, Some(now_us()))
+            }
         };
+        frames.clear();
         let mut stamps = Vec::with_capacity(batch as usize);
-        for _ in 0..batch {
+        for i in 0..batch {
             let topic = topic_name(opts.scenario, topic_turn, opts.topics);
-            topic_turn += opts.publishers.max(1);
-            let t = now_us();
+            topic_turn += publishers as usize;
+            let t = match (&gate, stamp) {
+                (Gate::Paced(pacer), _) => pacer.scheduled(sent + i),
+                (_, Some(t)) => t,
+                (_, None) => now_us(),
+            };
             let request = format!(
                 r#"{{"type":"request","payload":{{"action":"publish","topic":"{topic}","data":{{"t":{t},"p":"{pad}"}}}}}}"#
             );
-            ws.write(tungstenite::Message::text(request)).map_err(io::Error::other)?;
+            masked_text(request.as_bytes(), &mut frames);
+            shared.owed.fetch_add(subscribers_per_topic.get(&topic).copied().unwrap_or(0), Ordering::Relaxed);
             stamps.push((topic, t));
         }
-        ws.flush().map_err(io::Error::other)?;
-        for (topic, t) in stamps {
-            let reply = ws.read().map_err(io::Error::other)?;
-            let ok = reply.to_text().map(|r| r.contains("\"response\"")).unwrap_or(false);
+        in_flight.lock().map_err(|_| io::Error::other("ack reader panicked"))?.extend(stamps);
+        if stream.write_all(&frames).is_err() {
+            break;
+        }
+        sent += batch;
+    }
+    // Acknowledgements of what was sent still arrive: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acked_count.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    reader.join().map_err(|_| io::Error::other("ack reader panicked"))?
+}
+
+/// Reads a publisher's acknowledgements (answers come in request order) and counts, per
+/// topic, those of publishes stamped inside the window.
+fn read_acks(
+    mut stream: std::net::TcpStream,
+    window: Window,
+    in_flight: &std::sync::Mutex<std::collections::VecDeque<(String, u64)>>,
+    acked_count: &AtomicU64,
+    stop: &AtomicBool,
+) -> io::Result<HashMap<String, u64>> {
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut buf = Vec::new();
+    let mut scratch = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut scratch) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if stop.load(Ordering::Relaxed) && in_flight.lock().map(|q| q.is_empty()).unwrap_or(true) {
+                    break;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        buf.extend_from_slice(&scratch[..n]);
+        let mut at = 0;
+        while let Some((opcode, payload, used)) = next_frame(&buf[at..]) {
+            at += used;
+            if opcode != 0x1 {
+                continue;
+            }
+            let ok = memchr::memmem::find(payload, b"\"type\":\"response\"").is_some();
+            let error = memchr::memmem::find(payload, b"\"type\":\"error\"").is_some();
+            if !(ok || error) {
+                continue;
+            }
+            let Some((topic, t)) = in_flight.lock().ok().and_then(|mut q| q.pop_front()) else { continue };
+            acked_count.fetch_add(1, Ordering::Relaxed);
             if ok && window.contains(t) {
                 *acked.entry(topic).or_default() += 1;
             }
         }
-        sent += batch;
+        buf.drain(..at);
     }
-    let _ = ws.close(None);
     Ok(acked)
 }
 
@@ -479,6 +655,17 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_second)
 }
 
 fn cpu_seconds() -> f64 {
@@ -503,6 +690,8 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
         ready: AtomicUsize::new(0),
         dead: AtomicUsize::new(0),
         received: AtomicU64::new(0),
+        arrived: AtomicU64::new(0),
+        owed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
     let window_cell = Arc::new(std::sync::OnceLock::new());
@@ -537,6 +726,11 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
             rss_per_connection = Some(after.saturating_sub(before) as f64 / ready.max(1) as f64);
         }
     }
+    let mut subscribers_per_topic: HashMap<String, u64> = HashMap::new();
+    for i in 0..ready {
+        *subscribers_per_topic.entry(topic_name(opts.scenario, i, opts.topics)).or_default() += 1;
+    }
+    let subscribers_per_topic = Arc::new(subscribers_per_topic);
     let start_us = now_us() + opts.warmup.as_micros() as u64;
     let window = Window { start_us, end_us: start_us + opts.duration.as_micros() as u64 };
     let _ = window_cell.set(window);
@@ -546,22 +740,36 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     } else {
         (0..opts.publishers.max(1))
             .map(|i| {
-                let (opts, stop) = (opts.clone(), stop_publishers.clone());
-                std::thread::spawn(move || publisher_loop(opts, i, window, stop))
+                let (opts, shared, stop, per_topic) =
+                    (opts.clone(), shared.clone(), stop_publishers.clone(), subscribers_per_topic.clone());
+                std::thread::spawn(move || publisher_loop(opts, i, window, shared, stop, per_topic))
             })
             .collect()
     };
-    let run_for = opts.warmup + if opts.scenario == Scenario::Idle { Duration::ZERO } else { opts.duration };
+    let measured = opts.scenario != Scenario::Idle;
     let began = Instant::now();
-    while began.elapsed() < run_for {
-        std::thread::sleep(Duration::from_secs(1).min(run_for.saturating_sub(began.elapsed())));
-        eprint!(
-            "\r{:>5.1}s  connections {}  events received {}   ",
-            began.elapsed().as_secs_f64(),
-            ready,
-            shared.received.load(Ordering::Relaxed)
-        );
+    let progress = |until: Duration| {
+        while began.elapsed() < until {
+            std::thread::sleep(Duration::from_secs(1).min(until.saturating_sub(began.elapsed())));
+            eprint!(
+                "\r{:>5.1}s  connections {}  events received {}   ",
+                began.elapsed().as_secs_f64(),
+                ready,
+                shared.received.load(Ordering::Relaxed)
+            );
+        }
+    };
+    progress(opts.warmup);
+    let server_cpu_start = opts.server_pid.and_then(process_cpu_seconds);
+    let arrived_start = shared.arrived.load(Ordering::Relaxed);
+    let window_began = Instant::now();
+    if measured {
+        progress(opts.warmup + opts.duration);
     }
+    let server_cpu = server_cpu_start
+        .zip(opts.server_pid.and_then(process_cpu_seconds))
+        .map(|(start, end)| (end - start, window_began.elapsed().as_secs_f64()));
+    let arrived_in_window = shared.arrived.load(Ordering::Relaxed) - arrived_start;
     eprintln!();
     stop_publishers.store(true, Ordering::Relaxed);
     let mut acked: HashMap<String, u64> = HashMap::new();
@@ -592,10 +800,6 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
         arrived += result.arrived_in_window;
     }
     let cpu = cpu_seconds() - cpu_start;
-    let mut subscribers_per_topic: HashMap<String, u64> = HashMap::new();
-    for i in 0..ready {
-        *subscribers_per_topic.entry(topic_name(opts.scenario, i, opts.topics)).or_default() += 1;
-    }
     let expected = acked.iter().map(|(topic, n)| n * subscribers_per_topic.get(topic).copied().unwrap_or(0)).sum();
     let percentiles = if latency.is_empty() {
         Percentiles::default()
@@ -608,16 +812,29 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
             max: latency.max(),
         }
     };
+    let published: u64 = acked.values().sum();
+    let seconds = opts.duration.as_secs_f64();
+    let (load, offered_per_sec) = match (opts.rate, opts.closed_loop) {
+        (_, Some(n)) => (format!("closed loop {n}"), published as f64 / seconds),
+        (0, None) => ("saturate (deep queues)".to_string(), published as f64 / seconds),
+        (rate, None) => (format!("rate {rate}/s"), rate as f64),
+    };
     Ok(Report {
         scenario: opts.scenario,
         server: server.into(),
         connections: ready,
-        published: acked.values().sum(),
+        published,
         delivered,
         expected,
-        events_per_sec: arrived as f64 / opts.duration.as_secs_f64(),
+        load,
+        offered_per_sec,
+        events_per_sec: arrived as f64 / seconds,
         latency_us: percentiles,
         client_cpu_cores: cpu / wall_start.elapsed().as_secs_f64(),
+        server_cpu_cores: server_cpu.filter(|_| measured).map(|(cpu, wall)| cpu / wall),
+        server_cpu_us_per_delivery: server_cpu
+            .filter(|_| measured && arrived_in_window > 0)
+            .map(|(cpu, _)| cpu * 1e6 / arrived_in_window as f64),
         server_rss_per_connection: rss_per_connection,
     })
 }
@@ -653,9 +870,16 @@ fn wait_listening(addr: SocketAddr) -> io::Result<()> {
 
 /// Starts this volley binary with limits opened for benchmarking (no rate limit, large
 /// queues), or the peer baseline binary.
-pub fn spawn(binary: &std::path::Path, volley: bool) -> io::Result<Spawned> {
+pub fn spawn(binary: &std::path::Path, volley: bool, cpus: Option<&str>) -> io::Result<Spawned> {
     let addr = free_addr()?;
-    let mut command = Command::new(binary);
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", cpus]).arg(binary);
+            taskset
+        }
+        None => Command::new(binary),
+    };
     if volley {
         command
             .args(["serve", "--listen", &addr.to_string()])
@@ -680,38 +904,73 @@ impl Spawned {
     }
 }
 
-/// The human table for reports, with volley/peer ratios when both are given.
+/// One report as a row of [`table`].
+pub fn row(r: &Report) -> String {
+    let rss = r.server_rss_per_connection.map_or("-".into(), |b| format!("{:.1} KiB", b / 1024.0));
+    let server_cpu = r.server_cpu_cores.map_or("-".into(), |c| format!("{c:.2}"));
+    let per_delivery = r.server_cpu_us_per_delivery.map_or("-".into(), |c| format!("{c:.3}"));
+    let l = r.latency_us;
+    format!(
+        "| {:?} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |\n",
+        r.scenario,
+        r.load,
+        r.server,
+        r.connections,
+        r.offered_per_sec,
+        r.events_per_sec,
+        r.missing(),
+        l.p50,
+        l.p99,
+        l.p999,
+        l.max,
+        server_cpu,
+        per_delivery,
+        r.client_cpu_cores,
+        rss
+    )
+}
+
+/// Pins this process (and the threads it starts afterwards) to `cpus`, a list like `1`,
+/// `0,1` or `0-1`.
+pub fn pin_this_process(cpus: &str) -> io::Result<()> {
+    let mut set = Vec::new();
+    for part in cpus.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (low, high) = part.split_once('-').unwrap_or((part, part));
+        let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| io::Error::other(format!("bad CPU list {cpus:?}")));
+        set.extend(parse(low)?..=parse(high)?);
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it for indexes below
+    // CPU_SETSIZE (checked); sched_setaffinity reads the set we pass for this process.
+    unsafe {
+        let mut mask: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in set {
+            if cpu >= libc::CPU_SETSIZE as usize {
+                return Err(io::Error::other(format!("CPU {cpu} out of range")));
+            }
+            libc::CPU_SET(cpu, &mut mask);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mask) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The human table for reports, with ratios of the first server to each other one.
 pub fn table(reports: &[Report]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| scenario | server | conns | published | delivered/s | missing | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | client CPU | RSS/conn |"
+        "| scenario | load | server | conns | offered/s | delivered/s | missing | p50 µs | p99 µs | p99.9 µs | max µs | server CPU | CPU µs/delivery | client CPU | RSS/conn |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
-        let rss = r.server_rss_per_connection.map_or("-".into(), |b| format!("{:.1} KiB", b / 1024.0));
-        let l = r.latency_us;
-        let _ = writeln!(
-            out,
-            "| {:?} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
-            r.scenario,
-            r.server,
-            r.connections,
-            r.published,
-            r.events_per_sec,
-            r.missing(),
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
-            r.client_cpu_cores,
-            rss
-        );
+        out.push_str(&row(r));
     }
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let Some((volley, others)) = reports.split_first() else { return out };
+    let cpu = |r: &Report| r.server_cpu_us_per_delivery.unwrap_or(f64::NAN);
     for peer in others {
         let names = format!("{}/{}", volley.server, peer.server);
         if let (Some(a), Some(b)) = (volley.server_rss_per_connection, peer.server_rss_per_connection) {
@@ -720,10 +979,11 @@ pub fn table(reports: &[Report]) -> String {
         }
         let _ = writeln!(
             out,
-            "\n{names}: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2} (latency: lower is better)",
+            "\n{names}: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2}, server CPU per delivery ×{:.2} (latency and CPU: lower is better)",
             ratio(volley.events_per_sec, peer.events_per_sec),
             ratio(volley.latency_us.p50 as f64, peer.latency_us.p50 as f64),
             ratio(volley.latency_us.p99 as f64, peer.latency_us.p99 as f64),
+            ratio(cpu(volley), cpu(peer)),
         );
     }
     out
@@ -732,6 +992,60 @@ pub fn table(reports: &[Report]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_publisher_is_charged_from_the_schedule() {
+        let pacer = Pacer::new(1_000_000, 1_000.0);
+        assert_eq!(pacer.due(999_999), 0, "nothing before the start");
+        assert_eq!(pacer.due(1_000_000), 1);
+        assert_eq!(pacer.scheduled(0), 1_000_000);
+        assert_eq!(pacer.scheduled(500), 1_500_000);
+        // Held up for a second (say, behind a full socket): 1,001 publishes are due at
+        // once, each stamped with its own slot, so the stall shows in their latency.
+        let now = 2_000_000;
+        assert_eq!(pacer.due(now), 1_001);
+        let latencies: Vec<u64> = (0..pacer.due(now)).map(|i| now - pacer.scheduled(i)).collect();
+        assert_eq!(latencies[0], 1_000_000);
+        assert_eq!(latencies[1_000], 0);
+        assert_eq!(latencies[500], 500_000, "the median publish waited half a second");
+    }
+
+    fn report(rate: u64, published: u64, missing: u64, p99_ms: u64) -> Report {
+        Report {
+            scenario: Scenario::Broadcast,
+            server: "s".into(),
+            connections: 10,
+            published,
+            delivered: published * 10 - missing,
+            expected: published * 10,
+            load: format!("rate {rate}/s"),
+            offered_per_sec: rate as f64,
+            events_per_sec: 0.0,
+            latency_us: Percentiles { p99: p99_ms * 1000, ..Percentiles::default() },
+            client_cpu_cores: 0.0,
+            server_cpu_cores: None,
+            server_cpu_us_per_delivery: None,
+            server_rss_per_connection: None,
+        }
+    }
+
+    #[test]
+    fn capacity_is_the_highest_rate_delivered_in_full_within_the_bound() {
+        let window = Duration::from_secs(10);
+        let slo = Duration::from_millis(50);
+        let rows = [
+            (1_000, report(1_000, 10_000, 0, 5)),
+            (2_000, report(2_000, 20_000, 0, 40)),
+            // Over the latency bound.
+            (3_000, report(3_000, 30_000, 0, 51)),
+            // Within it but the publisher could not keep its schedule.
+            (4_000, report(4_000, 30_000, 0, 10)),
+            // Within it but deliveries went missing.
+            (5_000, report(5_000, 50_000, 3, 10)),
+        ];
+        assert_eq!(capacity(rows.iter().map(|(r, rep)| (*r, rep)), window, slo), Some(2_000));
+        assert_eq!(capacity(rows[2..].iter().map(|(r, rep)| (*r, rep)), window, slo), None);
+    }
 
     #[test]
     fn stamped_time_is_found_in_an_event() {

@@ -63,7 +63,8 @@ struct BenchArgs {
     /// Publisher connections.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
-    /// Publishes per second over all publishers (0: as fast as possible).
+    /// Publishes per second over all publishers, open loop, latency from each publish's
+    /// scheduled time (0: saturate, 64 unacknowledged per publisher: deep queues).
     #[arg(long, default_value_t = 0)]
     rate: u64,
     /// Bytes of each event's data.
@@ -78,6 +79,22 @@ struct BenchArgs {
     /// Subscriber event loops.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Closed loop: at most N undelivered events per subscriber in flight.
+    #[arg(long, value_name = "N")]
+    closed_loop: Option<u64>,
+    /// One row per offered rate (open loop), then each server's capacity: the highest rate
+    /// delivered in full with p99 at or under --slo-ms.
+    #[arg(long, value_delimiter = ',', value_name = "R1,R2,...")]
+    sweep: Vec<u64>,
+    /// The latency bound of the capacity rule, milliseconds (p99).
+    #[arg(long, default_value_t = 50)]
+    slo_ms: u64,
+    /// CPUs for spawned servers (taskset list, e.g. `0` or `0-1`).
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// CPUs for this harness (e.g. `1`).
+    #[arg(long)]
+    client_cpus: Option<String>,
     /// The server's pid (for memory per connection in `idle`).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -100,6 +117,9 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> std::io::Result<()> {
+    if let Some(cpus) = &args.client_cpus {
+        volley::bench::pin_this_process(cpus)?;
+    }
     let mut options = volley::bench::Options {
         addrs: args.addr.clone(),
         scenario: args.scenario,
@@ -107,36 +127,67 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         topics: args.topics,
         publishers: args.publishers,
         rate: args.rate,
+        closed_loop: args.closed_loop,
         payload_bytes: args.payload_bytes,
         duration: std::time::Duration::from_secs_f64(args.duration),
         warmup: std::time::Duration::from_secs_f64(args.warmup),
         threads: args.threads,
         server_pid: args.server_pid,
     };
-    let mut reports = Vec::new();
+    let mut servers = Vec::new();
     if args.spawn || args.compare || args.baseline.is_some() {
-        let me = std::env::current_exe()?;
-        let mut servers = vec![("volley", me, true)];
+        servers.push(("volley", std::env::current_exe()?, true));
         if let Some(baseline) = &args.baseline {
             servers.push(("baseline", baseline.clone(), true));
         }
         if args.compare {
             servers.push(("peer", args.peer.clone(), false));
         }
-        for (name, binary, is_volley) in servers {
-            let server = volley::bench::spawn(&binary, is_volley)?;
+    }
+    let rates = if args.sweep.is_empty() { vec![args.rate] } else { args.sweep.clone() };
+    let mut rows = Vec::new();
+    // Interleaved: each rate runs on every server before the next rate, so a noisy minute
+    // on a shared machine lands on both.
+    for &rate in &rates {
+        options.rate = rate;
+        if servers.is_empty() {
+            let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            rows.push((rate, volley::bench::run(&options, &name)?));
+        }
+        for (name, binary, is_volley) in &servers {
+            let server = volley::bench::spawn(binary, *is_volley, args.server_cpus.as_deref())?;
             options.addrs = vec![server.addr];
             options.server_pid = Some(server.pid());
-            reports.push(volley::bench::run(&options, name)?);
+            rows.push((rate, volley::bench::run(&options, name)?));
         }
-    } else {
-        let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        reports.push(volley::bench::run(&options, &name)?);
     }
+    let reports: Vec<_> = rows.iter().map(|(_, r)| r.clone()).collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
-    } else {
+        return Ok(());
+    }
+    if args.sweep.is_empty() {
         print!("{}", volley::bench::table(&reports));
+        return Ok(());
+    }
+    print!("{}", volley::bench::table(&[]));
+    for (_, report) in &rows {
+        print!("{}", volley::bench::row(report));
+    }
+    let slo = std::time::Duration::from_millis(args.slo_ms);
+    let mut names: Vec<&str> = Vec::new();
+    for (_, report) in &rows {
+        if !names.contains(&report.server.as_str()) {
+            names.push(&report.server);
+        }
+    }
+    println!();
+    for name in names {
+        let of = rows.iter().filter(|(_, r)| r.server == name).map(|(rate, r)| (*rate, r));
+        match volley::bench::capacity(of, options.duration, slo) {
+            Some(rate) => println!("capacity of {name} at p99 <= {} ms: {rate} publishes/s", args.slo_ms),
+            None => println!("capacity of {name} at p99 <= {} ms: below every rate tried", args.slo_ms),
+        }
     }
     Ok(())
 }
