@@ -3,7 +3,8 @@
 //! Owns the only code that touches sockets and the clock: it accepts, reads into the
 //! core (as much as [`Core::read_budget`] allows: backpressure and rate pauses are the
 //! core's decisions), writes what [`Core::poll_transmit`] names, shuts and drops the
-//! sockets the core closed, and reads `now` once per loop turn. Everything a connection
+//! sockets the core closed, and reads `now` at the start of each phase of a loop turn
+//! (input, inbox and timers, writes) and hands it in. Everything a connection
 //! does, its timers and the fan-out belong to the core; other shards reach this one only
 //! through its inbox and waker.
 
@@ -87,8 +88,12 @@ impl Shard {
                     }
                 }
             }
+            // Read again for each phase: events published during this turn's reads must not
+            // look older than their publish (publish->queue and publish->write latency).
+            let now = Instant::now();
             self.inbox_pending = self.core.handle_inbox(now);
             self.core.handle_timeout(now);
+            let now = Instant::now();
             for key in self.core.poll_transmit(now) {
                 self.write(key, now);
             }
