@@ -158,7 +158,8 @@ pub fn connection(data: &[u8]) {
         ..Config::default()
     };
     let limit = config.max_outbound_bytes;
-    let Ok((mut core, shared, _poll)) = Core::standalone(config) else { return };
+    let epoch = (Instant::now(), std::time::SystemTime::now());
+    let Ok((mut core, shared, _poll)) = Core::standalone(config, epoch) else { return };
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut now: Instant = shared.epoch.0;
     if core.admit(peer).is_err() {

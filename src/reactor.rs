@@ -74,7 +74,8 @@ impl Server {
         if let Some(engine) = engine {
             engine.start(bus.clone())?;
         }
-        let shared = Arc::new(Shared::new(config, bus, status, shards));
+        let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
+        let shared = Arc::new(Shared::new(config, bus, status, shards, epoch));
         let mut threads = Vec::with_capacity(shards);
         for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
             let shared = shared.clone();

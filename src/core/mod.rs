@@ -69,8 +69,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The shared state of `shards` shards over `bus`.
-    pub fn new(config: Config, bus: Arc<Bus>, engine: Option<Arc<EngineStatus>>, shards: usize) -> Self {
+    /// The shared state of `shards` shards over `bus`; `epoch` is one reading of both
+    /// clocks, taken by the caller (the core reads none).
+    pub fn new(
+        config: Config,
+        bus: Arc<Bus>,
+        engine: Option<Arc<EngineStatus>>,
+        shards: usize,
+        epoch: (Instant, SystemTime),
+    ) -> Self {
         Self {
             bus,
             engine,
@@ -79,7 +86,7 @@ impl Shared {
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
             auth: Auth::new(&config.jwt_secret),
-            epoch: (Instant::now(), SystemTime::now()),
+            epoch,
             config,
         }
     }
@@ -510,14 +517,15 @@ impl Core {
         self.ctx.stopping || (self.ctx.drain_deadline.is_some() && self.conns.is_empty())
     }
 
-    /// A one-shard core over its own in-memory bus, for tests and the fuzz target; the
-    /// poll only holds the inbox's waker and must live as long as the core.
-    pub fn standalone(config: Config) -> io::Result<(Self, Arc<Shared>, mio::Poll)> {
+    /// A one-shard core over its own in-memory bus whose clock starts at `epoch`, for tests
+    /// and the fuzz target; the poll only holds the inbox's waker and must live as long as
+    /// the core.
+    pub fn standalone(config: Config, epoch: (Instant, SystemTime)) -> io::Result<(Self, Arc<Shared>, mio::Poll)> {
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), mio::Token(0))?;
         let inbox = crate::bus::Inbox::new(waker, config.shard_queue_capacity);
         let bus = Bus::new(vec![inbox], config.retention(), config.max_message_bytes);
-        let shared = Arc::new(Shared::new(config, Arc::new(bus), None, 1));
+        let shared = Arc::new(Shared::new(config, Arc::new(bus), None, 1, epoch));
         Ok((Self::new(0, shared.clone()), shared, poll))
     }
 

@@ -84,7 +84,8 @@ impl Harness {
     pub fn new(tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config { shards: 1, ..Config::default() };
         tweak(&mut config);
-        let (core, shared, poll) = Core::standalone(config).expect("a core");
+        let epoch = (Instant::now(), std::time::SystemTime::now());
+        let (core, shared, poll) = Core::standalone(config, epoch).expect("a core");
         Self { core, now: shared.epoch.0, shared, ready: Default::default(), _poll: poll }
     }
 
