@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
@@ -133,7 +133,7 @@ fn a_reader_that_never_reads_is_closed_with_1013_while_a_fast_one_misses_nothing
 
 #[test]
 fn garbage_half_heads_and_abrupt_disconnects_leave_the_broker_serving() {
-    let broker = Broker::with(|c| c.http_header_timeout_ms = 500);
+    let broker = Broker::start();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -183,14 +183,9 @@ fn garbage_half_heads_and_abrupt_disconnects_leave_the_broker_serving() {
     subscribe(&mut ws, json!({"topics": ["alive"]}));
     let ids = publish(&broker, &json!({"topic": "alive"}));
     assert_eq!(recv_json(&mut ws)["message_id"], ids[0].as_str());
-    // Half heads are dropped after http_header_timeout_ms.
-    let start = Instant::now();
-    for mut s in half_heads {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 64];
-        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "a half head is closed, not answered");
-    }
-    assert!(start.elapsed() < Duration::from_secs(5));
+    // (That half heads are dropped at http_header_timeout_ms is tested with a manual clock
+    // in core/tests.rs.)
+    drop(half_heads);
 }
 
 #[test]

@@ -101,13 +101,6 @@ fn bad_tokens_close_with_4001() {
 }
 
 #[test]
-fn no_auth_in_time_closes_with_4001() {
-    let broker = broker();
-    let (mut ws, _) = ws_connect(&broker, "/ws");
-    assert_eq!(close_code(&mut ws), 4001);
-}
-
-#[test]
 fn close_code_constant_is_library_range() {
     assert_eq!(u16::from(CloseCode::from(4001)), 4001);
 }

@@ -254,25 +254,6 @@ fn framing_violations_close_with_their_codes() {
 }
 
 #[test]
-fn heartbeat_pings_and_drops_silent_clients() {
-    let broker = Broker::with(|c| c.heartbeat_interval_ms = 200);
-    let (mut ws, _) = ws_connect(&broker, "/ws");
-    loop {
-        match ws.read().unwrap() {
-            Message::Ping(_) => break,
-            Message::Text(_) => continue,
-            other => panic!("expected a heartbeat ping, got {other:?}"),
-        }
-    }
-    // A raw client that never answers is dropped after two intervals.
-    let mut silent = raw_upgraded(&broker);
-    let started = std::time::Instant::now();
-    let code = raw_close_code(&mut silent);
-    assert_eq!(code, Some(1001), "a client dropped by the heartbeat gets 1001");
-    assert!(started.elapsed() < Duration::from_secs(3));
-}
-
-#[test]
 fn batch_mode_wraps_events_byte_identically() {
     let broker = Broker::start();
     let (mut plain, _) = ws_connect(&broker, "/ws");
