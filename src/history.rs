@@ -183,26 +183,10 @@ impl History {
         }
     }
 
-    /// See [`Snapshot::position`].
-    pub fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
-        self.view().position(key)
-    }
-
     /// The retained event with exactly `key`: a binary search, cheap enough to run under
     /// the lock.
     pub fn find(&self, key: (u64, u64)) -> Option<&Arc<Event>> {
         self.view().find(key)
-    }
-
-    /// See [`Snapshot::after`]; runs `keep` on the caller's thread, so the bus calls it on
-    /// a snapshot, not here.
-    pub fn after(&self, since: u64, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
-        self.view().after(since, upto, limit, keep)
-    }
-
-    /// See [`Snapshot::newest`]; the bus calls it on a snapshot, not here.
-    pub fn newest(&self, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
-        self.view().newest(upto, limit, keep)
     }
 }
 
@@ -420,8 +404,8 @@ mod tests {
 
         // The publisher moves on and evicts everything the snapshot holds.
         fill(&mut h, 4 * c + 1..=6 * c, Instant::now());
-        assert_eq!(h.position((EPOCH, 3 * c)), Err(NotRecoverable));
-        assert_eq!(seqs(&h.after(5 * c, u64::MAX, usize::MAX, |_| true)), range(5 * c + 1, 6 * c));
+        assert_eq!(h.snapshot().position((EPOCH, 3 * c)), Err(NotRecoverable));
+        assert_eq!(seqs(&h.snapshot().after(5 * c, u64::MAX, usize::MAX, |_| true)), range(5 * c + 1, 6 * c));
         assert_eq!(seqs(&snap.after(first - 1, u64::MAX, usize::MAX, |_| true)), range(first, 4 * c), "unchanged");
         assert_eq!(snap.last_key(), Some((EPOCH, 4 * c)));
     }
@@ -463,8 +447,8 @@ mod tests {
         assert!(h.is_empty() && h.bytes() == 0 && h.snapshot().is_empty());
         let last = 2 * CHUNK as u64;
         assert_eq!(h.last_key(), Some((EPOCH, last)), "the floor stands in for the last key");
-        assert_eq!(h.position((EPOCH, last)), Ok(last), "caught up: nothing to replay");
-        assert_eq!(h.position((EPOCH, last - 1)), Err(NotRecoverable));
+        assert_eq!(h.snapshot().position((EPOCH, last)), Ok(last), "caught up: nothing to replay");
+        assert_eq!(h.snapshot().position((EPOCH, last - 1)), Err(NotRecoverable));
         fill(&mut h, last + 1..=last + 1, start + Duration::from_secs(11));
         assert_eq!(seqs(&h.snapshot().after(last, u64::MAX, usize::MAX, |_| true)), vec![last + 1]);
     }
