@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use mio::Waker;
 
-use crate::history::{History, NotRecoverable, Retention, Snapshot};
+use crate::history::{Cursor, History, NotRecoverable, Retention, Snapshot};
 use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
 
 /// A position in the engine's order: (epoch, seq) locally, (ms, n) for a Redis stream id.
@@ -500,6 +500,19 @@ impl Bus {
         match snapshot.position(key) {
             Ok(seq) => Ok((key, snapshot.after(seq, upto, limit, keep))),
             Err(NotRecoverable) if self.is_pending_engine_key(key, snapshot.last_key()) => Ok((key, Vec::new())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where a subscription resuming after `since` starts: the order key live events must
+    /// pass, and a cursor over the retained events after it up to `upto` (none when there
+    /// is nothing to replay). The cursor is read later, as the subscriber takes events.
+    pub fn resume(&self, since: &str, upto: u64) -> Result<(OrderKey, Option<Cursor>), NotRecoverable> {
+        let key = self.parse_key(since).ok_or(NotRecoverable)?;
+        let snapshot = self.snapshot();
+        match snapshot.position(key) {
+            Ok(seq) => Ok((key, Some(Cursor::new(snapshot, seq, upto)))),
+            Err(NotRecoverable) if self.is_pending_engine_key(key, snapshot.last_key()) => Ok((key, None)),
             Err(e) => Err(e),
         }
     }

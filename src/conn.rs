@@ -208,32 +208,57 @@ impl Outbound {
 }
 
 /// Events due to a connection that wait outside its outbound queue, oldest first: the
-/// events a resume replays, and live events that arrive while some are still waiting (they
-/// must come after them). Replayed events are the bus's retained ones, shared, so only
-/// the live ones count toward the connection's bound.
+/// resumes still replaying (each a cursor over a history snapshot and the subscription's
+/// filter, read a few events at a time as the queue drains, so a resume costs a snapshot,
+/// not a copy of every event it will replay), then live events that arrived while a replay
+/// was pending (they must come after it). Only the live events count toward the bound.
 #[derive(Debug, Default)]
 pub struct Backlog {
-    events: VecDeque<(LocalEvent, usize)>,
+    replays: VecDeque<Replay>,
+    live: VecDeque<(LocalEvent, usize)>,
     live_bytes: usize,
 }
 
+/// One resume being replayed.
+#[derive(Debug)]
+struct Replay {
+    cursor: crate::history::Cursor,
+    filter: Filter,
+    ready: VecDeque<LocalEvent>,
+}
+
+/// Events read from a replay's cursor at a time.
+const REPLAY_BATCH: usize = 64;
+
 impl Backlog {
-    /// Appends events replayed from history (counted as nothing against the bound).
-    pub fn push_replay(&mut self, event: LocalEvent) {
-        self.events.push_back((event, 0));
+    /// Appends a resume: the events `cursor` yields that `filter` accepts.
+    pub fn push_replay(&mut self, cursor: crate::history::Cursor, filter: Filter) {
+        self.replays.push_back(Replay { cursor, filter, ready: VecDeque::new() });
     }
 
     /// Appends a live event taking `bytes` of the bound.
     pub fn push_live(&mut self, event: LocalEvent, bytes: usize) {
         self.live_bytes += bytes;
-        self.events.push_back((event, bytes));
+        self.live.push_back((event, bytes));
     }
 
-    /// Takes the oldest event.
-    pub fn pop(&mut self) -> Option<LocalEvent> {
-        let (event, bytes) = self.events.pop_front()?;
+    /// Takes the oldest event, and whether it was replayed (not yet counted as delivered).
+    pub fn pop(&mut self) -> Option<(LocalEvent, bool)> {
+        while let Some(replay) = self.replays.front_mut() {
+            if let Some(event) = replay.ready.pop_front() {
+                return Some((event, true));
+            }
+            let Replay { cursor, filter, ready } = replay;
+            let batch = cursor.next_batch(REPLAY_BATCH, |e| filter.accepts(e));
+            if batch.is_empty() {
+                self.replays.pop_front();
+            } else {
+                ready.extend(batch.into_iter().map(LocalEvent::new));
+            }
+        }
+        let (event, bytes) = self.live.pop_front()?;
         self.live_bytes -= bytes;
-        Some(event)
+        Some((event, false))
     }
 
     /// Bytes of live events waiting.
@@ -243,14 +268,16 @@ impl Backlog {
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.replays.is_empty() && self.live.is_empty()
     }
 
-    /// Drops everything; how many events went.
+    /// Drops everything; how many events already read went (replays not yet read are not
+    /// counted: they were never queued).
     pub fn clear(&mut self) -> usize {
+        let dropped = self.live.len() + self.replays.iter().map(|r| r.ready.len()).sum::<usize>();
         self.live_bytes = 0;
-        let dropped = self.events.len();
-        self.events = VecDeque::new();
+        self.live = VecDeque::new();
+        self.replays = VecDeque::new();
         dropped
     }
 }
@@ -555,16 +582,18 @@ impl Conn {
         }
     }
 
-    /// Moves backlog events into the outbound queue while it is short; how many moved.
-    pub fn refill(&mut self) -> usize {
-        let mut moved = 0;
+    /// Moves backlog events into the outbound queue while it is short; how many moved,
+    /// and how many of those were replayed (deliveries not counted yet).
+    pub fn refill(&mut self) -> (usize, usize) {
+        let (mut moved, mut replayed) = (0, 0);
         let target = REFILL_BYTES.min(self.limit / 4);
         while self.out.bytes() + self.batch_bytes() < target {
-            let Some(event) = self.backlog.pop() else { break };
+            let Some((event, from_replay)) = self.backlog.pop() else { break };
             self.queue_event(event);
             moved += 1;
+            replayed += usize::from(from_replay);
         }
-        moved
+        (moved, replayed)
     }
 
     fn batch_bytes(&self) -> usize {

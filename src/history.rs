@@ -75,6 +75,34 @@ pub struct Snapshot {
     last_seq: u64,
 }
 
+/// A resume's place in a snapshot: the events after `next` up to `upto` that are still to
+/// be replayed. Holds the snapshot (one pointer per sealed chunk plus the open tail, the
+/// events themselves shared with the log), never a copy of the events it will replay.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    snapshot: Snapshot,
+    next: u64,
+    upto: u64,
+}
+
+impl Cursor {
+    /// Replays what `snapshot` holds after sequence `after`, up to and including `upto`.
+    pub fn new(snapshot: Snapshot, after: u64, upto: u64) -> Self {
+        Self { snapshot, next: after, upto }
+    }
+
+    /// The next at most `max` events that `keep` accepts, oldest first; empty once done.
+    pub fn next_batch(&mut self, max: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        let batch = self.snapshot.after(self.next, self.upto, max, keep);
+        self.next = match batch.last() {
+            Some(last) if batch.len() == max => last.seq,
+            // Fewer than asked for: the scan reached `upto`.
+            _ => self.upto,
+        };
+        batch
+    }
+}
+
 impl History {
     /// An empty log.
     pub fn new(retention: Retention) -> Self {

@@ -451,13 +451,18 @@ impl Core {
         let Core { conns, ctx } = self;
         let Some(conn) = conns.get_mut(key) else { return AfterWrite::Keep };
         let histogram = &mut ctx.latency.publish_to_write;
+        let mut replayed = 0;
         let result = loop {
             write_batch(conn, ctx.shared.wall(now));
             match conn.out.write_to(w, |e| Latency::record(histogram, now.saturating_duration_since(e.published_at))) {
-                Ok(true) if conn.refill() > 0 => continue,
+                Ok(true) => match conn.refill() {
+                    (0, _) => break Ok(true),
+                    (_, from_replay) => replayed += from_replay,
+                },
                 other => break other,
             }
         };
+        ctx.counters().deliveries.fetch_add(replayed as u64, Ordering::Relaxed);
         let after = match result {
             Err(_) => {
                 self.remove(key);

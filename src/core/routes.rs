@@ -365,7 +365,7 @@ impl Ctx {
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
-        let (recovered, after, replay) = self.resume(since.as_deref(), &filter);
+        let (recovered, after, replay) = self.resume(since.as_deref());
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
         self.send(key, conn, head, now);
         for pattern in &filter.patterns {
@@ -375,7 +375,10 @@ impl Ctx {
         conn.state =
             State::Sse(Box::new(SseConn { filter, after, next_ping: now + self.config().heartbeat_interval() }));
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 1);
-        self.replay_into(conn, replay);
+        if let State::Sse(sse) = &conn.state {
+            let filter = sse.filter.clone();
+            self.replay_into(conn, replay, &filter);
+        }
         Routed::Halt
     }
 }

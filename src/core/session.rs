@@ -5,7 +5,6 @@
 //! sent (every reply under the connection's bound). It reads frames through the `ws` codec
 //! and never touches sockets or clocks; routing, fan-out and timers stay in the core.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,9 +12,9 @@ use serde_json::json;
 
 use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
-use crate::bus::{Accepted, Event, PublishError, Reply, ReplyTo};
-use crate::conn::{Conn, Filter, LocalEvent, State, Subscription};
-use crate::history::NotRecoverable;
+use crate::bus::{Accepted, PublishError, Reply, ReplyTo};
+use crate::conn::{Conn, Filter, State, Subscription};
+use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
 use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
@@ -167,41 +166,39 @@ impl Ctx {
             return self.send_error(key, conn, correlation, &rejection, now);
         }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
-        let (recovered, after, replay) = self.resume(args.since.as_deref(), &filter);
+        let (recovered, after, replay) = self.resume(args.since.as_deref());
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
             conn.indexed.push((pattern.clone(), sub_key));
         }
+        let replay_filter = replay.is_some().then(|| filter.clone());
         ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after });
         self.gauge(None, None, 1);
         let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
         self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
-        self.replay_into(conn, replay);
+        if let Some(filter) = replay_filter {
+            self.replay_into(conn, replay, &filter);
+        }
     }
 
     /// For a subscription resuming after `since`: whether it can, the order key live
-    /// events must pass, and the retained events to replay first (up to what this shard
-    /// has fanned out; everything later is still in its queue).
-    pub(super) fn resume(&self, since: Option<&str>, filter: &Filter) -> (bool, (u64, u64), Vec<Arc<Event>>) {
-        let Some(since) = since else { return (true, (0, 0), Vec::new()) };
-        match self.shared.bus.replay(since, self.fanned_out_through, usize::MAX, |e| filter.accepts(e)) {
-            Ok((after, events)) => (true, after, events),
-            Err(NotRecoverable) => (false, (0, 0), Vec::new()),
+    /// events must pass, and a cursor over the retained events to replay first (up to what
+    /// this shard has fanned out; everything later is still in its queue).
+    pub(super) fn resume(&self, since: Option<&str>) -> (bool, (u64, u64), Option<Cursor>) {
+        let Some(since) = since else { return (true, (0, 0), None) };
+        match self.shared.bus.resume(since, self.fanned_out_through) {
+            Ok((after, cursor)) => (true, after, cursor),
+            Err(NotRecoverable) => (false, (0, 0), None),
         }
     }
 
-    /// Puts replayed events in the connection's backlog, from which they are fed into its
+    /// Puts a resume in the connection's backlog, from which its events are fed into the
     /// outbound queue as it drains (a resume larger than the bound is not a slow consumer).
-    pub(super) fn replay_into(&mut self, conn: &mut Conn, events: Vec<Arc<Event>>) {
-        if conn.closing.is_some() {
-            return;
-        }
-        let counters = &self.shared.counters[self.id];
-        counters.deliveries.fetch_add(events.len() as u64, Ordering::Relaxed);
-        for event in events {
-            conn.backlog.push_replay(LocalEvent::new(event));
-        }
-        conn.refill();
+    pub(super) fn replay_into(&mut self, conn: &mut Conn, cursor: Option<Cursor>, filter: &Filter) {
+        let Some(cursor) = cursor.filter(|_| conn.closing.is_none()) else { return };
+        conn.backlog.push_replay(cursor, filter.clone());
+        let (_, replayed) = conn.refill();
+        self.counters().deliveries.fetch_add(replayed as u64, Ordering::Relaxed);
     }
 
     pub(super) fn unsubscribe(
