@@ -442,7 +442,9 @@ pub struct Conn {
     /// Queued output.
     pub out: Outbound,
     /// Events due after what `out` holds, fed into it as it drains.
-    pub backlog: Backlog,
+    /// Boxed and made on first use: most connections never resume, and an idle
+    /// connection should not pay for two empty queues.
+    backlog: Option<Box<Backlog>>,
     /// What it speaks.
     pub state: State,
     /// Set once it is closing; never cleared.
@@ -480,7 +482,7 @@ impl Conn {
             id,
             peer,
             out: Outbound::default(),
-            backlog: Backlog::default(),
+            backlog: None,
             state: State::Http(http),
             closing: None,
             limit,
@@ -520,7 +522,7 @@ impl Conn {
             State::WebSocket(ws) => ws.batch_pending.bytes(),
             _ => 0,
         };
-        self.out.bytes() + pending + self.backlog.live_bytes()
+        self.out.bytes() + pending + self.backlog.as_ref().map_or(0, |b| b.live_bytes())
     }
 
     /// Holds more than its reading share of the bound.
@@ -548,7 +550,7 @@ impl Conn {
 
     /// Drops everything not yet begun, leaving a well-formed stream; how many events went.
     fn over_bound(&mut self) -> OverBound {
-        let mut dropped = self.out.drop_unstarted_events() + self.backlog.clear();
+        let mut dropped = self.out.drop_unstarted_events() + self.backlog.take().map_or(0, |mut b| b.clear());
         if let State::WebSocket(ws) = &mut self.state {
             dropped += ws.batch_pending.take().len();
         }
@@ -565,10 +567,9 @@ impl Conn {
         if !self.fits(len) {
             return Err(self.over_bound());
         }
-        if self.backlog.is_empty() {
-            self.queue_event(event.clone());
-        } else {
-            self.backlog.push_live(event.clone(), len);
+        match &mut self.backlog {
+            Some(backlog) if !backlog.is_empty() => backlog.push_live(event.clone(), len),
+            _ => self.queue_event(event.clone()),
         }
         Ok(())
     }
@@ -582,13 +583,22 @@ impl Conn {
         }
     }
 
+    /// Queues a resume behind whatever the connection already waits for.
+    pub fn push_replay(&mut self, cursor: crate::history::Cursor, filter: Filter) {
+        self.backlog.get_or_insert_with(Default::default).push_replay(cursor, filter);
+    }
+
     /// Moves backlog events into the outbound queue while it is short; how many moved,
     /// and how many of those were replayed (deliveries not counted yet).
     pub fn refill(&mut self) -> (usize, usize) {
         let (mut moved, mut replayed) = (0, 0);
         let target = REFILL_BYTES.min(self.limit / 4);
         while self.out.bytes() + self.batch_bytes() < target {
-            let Some((event, from_replay)) = self.backlog.pop() else { break };
+            let Some((event, from_replay)) = self.backlog.as_mut().and_then(|b| b.pop()) else {
+                // Drained: give the memory back.
+                self.backlog = None;
+                break;
+            };
             self.queue_event(event);
             moved += 1;
             replayed += usize::from(from_replay);

@@ -196,7 +196,7 @@ impl Ctx {
     /// outbound queue as it drains (a resume larger than the bound is not a slow consumer).
     pub(super) fn replay_into(&mut self, conn: &mut Conn, cursor: Option<Cursor>, filter: &Filter) {
         let Some(cursor) = cursor.filter(|_| conn.closing.is_none()) else { return };
-        conn.backlog.push_replay(cursor, filter.clone());
+        conn.push_replay(cursor, filter.clone());
         let (_, replayed) = conn.refill();
         self.counters().deliveries.fetch_add(replayed as u64, Ordering::Relaxed);
     }
