@@ -45,9 +45,11 @@ fn fanout(c: &mut Criterion) {
             let Ok(Accepted::Now(_)) = bus.publish(vec![request()], reply.clone()) else { panic!("published") };
             let delivery = bus.inboxes()[0].events.pop().unwrap();
             let local = LocalEvent::new(delivery.event.clone());
-            index.for_each_match(&delivery.event.topic, |conn| outbounds[conn].push(Chunk::WsEvent(local.clone())));
+            index.for_each_match(&delivery.event.topic, |conn| {
+                outbounds[conn].push(Chunk::WsEvent(local.clone(), None))
+            });
             for out in &mut outbounds {
-                out.write_to(&mut std::io::sink(), |e| {
+                out.write_to(&mut std::io::sink(), |e, _| {
                     black_box(e);
                 })
                 .unwrap();

@@ -37,7 +37,7 @@ fn ws_frames(c: &mut Criterion) {
     let mut g = group(c, "ws_frame");
     for (name, frame) in [("decode_100B", &small), ("decode_16KiB", &large)] {
         g.throughput(Throughput::Bytes(frame.len() as u64));
-        let mut codec = Codec::new(1 << 20);
+        let mut codec = Codec::new(1 << 20, false);
         let mut out = Vec::new();
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -58,7 +58,7 @@ fn ws_frames(c: &mut Criterion) {
             black_box(frame)
         })
     });
-    let mut codec = Codec::new(1 << 20);
+    let mut codec = Codec::new(1 << 20, false);
     g.bench_function("encode_tungstenite_200B", |b| {
         b.iter(|| {
             let mut out = Vec::with_capacity(256);

@@ -36,7 +36,7 @@ fn replay(c: &mut Criterion) {
             assert_eq!(events.len(), 10_000);
             let mut out = Outbound::default();
             for event in events {
-                out.push(Chunk::WsEvent(LocalEvent::new(event)));
+                out.push(Chunk::WsEvent(LocalEvent::new(event), None));
             }
             out
         })

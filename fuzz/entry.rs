@@ -17,16 +17,17 @@ use volley::history::Retention;
 use volley::http::{Parsed, parse_head};
 use volley::protocol::{parse_client_message, parse_publish_body};
 use volley::topic::{Pattern, validate_topic};
-use volley::ws::Codec;
+use volley::ws::{Codec, Received};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the corpus directory names).
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("connection", connection),
     ("http_head", http_head),
     ("ws_read", ws_read),
+    ("ws_inflate", ws_inflate),
     ("protocol_message", protocol_message),
     ("topic", topic),
     ("sse_last_event_id", sse_last_event_id),
@@ -43,16 +44,84 @@ pub fn http_head(data: &[u8]) {
 /// The first byte picks the chunk size, so partial frames across reads are covered.
 pub fn ws_read(data: &[u8]) {
     let Some((&chunk, rest)) = data.split_first() else { return };
-    let mut codec = Codec::new(64 * 1024);
+    read_all(Codec::new(64 * 1024, false), rest, chunk as usize + 1, 64 * 1024);
+}
+
+/// Feeds `stream` to `codec` `chunk` bytes at a time; no message may pass `max`.
+fn read_all(mut codec: Codec, stream: &[u8], chunk: usize, max: usize) {
     let mut out = Vec::new();
-    for mut piece in rest.chunks(chunk as usize + 1) {
+    for mut piece in stream.chunks(chunk) {
         loop {
             match codec.next(&mut piece, &mut out) {
-                Ok(Some(_)) => continue,
+                Ok(Some(Received::Text(text))) => assert!(text.len() <= max),
+                Ok(Some(Received::Binary(data))) => assert!(data.len() <= max),
+                Ok(Some(Received::Control)) => continue,
                 Ok(None) => break,
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// permessage-deflate on the way in. The input is a bound selector, a chunk size, then
+/// frames as `[first byte, flags, length, payload...]`; flags: bit 0 compresses the payload
+/// (so valid compressed data and bombs are reachable), bit 1 repeats it 4,096 times before
+/// that, bit 2 leaves the frame unmasked, bit 3 splits the compressed payload over this
+/// frame and a continuation. RSV bits, opcodes and fragmentation come from the first byte.
+pub fn ws_inflate(data: &[u8]) {
+    let Some((&[bound, chunk], mut rest)) = data.split_first_chunk::<2>() else { return };
+    let max = 1024usize << (bound % 7);
+    let mut stream = Vec::new();
+    while let Some((&[first, flags, len], tail)) = rest.split_first_chunk::<3>() {
+        let take = (len as usize).min(tail.len());
+        let (payload, after) = tail.split_at(take);
+        rest = after;
+        let mut body = payload.to_vec();
+        if flags & 2 != 0 {
+            body = body.repeat(4096);
+        }
+        if flags & 1 != 0 {
+            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            let mut out = Vec::with_capacity(body.len() + 64);
+            if c.compress_vec(&body, &mut out, flate2::FlushCompress::Sync).is_ok()
+                && out.ends_with(&[0, 0, 0xff, 0xff])
+            {
+                out.truncate(out.len() - 4);
+            }
+            body = out;
+        }
+        let masked = flags & 4 == 0;
+        if flags & 8 != 0 {
+            let (a, b) = body.split_at(body.len() / 2);
+            push_client_frame(&mut stream, first & 0x7f, masked, a);
+            push_client_frame(&mut stream, 0x80, masked, b);
+        } else {
+            push_client_frame(&mut stream, first, masked, &body);
+        }
+    }
+    read_all(Codec::new(max, true), &stream, chunk as usize + 1, max);
+}
+
+fn push_client_frame(out: &mut Vec<u8>, first: u8, masked: bool, payload: &[u8]) {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    out.push(first);
+    let bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n if n < 65536 => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Options {
     pub threads: usize,
     /// The server's pid, for memory per connection.
     pub server_pid: Option<u32>,
+    /// Subscribers offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
+    /// as browsers do).
+    pub deflate: bool,
 }
 
 /// Latency percentiles in microseconds.
@@ -116,6 +119,8 @@ pub struct Report {
     pub server_cpu_us_per_delivery: Option<f64>,
     /// Server RSS growth per subscribed connection, bytes (idle).
     pub server_rss_per_connection: Option<f64>,
+    /// Bytes the subscribers read per delivery in the window (frames and headers).
+    pub wire_bytes_per_delivery: Option<f64>,
 }
 
 impl Report {
@@ -244,6 +249,50 @@ enum Phase {
     Dead,
 }
 
+/// Inflates what subscribers receive compressed. Every subscriber gets the same compressed
+/// bytes for an event, so each thread inflates each distinct message once and recognises
+/// the copies (a browser inflates its own copy on its own machine; here the subscribers
+/// share two cores with the server, and inflating every copy would measure the harness).
+struct Inflate {
+    recent: std::collections::VecDeque<(Vec<u8>, Option<u64>)>,
+    decompress: flate2::Decompress,
+    out: Vec<u8>,
+}
+
+impl Inflate {
+    fn new() -> Self {
+        Self { recent: Default::default(), decompress: flate2::Decompress::new(false), out: Vec::new() }
+    }
+
+    /// The publish time stamped in a compressed message.
+    fn stamped_time(&mut self, payload: &[u8]) -> Option<u64> {
+        if let Some((_, t)) = self.recent.iter().rev().find(|(p, _)| p == payload) {
+            return *t;
+        }
+        self.decompress.reset(false);
+        self.out.clear();
+        let mut input = payload.to_vec();
+        input.extend_from_slice(&crate::deflate::SYNC_TAIL);
+        self.out.reserve(input.len() * 4);
+        while (self.decompress.total_in() as usize) < input.len() {
+            let at = self.decompress.total_in() as usize;
+            self.out.reserve(self.out.capacity().max(1024));
+            let produced = self.out.len();
+            if self.decompress.decompress_vec(&input[at..], &mut self.out, flate2::FlushDecompress::Sync).is_err()
+                || (self.decompress.total_in() as usize == at && self.out.len() == produced)
+            {
+                break;
+            }
+        }
+        let t = stamped_time(&self.out);
+        if self.recent.len() == 32 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((payload.to_vec(), t));
+        t
+    }
+}
+
 struct Subscriber {
     stream: TcpStream,
     topic: String,
@@ -259,6 +308,8 @@ struct LoopResult {
     delivered: u64,
     /// Events that arrived inside the window, whenever published (throughput).
     arrived_in_window: u64,
+    /// Bytes read inside the window.
+    bytes_in_window: u64,
 }
 
 struct Shared {
@@ -310,6 +361,8 @@ fn subscriber_loop(
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(io::Error::other)?;
     let mut delivered = 0u64;
     let mut arrived_in_window = 0u64;
+    let mut bytes_in_window = 0u64;
+    let mut inflate = Inflate::new();
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 256 * 1024];
     while !shared.stop.load(Ordering::Relaxed) {
@@ -322,7 +375,14 @@ fn subscriber_loop(
             if sub.phase == Phase::Connecting && event.is_writable() {
                 let request = match opts.scenario {
                     Scenario::Sse => format!("GET /sse?topics={} HTTP/1.1\r\nHost: bench\r\n\r\n", sub.topic),
-                    _ => "GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_string(),
+                    _ => format!(
+                        "GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
+                        if opts.deflate {
+                            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                        } else {
+                            ""
+                        }
+                    ),
                 };
                 sub.out.extend_from_slice(request.as_bytes());
                 sub.phase = Phase::Handshake;
@@ -347,6 +407,9 @@ fn subscriber_loop(
                         }
                     };
                     let now = now_us();
+                    if window.is_some_and(|w| w.contains(now)) {
+                        bytes_in_window += n as u64;
+                    }
                     let mut on_event = |t: u64| {
                         shared.arrived.fetch_add(1, Ordering::Relaxed);
                         if window.is_some_and(|w| w.contains(now)) {
@@ -359,12 +422,12 @@ fn subscriber_loop(
                     };
                     // Frames are parsed where they were read; only a partial tail is kept.
                     if sub.buf.is_empty() {
-                        let used = process(sub, &scratch[..n], opts.scenario, &shared, &mut on_event);
+                        let used = process(sub, &scratch[..n], opts.scenario, &shared, &mut inflate, &mut on_event);
                         sub.buf.extend_from_slice(&scratch[used..n]);
                     } else {
                         let mut buf = std::mem::take(&mut sub.buf);
                         buf.extend_from_slice(&scratch[..n]);
-                        let used = process(sub, &buf, opts.scenario, &shared, &mut on_event);
+                        let used = process(sub, &buf, opts.scenario, &shared, &mut inflate, &mut on_event);
                         buf.drain(..used);
                         sub.buf = buf;
                     }
@@ -389,7 +452,7 @@ fn subscriber_loop(
             }
         }
     }
-    Ok(LoopResult { latency, delivered, arrived_in_window })
+    Ok(LoopResult { latency, delivered, arrived_in_window, bytes_in_window })
 }
 
 /// Consumes whole frames (or SSE lines) from `data`; returns how many bytes it used.
@@ -398,6 +461,7 @@ fn process(
     data: &[u8],
     scenario: Scenario,
     shared: &Shared,
+    inflate: &mut Inflate,
     on_event: &mut impl FnMut(u64),
 ) -> usize {
     let mut at = 0;
@@ -433,12 +497,13 @@ fn process(
         }
         return at;
     }
-    while let Some((opcode, payload, used)) = next_frame(&data[at..]) {
+    while let Some((first, payload, used)) = next_frame(&data[at..]) {
         let len = payload.len();
-        match opcode {
+        match first & 0x0f {
             0x1 => match sub.phase {
                 Phase::Ready => {
-                    if let Some(t) = stamped_time(payload) {
+                    let t = if first & 0x40 != 0 { inflate.stamped_time(payload) } else { stamped_time(payload) };
+                    if let Some(t) = t {
                         on_event(t);
                     }
                 }
@@ -471,7 +536,8 @@ fn process(
     at
 }
 
-/// The next whole unmasked frame in `b`: opcode, payload, bytes used.
+/// The next whole unmasked frame in `b`: its first byte (FIN, RSV, opcode), payload, bytes
+/// used.
 fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
     if b.len() < 2 {
         return None;
@@ -485,7 +551,31 @@ fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
     if b.len() < header + len {
         return None;
     }
-    Some((b[0] & 0x0f, &b[header..header + len], header + len))
+    Some((b[0], &b[header..header + len], header + len))
+}
+
+/// A JSON value of about `bytes` bytes that compresses like application data (order lines
+/// with varied numbers and a few repeated words, about 3 to 4 to 1 with deflate), not like a
+/// run of one letter: the deflate bench's bytes-on-the-wire figure depends on it.
+pub fn filler(bytes: usize) -> String {
+    const WORDS: [&str; 8] = ["confirmed", "shipped", "warehouse", "express", "standard", "ACME", "Globex", "Initech"];
+    let mut state = 0x2545_f491_u32;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let mut out = String::from("[");
+    while out.len() + 2 < bytes {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        let (sku, qty, price, word) = (next() % 100_000, next() % 20, next() % 100_000, WORDS[next() as usize % 8]);
+        out.push_str(&format!(r#"{{"sku":"SKU-{sku:05}","qty":{qty},"cents":{price},"note":"{word}"}}"#));
+    }
+    out.push(']');
+    out
 }
 
 /// What a publisher waits on before each publish.
@@ -524,7 +614,7 @@ fn publisher_loop(
         let (in_flight, acked_count, stop) = (in_flight.clone(), acked_count.clone(), stop.clone());
         std::thread::spawn(move || read_acks(reader_stream, window, &in_flight, &acked_count, &stop))
     };
-    let pad = "x".repeat(opts.payload_bytes.saturating_sub(30));
+    let pad = filler(opts.payload_bytes.saturating_sub(30));
     let publishers = opts.publishers.max(1) as u64;
     let connections = opts.connections as u64;
     let gate = match (opts.rate, opts.closed_loop) {
@@ -580,7 +670,7 @@ fn publisher_loop(
                 (_, None) => now_us(),
             };
             let request = format!(
-                r#"{{"type":"request","payload":{{"action":"publish","topic":"{topic}","data":{{"t":{t},"p":"{pad}"}}}}}}"#
+                r#"{{"type":"request","payload":{{"action":"publish","topic":"{topic}","data":{{"t":{t},"p":{pad}}}}}}}"#
             );
             masked_text(request.as_bytes(), &mut frames);
             shared.owed.fetch_add(subscribers_per_topic.get(&topic).copied().unwrap_or(0), Ordering::Relaxed);
@@ -629,9 +719,9 @@ fn read_acks(
         };
         buf.extend_from_slice(&scratch[..n]);
         let mut at = 0;
-        while let Some((opcode, payload, used)) = next_frame(&buf[at..]) {
+        while let Some((first, payload, used)) = next_frame(&buf[at..]) {
             at += used;
-            if opcode != 0x1 {
+            if first & 0x0f != 0x1 {
                 continue;
             }
             let ok = memchr::memmem::find(payload, b"\"type\":\"response\"").is_some();
@@ -792,12 +882,13 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     }
     shared.stop.store(true, Ordering::Relaxed);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(io::Error::other)?;
-    let (mut delivered, mut arrived) = (0, 0);
+    let (mut delivered, mut arrived, mut bytes) = (0, 0, 0);
     for handle in loops {
         let result = handle.join().map_err(|_| io::Error::other("subscriber loop panicked"))??;
         latency.add(&result.latency).map_err(io::Error::other)?;
         delivered += result.delivered;
         arrived += result.arrived_in_window;
+        bytes += result.bytes_in_window;
     }
     let cpu = cpu_seconds() - cpu_start;
     let expected = acked.iter().map(|(topic, n)| n * subscribers_per_topic.get(topic).copied().unwrap_or(0)).sum();
@@ -836,6 +927,7 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
             .filter(|_| measured && arrived_in_window > 0)
             .map(|(cpu, _)| cpu * 1e6 / arrived_in_window as f64),
         server_rss_per_connection: rss_per_connection,
+        wire_bytes_per_delivery: (measured && arrived > 0).then(|| bytes as f64 / arrived as f64),
     })
 }
 
@@ -909,9 +1001,10 @@ pub fn row(r: &Report) -> String {
     let rss = r.server_rss_per_connection.map_or("-".into(), |b| format!("{:.1} KiB", b / 1024.0));
     let server_cpu = r.server_cpu_cores.map_or("-".into(), |c| format!("{c:.2}"));
     let per_delivery = r.server_cpu_us_per_delivery.map_or("-".into(), |c| format!("{c:.3}"));
+    let wire = r.wire_bytes_per_delivery.map_or("-".into(), |b| format!("{b:.0}"));
     let l = r.latency_us;
     format!(
-        "| {:?} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |\n",
+        "| {:?} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |\n",
         r.scenario,
         r.load,
         r.server,
@@ -925,6 +1018,7 @@ pub fn row(r: &Report) -> String {
         l.max,
         server_cpu,
         per_delivery,
+        wire,
         r.client_cpu_cores,
         rss
     )
@@ -962,9 +1056,9 @@ pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| scenario | load | server | conns | offered/s | delivered/s | missing | p50 µs | p99 µs | p99.9 µs | max µs | server CPU | CPU µs/delivery | client CPU | RSS/conn |"
+        "| scenario | load | server | conns | offered/s | delivered/s | missing | p50 µs | p99 µs | p99.9 µs | max µs | server CPU | CPU µs/delivery | bytes/delivery | client CPU | RSS/conn |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         out.push_str(&row(r));
     }
@@ -979,11 +1073,12 @@ pub fn table(reports: &[Report]) -> String {
         }
         let _ = writeln!(
             out,
-            "\n{names}: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2}, server CPU per delivery ×{:.2} (latency and CPU: lower is better)",
+            "\n{names}: delivered/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2}, server CPU per delivery ×{:.2}, bytes per delivery ×{:.2} (latency, CPU and bytes: lower is better)",
             ratio(volley.events_per_sec, peer.events_per_sec),
             ratio(volley.latency_us.p50 as f64, peer.latency_us.p50 as f64),
             ratio(volley.latency_us.p99 as f64, peer.latency_us.p99 as f64),
             ratio(cpu(volley), cpu(peer)),
+            ratio(volley.wire_bytes_per_delivery.unwrap_or(f64::NAN), peer.wire_bytes_per_delivery.unwrap_or(f64::NAN)),
         );
     }
     out
@@ -1026,6 +1121,7 @@ mod tests {
             server_cpu_cores: None,
             server_cpu_us_per_delivery: None,
             server_rss_per_connection: None,
+            wire_bytes_per_delivery: None,
         }
     }
 

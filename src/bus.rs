@@ -16,12 +16,13 @@
 //! sockets or connections.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use mio::Waker;
 
+use crate::deflate::{self, Window};
 use crate::history::{Cursor, History, NotRecoverable, Retention, Snapshot};
 use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
 
@@ -51,6 +52,9 @@ pub struct Event {
     json_start: usize,
     /// `id: <id>\ndata: ` — the SSE frame is this, the JSON, and `\n\n`.
     sse_head: Box<[u8]>,
+    /// The compressed WebSocket frame per deflate window, made by the first connection that
+    /// needs it and shared by all the others (`None` inside: not worth compressing).
+    deflated: [OnceLock<Option<Box<[u8]>>>; 2],
 }
 
 impl Event {
@@ -67,6 +71,31 @@ impl Event {
     /// The SSE frame's head; write it, then [`Self::json`], then `\n\n`.
     pub fn sse_head(&self) -> &[u8] {
         &self.sse_head
+    }
+
+    /// Makes the event's compressed WebSocket frame (RSV1 set) for `window` unless made
+    /// already, on whichever shard asks first, for every connection to share; false when
+    /// compressing does not make it smaller.
+    pub fn deflate(&self, window: Window) -> bool {
+        self.deflated[window.index()]
+            .get_or_init(|| deflate::compressed_frame(window, WS_OPCODE_TEXT, self.json()).map(Vec::into_boxed_slice))
+            .is_some()
+    }
+
+    /// The compressed frame [`Self::deflate`] made, if it did and it is smaller.
+    pub fn deflated_frame(&self, window: Window) -> Option<&[u8]> {
+        self.deflated[window.index()].get()?.as_deref()
+    }
+
+    /// The payload of [`Self::deflated_frame`].
+    pub fn deflated_payload(&self, window: Window) -> Option<&[u8]> {
+        let frame = self.deflated_frame(window)?;
+        let header = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        Some(&frame[header..])
     }
 
     /// Bytes this event holds, as counted against the history bound.
@@ -590,6 +619,7 @@ fn encode(seq: u64, key: (u64, u64), id: &str, prepared: &Prepared, timestamp: &
         ws_frame: frame.into_boxed_slice(),
         json_start: header_len,
         sse_head: crate::sse::event_head(id).into_boxed_slice(),
+        deflated: Default::default(),
     }
 }
 
@@ -615,9 +645,21 @@ pub fn ws_header_len(len: usize) -> usize {
     }
 }
 
+/// The text frame opcode.
+pub const WS_OPCODE_TEXT: u8 = 0x1;
+/// First byte of a final text frame.
+pub const WS_TEXT: u8 = 0x80 | WS_OPCODE_TEXT;
+/// First byte of a final text frame compressed with permessage-deflate (RSV1).
+pub const WS_DEFLATED_TEXT: u8 = WS_TEXT | deflate::RSV1;
+
 /// Appends the header of a final, unmasked text frame of `len` payload bytes (RFC 6455 §5.2).
 pub fn push_ws_text_header(out: &mut Vec<u8>, len: usize) {
-    out.push(0x81);
+    push_ws_header(out, WS_TEXT, len);
+}
+
+/// Appends an unmasked frame header: `first` (FIN, RSV, opcode), then the length.
+pub fn push_ws_header(out: &mut Vec<u8>, first: u8, len: usize) {
+    out.push(first);
     match len {
         0..=125 => out.push(len as u8),
         126..=65_535 => {

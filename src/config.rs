@@ -67,6 +67,10 @@ pub struct Config {
     pub write_coalescing_min_ms: u64,
     /// Longest such wait when a shard falls behind; 0 never lets events wait.
     pub write_coalescing_max_ms: u64,
+    /// Agree to permessage-deflate (RFC 7692) with WebSocket clients that offer it.
+    pub compression: bool,
+    /// Events whose JSON is shorter go uncompressed even where deflate was agreed.
+    pub compression_min_bytes: usize,
     /// `memory` (single node) or `redis://host:port[/db]` (a cluster sharing one stream).
     pub engine: String,
     /// Redis stream key holding the cluster's events.
@@ -111,6 +115,8 @@ impl Default for Config {
             shard_queue_capacity: 65_536,
             write_coalescing_min_ms: 0,
             write_coalescing_max_ms: 20,
+            compression: true,
+            compression_min_bytes: 256,
             engine: "memory".into(),
             redis_stream: "volley:events".into(),
             jwt_secret: String::new(),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::bus::Event;
+use crate::deflate::{Agreement, Window};
 use crate::limits::TokenBucket;
 use crate::topic::Pattern;
 use crate::ws::Codec;
@@ -69,8 +70,9 @@ impl PendingBatch {
 pub enum Chunk {
     /// Bytes made for this connection only (responses, control frames).
     Owned(Vec<u8>),
-    /// A shared event as a WebSocket frame.
-    WsEvent(LocalEvent),
+    /// A shared event as a WebSocket frame: compressed for the window given (decided when
+    /// queued, once the compressed frame exists, so its length never changes in the queue).
+    WsEvent(LocalEvent, Option<Window>),
     /// A shared event as an SSE frame.
     SseEvent(LocalEvent),
 }
@@ -79,7 +81,9 @@ impl Chunk {
     fn parts(&self) -> [&[u8]; 3] {
         match self {
             Chunk::Owned(bytes) => [bytes, &[], &[]],
-            Chunk::WsEvent(event) => [event.ws_frame(), &[], &[]],
+            Chunk::WsEvent(event, window) => {
+                [window.and_then(|w| event.deflated_frame(w)).unwrap_or(event.ws_frame()), &[], &[]]
+            }
             Chunk::SseEvent(event) => [event.sse_head(), event.json(), crate::sse::EVENT_END],
         }
     }
@@ -91,8 +95,12 @@ impl Chunk {
     fn event(&self) -> Option<&Event> {
         match self {
             Chunk::Owned(_) => None,
-            Chunk::WsEvent(e) | Chunk::SseEvent(e) => Some(e),
+            Chunk::WsEvent(e, _) | Chunk::SseEvent(e) => Some(e),
         }
+    }
+
+    fn compressed(&self) -> bool {
+        matches!(self, Chunk::WsEvent(_, Some(_)))
     }
 }
 
@@ -158,8 +166,9 @@ impl Outbound {
     }
 
     /// Writes as much as `w` takes. Calls `on_event` for each event whose frame was
-    /// completely written. Returns `Ok(true)` when the queue is empty.
-    pub fn write_to(&mut self, w: &mut impl Write, mut on_event: impl FnMut(&Event)) -> io::Result<bool> {
+    /// completely written, saying whether it went compressed. Returns `Ok(true)` when the
+    /// queue is empty.
+    pub fn write_to(&mut self, w: &mut impl Write, mut on_event: impl FnMut(&Event, bool)) -> io::Result<bool> {
         while !self.queue.is_empty() {
             let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
@@ -197,7 +206,7 @@ impl Outbound {
                 self.written = 0;
                 if let Some(chunk) = self.queue.pop_front() {
                     match chunk.event() {
-                        Some(event) => on_event(event),
+                        Some(event) => on_event(event, chunk.compressed()),
                         None => self.owned -= 1,
                     }
                 }
@@ -344,6 +353,8 @@ pub struct HttpConn {
 pub struct WsConn {
     /// RFC 6455 state.
     pub codec: Codec,
+    /// permessage-deflate, if agreed.
+    pub deflate: Option<Agreement>,
     /// This mount echoes (Autobahn) instead of speaking the protocol.
     pub echo: bool,
     /// Events arrive as `batch` messages.
@@ -576,8 +587,16 @@ impl Conn {
 
     fn queue_event(&mut self, event: LocalEvent) {
         match &mut self.state {
-            State::WebSocket(ws) if ws.batch => ws.batch_pending.push(event),
-            State::WebSocket(_) => self.out.push(Chunk::WsEvent(event)),
+            State::WebSocket(ws) => {
+                // Compressed here, by the first connection that needs it, for all the others.
+                let window =
+                    ws.deflate.filter(|a| a.worth(event.json().len()) && event.deflate(a.window)).map(|a| a.window);
+                if ws.batch {
+                    ws.batch_pending.push(event);
+                } else {
+                    self.out.push(Chunk::WsEvent(event, window));
+                }
+            }
             State::Sse(_) => self.out.push(Chunk::SseEvent(event)),
             State::Http(_) => {}
         }
@@ -707,7 +726,7 @@ mod tests {
         }
         let mut w = Trickle { got: Vec::new(), cap: 5, block_next: false };
         assert!(out.has_owned());
-        while !out.write_to(&mut w, |_| {}).unwrap() {}
+        while !out.write_to(&mut w, |_, _| {}).unwrap() {}
         assert_eq!(w.got, want);
         assert_eq!(out.bytes(), 0);
         assert!(!out.has_owned(), "every owned chunk written is counted out");
@@ -719,7 +738,7 @@ mod tests {
         out.push_bytes(vec![1; 10]);
         out.push_bytes(vec![2; 10]);
         let mut w = Trickle { got: Vec::new(), cap: 5, block_next: false };
-        assert!(!out.write_to(&mut w, |_| {}).unwrap());
+        assert!(!out.write_to(&mut w, |_, _| {}).unwrap());
         assert_eq!(out.drop_unstarted_events(), 0, "owned frames are not events");
         assert_eq!(out.bytes(), 15);
     }

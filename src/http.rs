@@ -36,6 +36,8 @@ pub struct Request {
     pub websocket_key: Option<String>,
     /// `Sec-WebSocket-Version`.
     pub websocket_version: Option<String>,
+    /// Every `Sec-WebSocket-Extensions` value, in order.
+    pub websocket_extensions: Vec<String>,
     /// `Origin`.
     pub origin: Option<String>,
     /// `Authorization`.
@@ -164,6 +166,8 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
             out.websocket_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             out.websocket_version = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            out.websocket_extensions.push(value.to_string());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("authorization") {

@@ -14,6 +14,7 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod core;
+pub mod deflate;
 pub mod engine;
 pub mod history;
 pub mod http;

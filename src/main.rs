@@ -111,6 +111,10 @@ struct BenchArgs {
     /// The peer baseline binary (build: cargo build --release --manifest-path benches/peers/Cargo.toml).
     #[arg(long, default_value = "benches/peers/target/release/volley-peer")]
     peer: PathBuf,
+    /// Each server is measured twice in the run: subscribers without, then with
+    /// permessage-deflate offered (the second row is named `<server>+deflate`).
+    #[arg(long)]
+    deflate: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -133,6 +137,7 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         warmup: std::time::Duration::from_secs_f64(args.warmup),
         threads: args.threads,
         server_pid: args.server_pid,
+        deflate: false,
     };
     let mut servers = Vec::new();
     if args.spawn || args.compare || args.baseline.is_some() {
@@ -145,20 +150,25 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         }
     }
     let rates = if args.sweep.is_empty() { vec![args.rate] } else { args.sweep.clone() };
+    let offers: &[bool] = if args.deflate { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
     // Interleaved: each rate runs on every server before the next rate, so a noisy minute
     // on a shared machine lands on both.
     for &rate in &rates {
         options.rate = rate;
-        if servers.is_empty() {
-            let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-            rows.push((rate, volley::bench::run(&options, &name)?));
-        }
-        for (name, binary, is_volley) in &servers {
-            let server = volley::bench::spawn(binary, *is_volley, args.server_cpus.as_deref())?;
-            options.addrs = vec![server.addr];
-            options.server_pid = Some(server.pid());
-            rows.push((rate, volley::bench::run(&options, name)?));
+        for &deflate in offers {
+            options.deflate = deflate;
+            let suffix = if deflate { "+deflate" } else { "" };
+            if servers.is_empty() {
+                let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+                rows.push((rate, volley::bench::run(&options, &format!("{name}{suffix}"))?));
+            }
+            for (name, binary, is_volley) in &servers {
+                let server = volley::bench::spawn(binary, *is_volley, args.server_cpus.as_deref())?;
+                options.addrs = vec![server.addr];
+                options.server_pid = Some(server.pid());
+                rows.push((rate, volley::bench::run(&options, &format!("{name}{suffix}"))?));
+            }
         }
     }
     let reports: Vec<_> = rows.iter().map(|(_, r)| r.clone()).collect();

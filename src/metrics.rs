@@ -30,6 +30,8 @@ pub struct ShardCounters {
     pub subscriptions: AtomicI64,
     /// Events queued to a connection.
     pub deliveries: AtomicU64,
+    /// Events written as compressed frames (permessage-deflate).
+    pub compressed_deliveries: AtomicU64,
     /// Events dropped because their receiver was too slow.
     pub dropped_slow_consumer: AtomicU64,
     /// Connections closed with 1013.
@@ -134,6 +136,8 @@ pub struct Snapshot {
     pub published: u64,
     /// Deliveries queued.
     pub delivered: u64,
+    /// Events written compressed.
+    pub compressed_deliveries: u64,
     /// Deliveries dropped for slow consumers.
     pub dropped_slow_consumer: u64,
     /// Publishes refused because a shard queue was full.
@@ -163,6 +167,7 @@ impl Snapshot {
         self.http += http;
         self.subscriptions += load(&counters.subscriptions);
         self.delivered += counters.deliveries.load(Ordering::Relaxed);
+        self.compressed_deliveries += counters.compressed_deliveries.load(Ordering::Relaxed);
         self.dropped_slow_consumer += counters.dropped_slow_consumer.load(Ordering::Relaxed);
         self.slow_consumer_disconnects += counters.slow_consumer_disconnects.load(Ordering::Relaxed);
         self.rate_limited += counters.rate_limited.load(Ordering::Relaxed);
@@ -188,6 +193,7 @@ impl Snapshot {
             "events": {
                 "published": self.published,
                 "delivered": self.delivered,
+                "compressed_deliveries": self.compressed_deliveries,
                 "dropped": self.dropped_slow_consumer,
             },
             "request_timeouts": self.request_timeouts,
@@ -240,6 +246,12 @@ impl Snapshot {
             "counter",
             "Events queued to a connection.",
             &[("", self.delivered.to_string())],
+        );
+        family(
+            "volley_compressed_deliveries_total",
+            "counter",
+            "Events written as permessage-deflate frames (compressed once, shared by every such connection).",
+            &[("", self.compressed_deliveries.to_string())],
         );
         family(
             "volley_dropped_total",

@@ -98,11 +98,19 @@ fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
     assert_eq!(path, "/ready", "page reported {ready}");
     let from_page = ready["published"][0].as_str().expect("cross-origin publish answered").to_string();
     let mut ids = vec![from_page];
-    ids.extend(publish(&broker, &json!([{"topic": "browser.a", "data": 1}, {"topic": "browser.b", "data": 2}])));
+    // The second event is large enough to go compressed to a client that agreed to deflate.
+    let large: Vec<Value> = (0..40).map(|i| json!({"line": i, "sku": format!("SKU-{i:05}"), "qty": i % 7})).collect();
+    ids.extend(publish(&broker, &json!([{"topic": "browser.a", "data": 1}, {"topic": "browser.b", "data": large}])));
     let (path, got) = results.recv_timeout(wait).expect("the page received the events");
     assert_eq!(path, "/result", "page reported {got}");
     let as_ids =
         |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect() };
     assert_eq!(as_ids(&got["ws"]), ids, "over WebSocket");
     assert_eq!(as_ids(&got["sse"]), ids, "over EventSource");
+    assert!(got["extensions"].as_str().is_some_and(|e| e.starts_with("permessage-deflate")), "negotiated: {got}");
+    let (_, _, stats) = http(&broker, "GET", "/stats", "");
+    assert!(
+        stats["events"]["compressed_deliveries"].as_u64().is_some_and(|n| n >= 1),
+        "the browser (the only client that offered deflate) received a compressed event: {stats}"
+    );
 }

@@ -26,9 +26,10 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::Auth;
-use crate::bus::{Bus, Control, Delivery, ReplyTo};
+use crate::bus::{self, Bus, Control, Delivery, Event, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, State, Transport};
+use crate::deflate::Joiner;
 use crate::engine::EngineStatus;
 use crate::http::{HttpError, Response};
 use crate::limits::{Admission, IpRates, Refusal};
@@ -451,10 +452,14 @@ impl Core {
         let Core { conns, ctx } = self;
         let Some(conn) = conns.get_mut(key) else { return AfterWrite::Keep };
         let histogram = &mut ctx.latency.publish_to_write;
-        let mut replayed = 0;
+        let (mut replayed, mut compressed) = (0, 0);
         let result = loop {
-            write_batch(conn, ctx.shared.wall(now));
-            match conn.out.write_to(w, |e| Latency::record(histogram, now.saturating_duration_since(e.published_at))) {
+            compressed += write_batch(conn, ctx.shared.wall(now));
+            let on_event = |e: &Event, deflated: bool| {
+                Latency::record(histogram, now.saturating_duration_since(e.published_at));
+                compressed += usize::from(deflated);
+            };
+            match conn.out.write_to(w, on_event) {
                 Ok(true) => match conn.refill() {
                     (0, _) => break Ok(true),
                     (_, from_replay) => replayed += from_replay,
@@ -463,6 +468,9 @@ impl Core {
             }
         };
         ctx.counters().deliveries.fetch_add(replayed as u64, Ordering::Relaxed);
+        if compressed > 0 {
+            ctx.counters().compressed_deliveries.fetch_add(compressed as u64, Ordering::Relaxed);
+        }
         let after = match result {
             Err(_) => {
                 self.remove(key);
@@ -750,30 +758,67 @@ impl Core {
 }
 
 /// Turns a batch-mode connection's pending events into one `batch` message, built from
-/// the events' shared bytes (no re-serialization).
-fn write_batch(conn: &mut Conn, wall: SystemTime) {
-    let State::WebSocket(ws) = &mut conn.state else { return };
+/// the events' shared bytes (no re-serialization; with permessage-deflate, their shared
+/// compressed bytes joined by stored blocks, no compression per connection). Returns how
+/// many events went compressed.
+fn write_batch(conn: &mut Conn, wall: SystemTime) -> usize {
+    let State::WebSocket(ws) = &mut conn.state else { return 0 };
     if ws.batch_pending.is_empty() {
-        return;
+        return 0;
     }
     let events = ws.batch_pending.take();
-    let mut body = String::from("{\"events\":[");
-    let mut first = true;
-    for event in &events {
-        if !first {
-            body.push(',');
-        }
-        first = false;
-        // Event JSON is built from `str`s by the bus, so it is UTF-8.
-        body.push_str(std::str::from_utf8(event.json()).unwrap_or("null"));
-    }
-    body.push_str("]}");
     let id = ws.next_message_id();
-    let text = protocol::server_message("batch", &id, wall, None, &body);
-    let mut out = Vec::new();
-    ws.codec.send_text(text, &mut out);
+    // The envelope with an empty payload ends in its closing brace: the events go before it.
+    let envelope = protocol::server_message("batch", &id, wall, None, "");
+    let (head, tail) = envelope.split_at(envelope.len() - 1);
+    let mut compressed = 0;
+    let out = match ws.deflate {
+        Some(agreement) => {
+            let mut joiner = Joiner::default();
+            joiner.literal(head.as_bytes());
+            joiner.literal(b"{\"events\":[");
+            for (i, event) in events.iter().enumerate() {
+                if i > 0 {
+                    joiner.literal(b",");
+                }
+                match event.deflated_payload(agreement.window) {
+                    Some(payload) => {
+                        joiner.compressed(payload);
+                        compressed += 1;
+                    }
+                    None => joiner.literal(event.json()),
+                }
+            }
+            joiner.literal(b"]}");
+            joiner.literal(tail.as_bytes());
+            let payload = joiner.finish();
+            let mut frame = Vec::with_capacity(payload.len() + 10);
+            bus::push_ws_header(&mut frame, bus::WS_DEFLATED_TEXT, payload.len());
+            frame.extend_from_slice(&payload);
+            frame
+        }
+        None => {
+            let mut text =
+                String::with_capacity(envelope.len() + events.iter().map(|e| e.json().len() + 1).sum::<usize>() + 16);
+            text.push_str(head);
+            text.push_str("{\"events\":[");
+            for (i, event) in events.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                // Event JSON is built from `str`s by the bus, so it is UTF-8.
+                text.push_str(std::str::from_utf8(event.json()).unwrap_or("null"));
+            }
+            text.push_str("]}");
+            text.push_str(tail);
+            let mut out = Vec::new();
+            ws.codec.send_text(text, &mut out);
+            out
+        }
+    };
     // The batch's events were counted against the bound while pending; now its bytes are.
     conn.out.push_bytes(out);
+    compressed
 }
 
 impl Ctx {

@@ -17,6 +17,7 @@ use super::{Ctx, LINGER, Routed, SSE_SUB, SubRef};
 use crate::auth::{AuthError, Grant};
 use crate::bus::{Accepted, Control, PublishError, Reply};
 use crate::conn::{Conn, Filter, SseConn, State, Transport, WsConn};
+use crate::deflate;
 use crate::history::NotRecoverable;
 use crate::http::{self, HttpError, Parsed, Request, Response};
 use crate::limits::TokenBucket;
@@ -264,7 +265,17 @@ impl Ctx {
             let error = HttpError::new(ErrorCode::Forbidden, format!("origin {origin} is not allowed"));
             return self.respond(key, conn, request, Response::error(&error), now);
         }
-        let handshake = match ws::accept(request) {
+        let config = self.config();
+        let deflate = config
+            .compression
+            .then(|| {
+                deflate::negotiate(
+                    request.websocket_extensions.iter().map(String::as_str),
+                    config.compression_min_bytes,
+                )
+            })
+            .flatten();
+        let handshake = match ws::accept(request, deflate.as_ref()) {
             Ok(bytes) => bytes,
             Err(error) => return self.respond(key, conn, request, ws::upgrade_error_response(&error), now),
         };
@@ -284,7 +295,8 @@ impl Ctx {
         let config = self.config();
         let heartbeat = config.heartbeat_interval();
         let mut ws = Box::new(WsConn {
-            codec: Codec::new(config.max_message_bytes),
+            codec: Codec::new(config.max_message_bytes, deflate.is_some()),
+            deflate,
             echo,
             batch: request.query_param("batch").is_some_and(|b| b == "1" || b == "true"),
             batch_pending: Default::default(),

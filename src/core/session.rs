@@ -13,7 +13,8 @@ use serde_json::json;
 use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
 use crate::bus::{Accepted, PublishError, Reply, ReplyTo};
-use crate::conn::{Conn, Filter, State, Subscription};
+use crate::conn::{Conn, Filter, State, Subscription, WsConn};
+use crate::deflate;
 use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
@@ -48,8 +49,7 @@ impl Ctx {
                 Ok(Some(Received::Binary(data))) => {
                     let State::WebSocket(ws) = &mut conn.state else { return };
                     if ws.echo {
-                        let mut out = Vec::new();
-                        ws.codec.send_binary(data, &mut out);
+                        let out = echo(ws, Echo::Binary(data));
                         self.send(key, conn, out, now);
                     } else {
                         let rejection = Rejection::new(ErrorCode::InvalidMessage, "binary frames are not supported");
@@ -67,8 +67,7 @@ impl Ctx {
         let close_after = Duration::from_millis(self.config().rate_limit_close_after_ms);
         let State::WebSocket(ws) = &mut conn.state else { return };
         if ws.echo {
-            let mut out = Vec::new();
-            ws.codec.send_text(text, &mut out);
+            let out = echo(ws, Echo::Text(text));
             return self.send(key, conn, out, now);
         }
         match ws.bucket.take(now, close_after) {
@@ -351,4 +350,31 @@ pub(super) fn publish_rejection(error: &PublishError) -> Rejection {
         PublishError::EngineUnavailable => ErrorCode::EngineUnavailable,
     };
     Rejection::new(code, error.to_string())
+}
+
+/// A message for the testing echo route to send back.
+enum Echo {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// The echo route's answer: compressed per message where deflate was agreed (so the
+/// conformance suite checks volley's compressed frames too), else through tungstenite.
+fn echo(ws: &mut WsConn, message: Echo) -> Vec<u8> {
+    let (opcode, bytes) = match &message {
+        Echo::Text(text) => (0x1, text.as_bytes()),
+        Echo::Binary(data) => (0x2, data.as_slice()),
+    };
+    if let Some(agreement) = ws.deflate.filter(|a| a.worth(bytes.len()))
+        && ws.codec.can_write()
+        && let Some(frame) = deflate::compressed_frame(agreement.window, opcode, bytes)
+    {
+        return frame;
+    }
+    let mut out = Vec::new();
+    match message {
+        Echo::Text(text) => ws.codec.send_text(text, &mut out),
+        Echo::Binary(data) => ws.codec.send_binary(data, &mut out),
+    }
+    out
 }
