@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address of the one listener serving every route.
     pub listen: SocketAddr,
+    /// PEM file with the TLS certificate chain (leaf first); empty: no TLS.
+    pub tls_cert: String,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: String,
+    /// A second listener speaking TLS while `listen` stays plain; empty: with a
+    /// certificate, `listen` itself speaks TLS.
+    pub listen_tls: String,
     /// Reactor threads; 0 means one per available core.
     pub shards: usize,
     /// TCP connections at once, every kind counted.
@@ -91,6 +98,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            listen_tls: String::new(),
             shards: 0,
             max_connections: 65_536,
             max_connections_per_ip: 4_096,
@@ -208,6 +218,16 @@ impl Config {
         Ok(config)
     }
 
+    /// Where plain and TLS connections are accepted: (`listen`, whether it speaks TLS), and
+    /// `listen_tls` if set.
+    pub fn listeners(&self) -> Vec<(SocketAddr, bool)> {
+        let tls = !self.tls_cert.is_empty();
+        match self.listen_tls.parse::<SocketAddr>() {
+            Ok(listen_tls) if tls => vec![(self.listen, false), (listen_tls, true)],
+            _ => vec![(self.listen, tls)],
+        }
+    }
+
     /// The history bounds.
     pub fn retention(&self) -> crate::history::Retention {
         crate::history::Retention {
@@ -254,6 +274,22 @@ impl Config {
                 key: "max_outbound_bytes".into(),
                 message: format!("{} is below max_message_bytes ({})", self.max_outbound_bytes, self.max_message_bytes),
             });
+        }
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            let key = if self.tls_cert.is_empty() { "tls_cert" } else { "tls_key" };
+            return Err(ConfigError::Invalid { key: key.into(), message: "tls_cert and tls_key go together".into() });
+        }
+        if !self.listen_tls.is_empty() {
+            if self.tls_cert.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "listen_tls".into(),
+                    message: "needs tls_cert and tls_key".into(),
+                });
+            }
+            self.listen_tls.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                key: "listen_tls".into(),
+                message: format!("{:?} is not host:port: {e}", self.listen_tls),
+            })?;
         }
         if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {
             return Err(ConfigError::Invalid { key: "echo_path".into(), message: "must start with /".into() });

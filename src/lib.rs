@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod reactor;
 pub mod shard;
 pub mod sse;
+pub mod tls;
 pub mod topic;
 pub mod ws;
 

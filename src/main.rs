@@ -226,6 +226,13 @@ fn main() -> ExitCode {
             if let Some(engine) = engine {
                 config.engine = engine;
             }
+            // Unusable certificate files stop the broker like any bad setting (exit 2).
+            if !config.tls_cert.is_empty()
+                && let Err(e) = volley::tls::Certificates::load(&config.tls_cert, &config.tls_key)
+            {
+                eprintln!("volley: {e}");
+                return ExitCode::from(2);
+            }
             let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

@@ -14,6 +14,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use crate::tls::HandshakeFailure;
+
 /// Counters one shard writes. Aligned to its own cache lines: shards' counters sit side by
 /// side in one `Vec`, and a delivery bumps one, so sharing a line would make every
 /// delivery on one core invalidate the other cores' copies.
@@ -42,6 +44,8 @@ pub struct ShardCounters {
     pub request_timeouts: AtomicU64,
     /// The shard's write coalescing window, microseconds (0 while it keeps up).
     pub coalescing_us: AtomicU64,
+    /// TLS handshakes that failed, by [`HandshakeFailure::index`].
+    pub tls_handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 impl ShardCounters {
@@ -138,6 +142,8 @@ pub struct Snapshot {
     pub delivered: u64,
     /// Events written compressed.
     pub compressed_deliveries: u64,
+    /// TLS handshakes that failed, by reason.
+    pub tls_handshake_failures: [u64; HandshakeFailure::ALL.len()],
     /// Deliveries dropped for slow consumers.
     pub dropped_slow_consumer: u64,
     /// Publishes refused because a shard queue was full.
@@ -168,6 +174,9 @@ impl Snapshot {
         self.subscriptions += load(&counters.subscriptions);
         self.delivered += counters.deliveries.load(Ordering::Relaxed);
         self.compressed_deliveries += counters.compressed_deliveries.load(Ordering::Relaxed);
+        for (total, counter) in self.tls_handshake_failures.iter_mut().zip(&counters.tls_handshake_failures) {
+            *total += counter.load(Ordering::Relaxed);
+        }
         self.dropped_slow_consumer += counters.dropped_slow_consumer.load(Ordering::Relaxed);
         self.slow_consumer_disconnects += counters.slow_consumer_disconnects.load(Ordering::Relaxed);
         self.rate_limited += counters.rate_limited.load(Ordering::Relaxed);
@@ -197,6 +206,10 @@ impl Snapshot {
                 "dropped": self.dropped_slow_consumer,
             },
             "request_timeouts": self.request_timeouts,
+            "tls_handshake_failures": HandshakeFailure::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), json!(self.tls_handshake_failures[r.index()])))
+                .collect::<serde_json::Map<_, _>>(),
             "shards": shards,
             "history": {"events": self.history.0, "bytes": self.history.1},
             "engine": self.engine.map(|(up, reconnects, lag_us)| json!({"up": up, "reconnects": reconnects, "lag_us": lag_us})),
@@ -252,6 +265,17 @@ impl Snapshot {
             "counter",
             "Events written as permessage-deflate frames (compressed once, shared by every such connection).",
             &[("", self.compressed_deliveries.to_string())],
+        );
+        let tls_failures: Vec<(String, String)> = HandshakeFailure::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.tls_handshake_failures[r.index()].to_string()))
+            .collect();
+        let tls_failures: Vec<(&str, String)> = tls_failures.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        family(
+            "volley_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed, by reason.",
+            &tls_failures,
         );
         family(
             "volley_dropped_total",

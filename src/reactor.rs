@@ -19,12 +19,14 @@ use crate::bus::{Bus, Control, Inbox, Sequencer};
 use crate::config::Config;
 use crate::core::Shared;
 use crate::engine::{Redis, RedisSettings};
-use crate::shard::{Shard, WAKER};
+use crate::shard::{Listener, Shard, WAKER};
+use crate::tls::{Certificates, TlsError};
 
 /// A running broker.
 pub struct Server {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
+    certificates: Option<Arc<Certificates>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
 }
 
@@ -42,11 +44,26 @@ impl Server {
     /// Binds and starts every shard.
     pub fn start(config: Config) -> io::Result<Self> {
         let shards = config.shard_count();
-        let first = listener(config.listen)?;
-        let addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..shards {
-            listeners.push(listener(addr)?);
+        let certificates = match config.tls_cert.is_empty() {
+            true => None,
+            false => Some(Arc::new(
+                Certificates::load(&config.tls_cert, &config.tls_key)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            )),
+        };
+        // Per shard, one socket per configured listener, all on the address the first
+        // shard bound (port 0 becomes one port for every shard).
+        let mut listeners: Vec<Vec<Listener>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for (addr, tls) in config.listeners() {
+            let first = listener(addr)?;
+            let addr = first.local_addr()?;
+            addrs.push(addr);
+            let tls = tls.then(|| certificates.clone()).flatten();
+            listeners[0].push(Listener { socket: first, tls: tls.clone() });
+            for shard in listeners.iter_mut().skip(1) {
+                shard.push(Listener { socket: listener(addr)?, tls: tls.clone() });
+            }
         }
         let mut polls = Vec::with_capacity(shards);
         let mut inboxes = Vec::with_capacity(shards);
@@ -85,13 +102,27 @@ impl Server {
                 .spawn(move || contain(id, move || Shard::new(id, poll, listener, shared)?.run()))?;
             threads.push(thread);
         }
-        tracing::info!(%addr, shards, "volley listening");
-        Ok(Self { addr, shared, threads })
+        tracing::info!(?addrs, tls = certificates.is_some(), shards, "volley listening");
+        Ok(Self { addrs, shared, certificates, threads })
     }
 
-    /// The bound address (useful with port 0).
+    /// The bound address of `listen` (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// The bound address of `listen_tls`, if set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.addrs.get(1).copied()
+    }
+
+    /// Loads the certificate pair again (SIGHUP): new handshakes use it; on failure the
+    /// old pair stays and the error says why.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.certificates {
+            Some(certificates) => certificates.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Begins a graceful drain: stop accepting, `/health` 503, close WebSockets with
@@ -152,17 +183,27 @@ fn contain(id: usize, run: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
     }
 }
 
-/// Runs the broker until SIGTERM/SIGINT, then drains (a second signal stops at once).
+/// Runs the broker until SIGTERM/SIGINT, then drains (a second signal stops at once);
+/// SIGHUP reloads the TLS certificate pair.
 pub fn serve(config: Config) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     crate::limits::raise_fd_limit();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let server = Server::start(config)?;
     let handle = signals.handle();
     let shared = server.shared.clone();
+    let certificates = server.certificates.clone();
     std::thread::Builder::new().name("volley-signals".into()).spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                match certificates.as_deref().map(Certificates::reload) {
+                    Some(Ok(())) => tracing::info!("TLS certificate pair reloaded"),
+                    Some(Err(e)) => tracing::error!(error = %e, "TLS reload failed; keeping the old pair"),
+                    None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+                }
+                continue;
+            }
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "draining");

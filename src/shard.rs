@@ -1,7 +1,8 @@
-//! One shard: a thread with its own `mio::Poll`, listener and sockets, driving a [`Core`].
+//! One shard: a thread with its own `mio::Poll`, listeners and sockets, driving a [`Core`].
 //!
-//! Owns the only code that touches sockets and the clock: it accepts, reads into the
-//! core (as much as [`Core::read_budget`] allows: backpressure and rate pauses are the
+//! Owns the only code that touches sockets and the clock: it accepts (on a plain and, with
+//! TLS, a TLS listener; a TLS socket goes through its [`TlsStream`], so the core sees
+//! plaintext either way), reads into the core (as much as [`Core::read_budget`] allows: backpressure and rate pauses are the
 //! core's decisions), writes what [`Core::poll_transmit`] names, shuts and drops the
 //! sockets the core closed, and reads `now` at the start of each phase of a loop turn
 //! (input, inbox and timers, writes) and hands it in. Everything a connection
@@ -18,11 +19,35 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::core::{AfterWrite, Core, Shared};
 use crate::limits::Refusal;
+use crate::tls::{Broken, Certificates, Input, TlsStream};
 
-/// Token of the shard's listener.
-pub const LISTENER: Token = Token(usize::MAX - 1);
 /// Token of the shard's waker.
-pub const WAKER: Token = Token(usize::MAX - 2);
+pub const WAKER: Token = Token(usize::MAX - 1);
+/// Token of the shard's first listener; the next ones count down from it.
+const LISTENER: usize = usize::MAX - 2;
+
+/// A listening socket of this shard, and the certificates if it speaks TLS.
+pub struct Listener {
+    /// The socket (`SO_REUSEPORT`, one per shard).
+    pub socket: TcpListener,
+    /// TLS: the pair new handshakes use.
+    pub tls: Option<Arc<Certificates>>,
+}
+
+/// A connection's socket.
+enum Socket {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Socket {
+    fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            Socket::Plain(socket) => socket,
+            Socket::Tls(tls) => tls.socket(),
+        }
+    }
+}
 
 /// Read size per `read` call; one buffer per shard.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -32,23 +57,26 @@ pub struct Shard {
     id: usize,
     core: Core,
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// Emptied when the core stops accepting (drain).
+    listeners: Vec<Listener>,
     /// Sockets by the core's connection key.
-    sockets: Vec<Option<TcpStream>>,
+    sockets: Vec<Option<Socket>>,
     scratch: Vec<u8>,
     /// The inbox held more than one turn's fan-out: poll without waiting.
     inbox_pending: bool,
 }
 
 impl Shard {
-    /// A shard `id` polling `poll`, accepting on `listener`.
-    pub fn new(id: usize, poll: Poll, mut listener: TcpListener, shared: Arc<Shared>) -> io::Result<Self> {
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+    /// A shard `id` polling `poll`, accepting on `listeners`.
+    pub fn new(id: usize, poll: Poll, mut listeners: Vec<Listener>, shared: Arc<Shared>) -> io::Result<Self> {
+        for (i, listener) in listeners.iter_mut().enumerate() {
+            poll.registry().register(&mut listener.socket, Token(LISTENER - i), Interest::READABLE)?;
+        }
         Ok(Self {
             id,
             core: Core::new(id, shared),
             poll,
-            listener: Some(listener),
+            listeners,
             sockets: Vec::new(),
             scratch: vec![0; SCRATCH_BYTES],
             inbox_pending: false,
@@ -76,8 +104,10 @@ impl Shard {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(now),
                     WAKER => {}
+                    Token(token) if token > LISTENER - self.listeners.len() && token <= LISTENER => {
+                        self.accept(LISTENER - token, now)
+                    }
                     Token(key) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read(key, now);
@@ -98,10 +128,10 @@ impl Shard {
                 self.write(key, now);
             }
             self.reap();
-            if !self.core.accepting()
-                && let Some(mut listener) = self.listener.take()
-            {
-                let _ = self.poll.registry().deregister(&mut listener);
+            if !self.core.accepting() {
+                for mut listener in self.listeners.drain(..) {
+                    let _ = self.poll.registry().deregister(&mut listener.socket);
+                }
             }
             if self.core.finished() {
                 return Ok(());
@@ -109,12 +139,12 @@ impl Shard {
         }
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, which: usize, now: Instant) {
         // A key the core freed must not be handed out while its old socket is still here.
         self.reap();
         loop {
-            let Some(listener) = &self.listener else { return };
-            let (socket, addr) = match listener.accept() {
+            let Some(listener) = self.listeners.get(which) else { return };
+            let (socket, addr) = match listener.socket.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -125,14 +155,24 @@ impl Shard {
                 }
             };
             let _ = socket.set_nodelay(true);
+            let socket = match &listener.tls {
+                None => Socket::Plain(socket),
+                Some(certificates) => match TlsStream::accept(socket, certificates.current()) {
+                    Ok(tls) => Socket::Tls(Box::new(tls)),
+                    Err(e) => {
+                        tracing::warn!(shard = self.id, error = %e, "TLS session not created");
+                        continue;
+                    }
+                },
+            };
             let refusal = self.core.admit(addr.ip()).err();
             self.insert(socket, addr.ip(), refusal, now);
         }
     }
 
-    fn insert(&mut self, mut socket: TcpStream, peer: IpAddr, refusal: Option<Refusal>, now: Instant) {
+    fn insert(&mut self, mut socket: Socket, peer: IpAddr, refusal: Option<Refusal>, now: Instant) {
         let key = self.core.vacant_key();
-        if let Err(e) = self.poll.registry().register(&mut socket, Token(key), Interest::READABLE | Interest::WRITABLE)
+        if let Err(e) = self.poll.registry().register(socket.tcp(), Token(key), Interest::READABLE | Interest::WRITABLE)
         {
             tracing::warn!(error = %e, "register failed");
             if refusal.is_none() {
@@ -158,7 +198,17 @@ impl Shard {
             if budget == 0 {
                 return;
             }
-            match socket.read(&mut self.scratch[..budget]) {
+            let read = match socket {
+                Socket::Plain(socket) => socket.read(&mut self.scratch[..budget]),
+                Socket::Tls(tls) => match tls.read(&mut self.scratch[..budget]) {
+                    Ok(Input::Data(n)) => Ok(n),
+                    Ok(Input::Eof) => Ok(0),
+                    Ok(Input::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+                    Err(Broken::Handshake(reason)) => return self.core.tls_handshake_failed(key, reason),
+                    Err(Broken::Later) => return self.core.remove(key),
+                },
+            };
+            match read {
                 Ok(0) => return self.core.handle_eof(key, now),
                 Ok(n) => {
                     self.core.handle_input(key, &self.scratch[..n], now);
@@ -177,7 +227,26 @@ impl Shard {
 
     fn write(&mut self, key: usize, now: Instant) {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else { return };
-        if self.core.write_to(key, socket, now) == AfterWrite::Shutdown && socket.shutdown(Shutdown::Write).is_err() {
+        let shutdown = match socket {
+            Socket::Plain(socket) => self.core.write_to(key, socket, now) == AfterWrite::Shutdown,
+            Socket::Tls(tls) => {
+                // Records rustls still holds go first: they are older than anything queued.
+                match tls.flush() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => return self.core.remove(key),
+                }
+                let after = self.core.write_to(key, &mut tls.writer(), now);
+                match tls.flush() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => return self.core.remove(key),
+                }
+                // Half-close only once close_notify and everything before it left.
+                after == AfterWrite::Shutdown && tls.close()
+            }
+        };
+        if shutdown && socket.tcp().shutdown(Shutdown::Write).is_err() {
             self.core.remove(key);
         }
     }
@@ -186,7 +255,7 @@ impl Shard {
     fn reap(&mut self) {
         for key in self.core.poll_closed() {
             if let Some(mut socket) = self.sockets.get_mut(key).and_then(Option::take) {
-                let _ = self.poll.registry().deregister(&mut socket);
+                let _ = self.poll.registry().deregister(socket.tcp());
             }
         }
     }

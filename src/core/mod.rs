@@ -499,6 +499,12 @@ impl Core {
         after
     }
 
+    /// A TLS connection failed its handshake: counted by reason, then removed.
+    pub fn tls_handshake_failed(&mut self, key: usize, reason: crate::tls::HandshakeFailure) {
+        ShardCounters::bump(&self.ctx.counters().tls_handshake_failures[reason.index()]);
+        self.remove(key);
+    }
+
     /// Removes `key` (the one close path): index entries, gauges and admission are
     /// counted out from what the connection still holds; its socket is reported by
     /// [`Self::poll_closed`].

@@ -14,6 +14,8 @@ use volley::reactor::Server;
 pub struct Broker {
     server: Option<Server>,
     pub addr: SocketAddr,
+    /// `listen_tls`, when configured.
+    pub tls_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -27,8 +29,8 @@ impl Broker {
         let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Config::default() };
         tweak(&mut config);
         let server = Server::start(config).expect("broker starts");
-        let addr = server.addr();
-        Self { server: Some(server), addr }
+        let (addr, tls_addr) = (server.addr(), server.tls_addr());
+        Self { server: Some(server), addr, tls_addr }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -79,7 +81,7 @@ pub fn send_json(ws: &mut Ws, value: &Value) {
 }
 
 /// Reads the next text message as JSON (skipping pings).
-pub fn recv_json(ws: &mut Ws) -> Value {
+pub fn recv_json<S: Read + Write>(ws: &mut WebSocket<S>) -> Value {
     loop {
         match ws.read().expect("read a message") {
             Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sends JSON"),
