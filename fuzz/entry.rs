@@ -2,7 +2,7 @@
 //! corpus replay test (`tests/fuzz_corpus.rs`), so a crash found by the fuzzer stays a
 //! test on stable.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use std::io::{self, IoSlice, Write};
@@ -23,8 +23,9 @@ use volley::ws::{Codec, Received};
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the corpus directory names).
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("connection", connection),
+    ("tls_accept", tls_accept),
     ("http_head", http_head),
     ("ws_read", ws_read),
     ("ws_inflate", ws_inflate),
@@ -122,6 +123,63 @@ fn push_client_frame(out: &mut Vec<u8>, first: u8, masked: bool, payload: &[u8])
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     } else {
         out.extend_from_slice(payload);
+    }
+}
+
+/// Bytes from a client as a TLS server reads them: the first byte picks the size of each
+/// read from the wire, the rest is what the client sent (ClientHellos, records, garbage).
+/// Whatever arrives, reading ends (no loop without progress) and nothing panics.
+pub fn tls_accept(data: &[u8]) {
+    use volley::tls::{Certificates, Input, TlsStream};
+    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let pki = volley::bench::Pki::new("fuzz").expect("test certificates");
+        let certificates = Certificates::load(&pki.cert.display().to_string(), &pki.key.display().to_string());
+        certificates.expect("a fresh pair loads").current()
+    });
+    let Some((&chunk, rest)) = data.split_first() else { return };
+    let wire = Wire { input: rest, chunk: chunk as usize + 1, written: 0 };
+    let Ok(mut tls) = TlsStream::accept(wire, config.clone()) else { return };
+    let mut plaintext = [0u8; 4096];
+    for _ in 0..rest.len() + 2 {
+        match tls.read(&mut plaintext) {
+            Ok(Input::Data(_)) => {}
+            Ok(Input::WouldBlock | Input::Eof) | Err(_) => break,
+        }
+    }
+    // Whatever state it is in, writing and flushing end too.
+    let _ = tls.writer().write(&[b'x'; 1024]);
+    let _ = tls.flush();
+}
+
+/// A client connection as the TLS layer sees it: reads of at most `chunk` bytes, then
+/// WouldBlock; writes all taken.
+struct Wire<'a> {
+    input: &'a [u8],
+    chunk: usize,
+    written: usize,
+}
+
+impl io::Read for Wire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.chunk).min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for Wire<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.written += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -33,6 +33,9 @@ pub enum Scenario {
     Idle,
     /// Like broadcast, with subscribers over Server-Sent Events.
     Sse,
+    /// TLS handshakes per second (with `--tls`): `threads` clients each connect, complete
+    /// a handshake, ask `/health` and close, again and again.
+    Handshake,
 }
 
 /// A benchmark run's settings.
@@ -71,6 +74,86 @@ pub struct Options {
     /// Subscribers offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
     /// as browsers do).
     pub deflate: bool,
+    /// Subscribers connect over TLS to these addresses instead (publishers stay plain).
+    pub tls: Option<TlsTarget>,
+}
+
+/// Where and how subscribers speak TLS.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    /// The server's TLS listeners.
+    pub addrs: Vec<SocketAddr>,
+    /// Trusts the run's test CA.
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+/// A test CA and a leaf for `localhost` and `127.0.0.1` in PEM files under a temporary
+/// directory (removed on drop): TLS runs of the bench, and the TLS tests.
+pub struct Pki {
+    /// The directory holding the files.
+    pub dir: std::path::PathBuf,
+    /// The CA certificate clients trust.
+    pub ca: rustls::pki_types::CertificateDer<'static>,
+    /// The leaf's chain (PEM).
+    pub cert: std::path::PathBuf,
+    /// The leaf's private key (PEM).
+    pub key: std::path::PathBuf,
+    /// The leaf's SubjectPublicKeyInfo (DER), which browsers can be told to trust.
+    pub leaf_spki: Vec<u8>,
+}
+
+impl Pki {
+    /// A new CA and leaf, in a directory named after `name`.
+    pub fn new(name: &str) -> io::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = std::env::temp_dir().join(format!("volley-pki-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca_key = KeyPair::generate().map_err(io::Error::other)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("volley test CA {name}"));
+        let ca = ca_params.self_signed(&ca_key).map_err(io::Error::other)?;
+        let key = KeyPair::generate().map_err(io::Error::other)?;
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).map_err(io::Error::other)?;
+        let leaf = params.signed_by(&key, &Issuer::new(ca_params, ca_key)).map_err(io::Error::other)?;
+        let pki = Self {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: ca.der().clone(),
+            leaf_spki: rcgen::PublicKeyData::subject_public_key_info(&key),
+            dir,
+        };
+        std::fs::write(&pki.cert, leaf.pem())?;
+        std::fs::write(&pki.key, key.serialize_pem())?;
+        std::fs::write(pki.dir.join("ca.pem"), ca.pem())?;
+        Ok(pki)
+    }
+
+    /// The CA certificate as a PEM file (for curl's `--cacert`).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A client configuration trusting only this CA (ALPN `http/1.1`).
+    pub fn client_config(&self) -> io::Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(io::Error::other)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -295,10 +378,60 @@ impl Inflate {
 
 struct Subscriber {
     stream: TcpStream,
+    /// TLS runs: the client side of the session.
+    tls: Option<Box<rustls::ClientConnection>>,
     topic: String,
     phase: Phase,
     buf: Vec<u8>,
     out: Vec<u8>,
+}
+
+impl Subscriber {
+    /// Reads what arrived (plaintext, under TLS) into `buf`; `Ok(0)` at the end.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else { return self.stream.read(buf) };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            tls.process_new_packets().map_err(io::Error::other)?;
+            flush_tls(tls, &mut self.stream)?;
+        }
+    }
+
+    /// Writes what is queued (through TLS when on).
+    fn write_out(&mut self) -> io::Result<()> {
+        if let Some(tls) = &mut self.tls {
+            tls.writer().write_all(&self.out)?;
+            self.out.clear();
+            return flush_tls(tls, &mut self.stream);
+        }
+        if !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(n) => drop(self.out.drain(..n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pushes a TLS client's pending records to its socket, as far as it takes them.
+fn flush_tls(tls: &mut rustls::ClientConnection, stream: &mut impl Write) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What one subscriber loop measured.
@@ -353,10 +486,18 @@ fn subscriber_loop(
     let mut poll = Poll::new()?;
     let mut subs = Vec::with_capacity(indexes.len());
     for (slot, &i) in indexes.iter().enumerate() {
-        let mut stream = connect(opts.addrs[i % opts.addrs.len()], i)?;
+        let (addrs, tls) = match &opts.tls {
+            Some(target) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+                let session = rustls::ClientConnection::new(target.config.clone(), name).map_err(io::Error::other)?;
+                (&target.addrs, Some(Box::new(session)))
+            }
+            None => (&opts.addrs, None),
+        };
+        let mut stream = connect(addrs[i % addrs.len()], i)?;
         poll.registry().register(&mut stream, Token(slot), Interest::READABLE | Interest::WRITABLE)?;
         let topic = topic_name(opts.scenario, i, opts.topics);
-        subs.push(Subscriber { stream, topic, phase: Phase::Connecting, buf: Vec::new(), out: Vec::new() });
+        subs.push(Subscriber { stream, tls, topic, phase: Phase::Connecting, buf: Vec::new(), out: Vec::new() });
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(io::Error::other)?;
     let mut delivered = 0u64;
@@ -391,7 +532,7 @@ fn subscriber_loop(
                 let window = window.get().copied();
                 let mut counted = 0u64;
                 loop {
-                    let n = match sub.stream.read(&mut scratch) {
+                    let n = match sub.read(&mut scratch) {
                         Ok(0) => {
                             sub.phase = Phase::Dead;
                             shared.dead.fetch_add(1, Ordering::Relaxed);
@@ -433,22 +574,17 @@ fn subscriber_loop(
                     }
                     // A short read emptied the socket: data arriving later raises a new
                     // edge, so the read that would only say WouldBlock is saved (it halves
-                    // the harness's syscalls per delivery).
-                    if n < scratch.len() {
+                    // the harness's syscalls per delivery). Not so under TLS, where a
+                    // short read may be the end of one record.
+                    if n < scratch.len() && sub.tls.is_none() {
                         break;
                     }
                 }
                 delivered += counted;
                 shared.received.fetch_add(counted, Ordering::Relaxed);
             }
-            if !sub.out.is_empty() {
-                match sub.stream.write(&sub.out) {
-                    Ok(n) => {
-                        sub.out.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => sub.phase = Phase::Dead,
-                }
+            if sub.write_out().is_err() {
+                sub.phase = Phase::Dead;
             }
         }
     }
@@ -774,6 +910,9 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     if opts.addrs.is_empty() {
         return Err(io::Error::other("no server address"));
     }
+    if opts.scenario == Scenario::Handshake {
+        return handshakes(opts, server);
+    }
     crate::limits::raise_fd_limit();
     let rss_before = opts.server_pid.and_then(rss_bytes);
     let shared = Arc::new(Shared {
@@ -906,6 +1045,7 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     let published: u64 = acked.values().sum();
     let seconds = opts.duration.as_secs_f64();
     let (load, offered_per_sec) = match (opts.rate, opts.closed_loop) {
+        _ if !measured => ("idle".to_string(), 0.0),
         (_, Some(n)) => (format!("closed loop {n}"), published as f64 / seconds),
         (0, None) => ("saturate (deep queues)".to_string(), published as f64 / seconds),
         (rate, None) => (format!("rate {rate}/s"), rate as f64),
@@ -931,11 +1071,76 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     })
 }
 
+/// TLS handshakes per second: `threads` blocking clients in a closed loop, each handshake
+/// followed by one `GET /health` (so the server has finished its side) and a close.
+fn handshakes(opts: &Options, server: &str) -> io::Result<Report> {
+    let target = opts.tls.clone().ok_or_else(|| io::Error::other("the handshake scenario needs --tls"))?;
+    let addr = target.addrs[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let cpu_start = cpu_seconds();
+    let wall_start = Instant::now();
+    let clients: Vec<_> = (0..opts.threads.max(1))
+        .map(|_| {
+            let (stop, counting, done, config) = (stop.clone(), counting.clone(), done.clone(), target.config.clone());
+            std::thread::spawn(move || -> io::Result<()> {
+                let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+                while !stop.load(Ordering::Relaxed) {
+                    let socket = std::net::TcpStream::connect(addr)?;
+                    socket.set_nodelay(true)?;
+                    let session =
+                        rustls::ClientConnection::new(config.clone(), name.clone()).map_err(io::Error::other)?;
+                    let mut tls = rustls::StreamOwned::new(session, socket);
+                    tls.write_all(b"GET /health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+                    let mut answer = Vec::new();
+                    let _ = tls.read_to_end(&mut answer);
+                    if answer.starts_with(b"HTTP/1.1 200") && counting.load(Ordering::Relaxed) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(opts.warmup);
+    let server_cpu_start = opts.server_pid.and_then(process_cpu_seconds);
+    counting.store(true, Ordering::Relaxed);
+    std::thread::sleep(opts.duration);
+    counting.store(false, Ordering::Relaxed);
+    let server_cpu = server_cpu_start.zip(opts.server_pid.and_then(process_cpu_seconds)).map(|(a, b)| b - a);
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().map_err(|_| io::Error::other("handshake client panicked"))??;
+    }
+    let count = done.load(Ordering::Relaxed);
+    let seconds = opts.duration.as_secs_f64();
+    Ok(Report {
+        scenario: Scenario::Handshake,
+        server: server.into(),
+        connections: opts.threads,
+        published: 0,
+        delivered: count,
+        expected: count,
+        load: format!("closed loop {} clients", opts.threads),
+        offered_per_sec: 0.0,
+        events_per_sec: count as f64 / seconds,
+        latency_us: Percentiles::default(),
+        client_cpu_cores: (cpu_seconds() - cpu_start) / wall_start.elapsed().as_secs_f64(),
+        server_cpu_cores: server_cpu.map(|c| c / seconds),
+        server_cpu_us_per_delivery: server_cpu.filter(|_| count > 0).map(|c| c * 1e6 / count as f64),
+        server_rss_per_connection: None,
+        wire_bytes_per_delivery: None,
+    })
+}
+
 /// A server the harness started, stopped on drop.
 pub struct Spawned {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it listens for TLS, if asked to.
+    pub tls_addr: Option<SocketAddr>,
 }
 
 impl Drop for Spawned {
@@ -962,8 +1167,12 @@ fn wait_listening(addr: SocketAddr) -> io::Result<()> {
 
 /// Starts this volley binary with limits opened for benchmarking (no rate limit, large
 /// queues), or the peer baseline binary.
-pub fn spawn(binary: &std::path::Path, volley: bool, cpus: Option<&str>) -> io::Result<Spawned> {
+pub fn spawn(binary: &std::path::Path, volley: bool, cpus: Option<&str>, pki: Option<&Pki>) -> io::Result<Spawned> {
     let addr = free_addr()?;
+    let tls_addr = match pki {
+        Some(_) if volley => Some(free_addr()?),
+        _ => None,
+    };
     let mut command = match cpus {
         Some(cpus) => {
             let mut taskset = Command::new("taskset");
@@ -980,11 +1189,17 @@ pub fn spawn(binary: &std::path::Path, volley: bool, cpus: Option<&str>) -> io::
             .env("VOLLEY_MAX_CONNECTIONS_PER_IP", "1000000")
             .env("VOLLEY_MAX_OUTBOUND_BYTES", "16777216")
             .env("VOLLEY_LOG_LEVEL", "warn");
+        if let (Some(pki), Some(tls_addr)) = (pki, tls_addr) {
+            command
+                .env("VOLLEY_TLS_CERT", &pki.cert)
+                .env("VOLLEY_TLS_KEY", &pki.key)
+                .env("VOLLEY_LISTEN_TLS", tls_addr.to_string());
+        }
     } else {
         command.arg(addr.to_string());
     }
     let child = command.stdout(Stdio::null()).spawn()?;
-    let spawned = Spawned { child, addr };
+    let spawned = Spawned { child, addr, tls_addr };
     wait_listening(addr)?;
     Ok(spawned)
 }

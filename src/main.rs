@@ -115,6 +115,11 @@ struct BenchArgs {
     /// permessage-deflate offered (the second row is named `<server>+deflate`).
     #[arg(long)]
     deflate: bool,
+    /// Spawned volley servers are measured twice in the run: subscribers over plain TCP,
+    /// then over TLS (`<server>+tls`; a test CA made for the run, publishers stay plain).
+    /// The handshake scenario measures only the TLS row.
+    #[arg(long)]
+    tls: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -138,7 +143,9 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         threads: args.threads,
         server_pid: args.server_pid,
         deflate: false,
+        tls: None,
     };
+    let pki = if args.tls { Some(volley::bench::Pki::new("bench")?) } else { None };
     let mut servers = Vec::new();
     if args.spawn || args.compare || args.baseline.is_some() {
         servers.push(("volley", std::env::current_exe()?, true));
@@ -150,23 +157,47 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         }
     }
     let rates = if args.sweep.is_empty() { vec![args.rate] } else { args.sweep.clone() };
-    let offers: &[bool] = if args.deflate { &[false, true] } else { &[false] };
+    // (deflate offered, over TLS) per row of a server.
+    let mut variants = vec![(false, false)];
+    if args.deflate {
+        variants.push((true, false));
+    }
+    if args.tls {
+        if args.scenario == volley::bench::Scenario::Handshake {
+            variants.clear();
+        }
+        variants.push((false, true));
+    }
     let mut rows = Vec::new();
     // Interleaved: each rate runs on every server before the next rate, so a noisy minute
     // on a shared machine lands on both.
     for &rate in &rates {
         options.rate = rate;
-        for &deflate in offers {
+        for &(deflate, tls) in &variants {
             options.deflate = deflate;
-            let suffix = if deflate { "+deflate" } else { "" };
-            if servers.is_empty() {
+            let suffix = match (deflate, tls) {
+                (true, _) => "+deflate",
+                (_, true) => "+tls",
+                _ => "",
+            };
+            if servers.is_empty() && !tls {
                 let name = args.addr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
                 rows.push((rate, volley::bench::run(&options, &format!("{name}{suffix}"))?));
             }
             for (name, binary, is_volley) in &servers {
-                let server = volley::bench::spawn(binary, *is_volley, args.server_cpus.as_deref())?;
+                // The peer has no TLS.
+                if tls && !is_volley {
+                    continue;
+                }
+                let server = volley::bench::spawn(binary, *is_volley, args.server_cpus.as_deref(), pki.as_ref())?;
                 options.addrs = vec![server.addr];
                 options.server_pid = Some(server.pid());
+                options.tls = match (tls, server.tls_addr, &pki) {
+                    (true, Some(addr), Some(pki)) => {
+                        Some(volley::bench::TlsTarget { addrs: vec![addr], config: pki.client_config()? })
+                    }
+                    _ => None,
+                };
                 rows.push((rate, volley::bench::run(&options, &format!("{name}{suffix}"))?));
             }
         }

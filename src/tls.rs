@@ -163,28 +163,28 @@ pub enum Broken {
     Later,
 }
 
-/// A socket speaking TLS.
-pub struct TlsStream {
-    socket: TcpStream,
+/// A socket speaking TLS (a mio `TcpStream` on the shards; any byte stream in the fuzzer).
+pub struct TlsStream<S = TcpStream> {
+    socket: S,
     session: ServerConnection,
 }
 
-impl std::fmt::Debug for TlsStream {
+impl<S> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream").field("handshaking", &self.session.is_handshaking()).finish()
     }
 }
 
-impl TlsStream {
+impl<S: Read + Write> TlsStream<S> {
     /// Starts the server side of a handshake on `socket`.
-    pub fn accept(socket: TcpStream, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+    pub fn accept(socket: S, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         let mut session = ServerConnection::new(config)?;
         session.set_buffer_limit(Some(BUFFER_LIMIT));
         Ok(Self { socket, session })
     }
 
     /// The socket (to register it, or shut it).
-    pub fn socket(&mut self) -> &mut TcpStream {
+    pub fn socket(&mut self) -> &mut S {
         &mut self.socket
     }
 
@@ -248,18 +248,23 @@ impl TlsStream {
     }
 
     /// The plaintext side, for the core to write into.
-    pub fn writer(&mut self) -> Plaintext<'_> {
+    pub fn writer(&mut self) -> Plaintext<'_, S> {
         Plaintext { tls: self }
+    }
+
+    /// Whether the handshake is still going on.
+    pub fn is_handshaking(&self) -> bool {
+        self.session.is_handshaking()
     }
 }
 
 /// Writes plaintext into a [`TlsStream`]: encrypted into records at once (once the
 /// handshake is done), records pushed to the socket when rustls' buffer fills.
-pub struct Plaintext<'a> {
-    tls: &'a mut TlsStream,
+pub struct Plaintext<'a, S = TcpStream> {
+    tls: &'a mut TlsStream<S>,
 }
 
-impl Write for Plaintext<'_> {
+impl<S: Read + Write> Write for Plaintext<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write_vectored(&[IoSlice::new(buf)])
     }

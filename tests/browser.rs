@@ -67,13 +67,13 @@ impl Drop for Browser {
     }
 }
 
-#[test]
-fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
+/// Opens the page in headless Chromium against `broker_addr` (wss/https with `secure`),
+/// publishes, and checks what the page received over WebSocket and EventSource.
+fn page_receives_events(broker: &Broker, broker_addr: &str, secure: bool, chromium_args: &[String]) {
     assert!(std::path::Path::new(CHROMIUM).exists(), "{CHROMIUM} missing: ./scripts/test installs Debian's chromium");
-    let broker = Broker::start();
-    let page = include_str!("browser/page.html").replace("BROKER", &broker.addr.to_string());
+    let page = include_str!("browser/page.html").replace("BROKER", broker_addr).replace("SECURE", &secure.to_string());
     let (page_port, results) = page_server(page);
-    let profile = std::env::temp_dir().join(format!("volley-chromium-{}", std::process::id()));
+    let profile = std::env::temp_dir().join(format!("volley-chromium-{}-{secure}", std::process::id()));
     let child = Command::new(CHROMIUM)
         .args([
             "--headless",
@@ -85,6 +85,7 @@ fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
             "--disable-component-update",
             "--disable-sync",
         ])
+        .args(chromium_args)
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("http://127.0.0.1:{page_port}/"))
         .stdout(Stdio::null())
@@ -100,7 +101,7 @@ fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
     let mut ids = vec![from_page];
     // The second event is large enough to go compressed to a client that agreed to deflate.
     let large: Vec<Value> = (0..40).map(|i| json!({"line": i, "sku": format!("SKU-{i:05}"), "qty": i % 7})).collect();
-    ids.extend(publish(&broker, &json!([{"topic": "browser.a", "data": 1}, {"topic": "browser.b", "data": large}])));
+    ids.extend(publish(broker, &json!([{"topic": "browser.a", "data": 1}, {"topic": "browser.b", "data": large}])));
     let (path, got) = results.recv_timeout(wait).expect("the page received the events");
     assert_eq!(path, "/result", "page reported {got}");
     let as_ids =
@@ -108,9 +109,37 @@ fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
     assert_eq!(as_ids(&got["ws"]), ids, "over WebSocket");
     assert_eq!(as_ids(&got["sse"]), ids, "over EventSource");
     assert!(got["extensions"].as_str().is_some_and(|e| e.starts_with("permessage-deflate")), "negotiated: {got}");
-    let (_, _, stats) = http(&broker, "GET", "/stats", "");
+    let (_, _, stats) = http(broker, "GET", "/stats", "");
     assert!(
         stats["events"]["compressed_deliveries"].as_u64().is_some_and(|n| n >= 1),
         "the browser (the only client that offered deflate) received a compressed event: {stats}"
+    );
+}
+
+#[test]
+fn a_browser_on_another_origin_receives_events_over_websocket_and_sse() {
+    let broker = Broker::start();
+    page_receives_events(&broker, &broker.addr.to_string(), false, &[]);
+}
+
+#[test]
+fn a_browser_uses_wss_and_https_with_the_brokers_certificate() {
+    let pki = volley::bench::Pki::new("chromium").unwrap();
+    let broker = Broker::with(|c| {
+        c.tls_cert = pki.cert.display().to_string();
+        c.tls_key = pki.key.display().to_string();
+        c.listen_tls = "127.0.0.1:0".into();
+    });
+    // Chromium trusts the test leaf by the hash of its public key, as a pinned self-signed
+    // certificate would be trusted in development.
+    use base64::Engine as _;
+    let spki = ring::digest::digest(&ring::digest::SHA256, &pki.leaf_spki);
+    let pin = base64::engine::general_purpose::STANDARD.encode(spki.as_ref());
+    let tls_addr = broker.tls_addr.expect("listen_tls bound");
+    page_receives_events(
+        &broker,
+        &format!("localhost:{}", tls_addr.port()),
+        true,
+        &[format!("--ignore-certificate-errors-spki-list={pin}")],
     );
 }

@@ -6,62 +6,24 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde_json::{Value, json};
 use tungstenite::Message;
+use volley::bench::Pki;
 
-/// A test CA and a leaf for localhost and 127.0.0.1, written as PEM files.
-pub struct Pki {
-    pub dir: PathBuf,
-    pub ca: CertificateDer<'static>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+fn pki(name: &str) -> Pki {
+    Pki::new(name).unwrap()
 }
 
-impl Pki {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("volley-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, format!("volley test CA {name}"));
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let pki = Self { cert: dir.join("cert.pem"), key: dir.join("key.pem"), ca: ca.der().clone(), dir };
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &Issuer::new(ca_params, ca_key)).unwrap();
-        std::fs::write(&pki.cert, cert.pem()).unwrap();
-        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-        pki
-    }
-
-    pub fn client_config(&self) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(config)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn client_config(pki: &Pki) -> Arc<ClientConfig> {
+    pki.client_config().unwrap()
 }
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
@@ -97,11 +59,11 @@ fn curl(args: &[&str]) -> String {
 
 #[test]
 fn wss_and_https_with_real_clients() {
-    let pki = Pki::new("clients");
+    let pki = pki("clients");
     let broker = tls_broker(&pki);
     let tls_addr = broker.tls_addr.expect("listen_tls bound");
     // tungstenite over rustls, next to a plain client on `listen`.
-    let stream = tls_connect(tls_addr, pki.client_config());
+    let stream = tls_connect(tls_addr, client_config(&pki));
     let (mut secure, _) = tungstenite::client(format!("wss://localhost:{}/ws", tls_addr.port()), stream).unwrap();
     assert_eq!(recv_json(&mut secure)["type"], "ack");
     let (mut plain, _) = ws_connect(&broker, "/ws");
@@ -109,8 +71,7 @@ fn wss_and_https_with_real_clients() {
     secure.send(Message::text(json!({"type": "subscribe", "payload": {"topics": ["t"]}}).to_string())).unwrap();
     assert_eq!(recv_json(&mut secure)["type"], "ack");
     // curl follows SSE over https, and publishes over https.
-    let cacert = pki.dir.join("ca.pem");
-    std::fs::write(&cacert, pem("CERTIFICATE", &pki.ca)).unwrap();
+    let cacert = pki.ca_file();
     let base = format!("https://localhost:{}", tls_addr.port());
     let sse = Command::new("curl")
         .args(["-sSN", "--max-time", "3", "--cacert", cacert.to_str().unwrap(), &format!("{base}/sse?topics=t")])
@@ -140,20 +101,12 @@ fn wss_and_https_with_real_clients() {
     assert!(sse.contains(&format!("id: {id}")), "{sse}");
 }
 
-/// PEM text of one DER item.
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
-}
-
 #[test]
 fn garbage_instead_of_a_client_hello_is_closed_and_counted() {
-    let pki = Pki::new("garbage");
+    let pki = pki("garbage");
     let broker = tls_broker(&pki);
     let tls_addr = broker.tls_addr.unwrap();
-    let mut good = tls_connect(tls_addr, pki.client_config());
+    let mut good = tls_connect(tls_addr, client_config(&pki));
     write!(good, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut bad = TcpStream::connect(tls_addr).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -171,7 +124,7 @@ fn garbage_instead_of_a_client_hello_is_closed_and_counted() {
 
 #[test]
 fn the_header_timeout_covers_the_tls_handshake() {
-    let pki = Pki::new("slow");
+    let pki = pki("slow");
     let broker = Broker::with(|c| {
         c.tls_cert = pki.cert.display().to_string();
         c.tls_key = pki.key.display().to_string();
@@ -185,7 +138,7 @@ fn the_header_timeout_covers_the_tls_handshake() {
     assert_eq!(silent.read(&mut buf).unwrap_or(0), 0);
     assert!(started.elapsed() < Duration::from_secs(3), "dropped at the header timeout");
     // A client that completes its handshake and stops mid-head is dropped too.
-    let mut half = tls_connect(broker.addr, pki.client_config());
+    let mut half = tls_connect(broker.addr, client_config(&pki));
     write!(half, "GET /health HTTP/1.1\r\nHo").unwrap();
     let started = Instant::now();
     assert_eq!(half.read(&mut buf).unwrap_or(0), 0);
@@ -203,7 +156,7 @@ fn volley_process(args: &[(&str, &Path)]) -> std::process::Child {
 
 #[test]
 fn bad_files_stop_the_broker_with_exit_2_naming_key_and_file() {
-    let pki = Pki::new("bad");
+    let pki = pki("bad");
     let missing = pki.dir.join("missing.pem");
     let not_a_key = pki.dir.join("not-a-key.pem");
     std::fs::write(&not_a_key, "hello").unwrap();
@@ -220,7 +173,7 @@ fn bad_files_stop_the_broker_with_exit_2_naming_key_and_file() {
 
 #[test]
 fn sighup_reloads_the_pair_without_dropping_connections() {
-    let pki = Pki::new("reload");
+    let pki = pki("reload");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
@@ -236,11 +189,11 @@ fn sighup_reloads_the_pair_without_dropping_connections() {
         assert!(Instant::now() < deadline, "volley listens");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let config = pki.client_config();
+    let config = client_config(&pki);
     let mut before = tls_connect(addr, config);
     let first_leaf = peer_leaf(&mut before);
     // A new pair from another CA over the same files, then SIGHUP.
-    let pki2 = Pki::new("reload-second");
+    let pki2 = Pki::new("reload-second").unwrap();
     std::fs::copy(&pki2.cert, &pki.cert).unwrap();
     std::fs::copy(&pki2.key, &pki.key).unwrap();
     let hup = |child: &std::process::Child| {
@@ -249,7 +202,7 @@ fn sighup_reloads_the_pair_without_dropping_connections() {
     };
     hup(&child);
     // Only the new CA is trusted: the handshake itself proves the new pair is served.
-    let mut after = tls_connect(addr, pki2.client_config());
+    let mut after = tls_connect(addr, client_config(&pki2));
     assert_ne!(peer_leaf(&mut after), first_leaf, "new handshakes get the new pair");
     // The connection made before the reload still works.
     write!(before, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -259,7 +212,7 @@ fn sighup_reloads_the_pair_without_dropping_connections() {
     // A failed reload keeps the pair that works.
     std::fs::write(&pki.key, "not a key").unwrap();
     hup(&child);
-    let mut still = tls_connect(addr, pki2.client_config());
+    let mut still = tls_connect(addr, client_config(&pki2));
     write!(still, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     still.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200 OK", "the old pair serves after a failed reload");
