@@ -29,6 +29,8 @@ pub enum AuthError {
 pub struct Grant {
     /// The `sub` claim; `None` with auth off.
     pub sub: Option<String>,
+    /// The `info` claim: what presence shows about the holder (any JSON).
+    pub info: Option<Box<serde_json::value::RawValue>>,
     /// Patterns the holder may read.
     pub subscribe: Vec<Pattern>,
     /// Patterns the holder may publish on.
@@ -38,7 +40,7 @@ pub struct Grant {
 impl Grant {
     /// Everything, for when auth is off.
     pub fn everything() -> Self {
-        Self { sub: None, subscribe: vec![Pattern::everything()], publish: vec![Pattern::everything()] }
+        Self { sub: None, info: None, subscribe: vec![Pattern::everything()], publish: vec![Pattern::everything()] }
     }
 
     /// Whether every topic `pattern` matches may be read.
@@ -59,6 +61,8 @@ struct Claims {
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// The verifier; `None` inside means auth is off.
@@ -100,6 +104,7 @@ impl Auth {
             sub: Some(data.claims.sub),
             subscribe: patterns(&data.claims.subscribe)?,
             publish: patterns(&data.claims.publish)?,
+            info: data.claims.info,
         })
     }
 }

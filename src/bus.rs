@@ -173,6 +173,8 @@ pub enum Control {
     Collect(Arc<crate::metrics::Gather>),
     /// Every shard has added to a stats read this shard asked for.
     StatsReady(Arc<crate::metrics::Gather>),
+    /// Someone joined or left a topic: tell the members who asked.
+    Presence(Arc<crate::presence::Notice>),
     /// Begin a graceful drain.
     Drain,
     /// Stop now.

@@ -74,6 +74,10 @@ pub struct Config {
     pub write_coalescing_min_ms: u64,
     /// Longest such wait when a shard falls behind; 0 never lets events wait.
     pub write_coalescing_max_ms: u64,
+    /// Most members a `presence` answer lists (the rest: `truncated: true`).
+    pub presence_max_entries: usize,
+    /// Largest presence `info` (the token claim or the subscribe payload's), JSON bytes.
+    pub presence_info_max_bytes: usize,
     /// Agree to permessage-deflate (RFC 7692) with WebSocket clients that offer it.
     pub compression: bool,
     /// Events whose JSON is shorter go uncompressed even where deflate was agreed.
@@ -125,6 +129,8 @@ impl Default for Config {
             shard_queue_capacity: 65_536,
             write_coalescing_min_ms: 0,
             write_coalescing_max_ms: 20,
+            presence_max_entries: 1000,
+            presence_info_max_bytes: 1024,
             compression: true,
             compression_min_bytes: 256,
             engine: "memory".into(),

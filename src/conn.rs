@@ -332,6 +332,8 @@ pub struct Subscription {
     pub filter: Filter,
     /// Live events up to this order key were already seen or replayed (resume hand-over).
     pub after: (u64, u64),
+    /// Receives presence notices of its exact topics.
+    pub presence: bool,
 }
 
 /// A connection speaking HTTP requests.
@@ -396,6 +398,8 @@ impl WsConn {
 pub struct SseConn {
     /// What it wants.
     pub filter: Filter,
+    /// Receives presence notices (`?presence=1`) of its exact topics.
+    pub presence: bool,
     /// Live events up to this order key were already seen or replayed.
     pub after: (u64, u64),
     /// When the next `: ping` comment is due.

@@ -20,6 +20,7 @@ pub mod history;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod reactor;
 pub mod shard;

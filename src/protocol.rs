@@ -302,6 +302,10 @@ pub struct SubscribeArgs {
     pub correlation_id: Option<String>,
     /// Resume after this event id.
     pub since: Option<String>,
+    /// Receive `presence` notices (join and leave) of its exact topics.
+    pub presence: bool,
+    /// What presence shows about this connection, when the token has no `info` claim.
+    pub presence_info: Option<Box<RawValue>>,
 }
 
 /// A `request` action.
@@ -321,6 +325,16 @@ pub enum Request {
     Auth {
         /// The JWT.
         token: String,
+    },
+    /// `presence`: the members of an exact topic.
+    Presence {
+        /// The topic.
+        topic: String,
+    },
+    /// `presence_stats`: how many connections and users are on an exact topic.
+    PresenceStats {
+        /// The topic.
+        topic: String,
     },
 }
 
@@ -361,6 +375,14 @@ struct RawSubscribe {
     sources: Option<Vec<String>>,
     correlation_id: Option<String>,
     since: Option<String>,
+    #[serde(default)]
+    presence: bool,
+    presence_info: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct RawTopic {
+    topic: String,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +479,8 @@ pub fn parse_client_message(text: &str) -> Result<Incoming, (Option<String>, Rej
                 sources: raw.sources.unwrap_or_default(),
                 correlation_id: raw.correlation_id,
                 since: raw.since,
+                presence: raw.presence,
+                presence_info: raw.presence_info,
             })
         }
         "unsubscribe" => {
@@ -497,6 +521,8 @@ fn parse_request(payload: Option<&RawValue>) -> Result<Request, Rejection> {
             let raw: RawAuth = payload_as(payload, "auth")?;
             Request::Auth { token: raw.token }
         }
+        "presence" => Request::Presence { topic: payload_as::<RawTopic>(payload, "presence")?.topic },
+        "presence_stats" => Request::PresenceStats { topic: payload_as::<RawTopic>(payload, "presence_stats")?.topic },
         other => return Err(Rejection::new(ErrorCode::UnknownAction, format!("unknown action {other:?}"))),
     })
 }

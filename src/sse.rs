@@ -2,7 +2,8 @@
 //! where a reconnecting stream resumes.
 //!
 //! Owns the bytes of the SSE format PROTOCOL.md fixes (headers, `retry:`, `id:`/`data:`
-//! with no `event:` line so `onmessage` fires, `: ping`, `event: recovery_failed`) and the
+//! with no `event:` line so `onmessage` fires, `: ping`, `event: recovery_failed`, and
+//! named events without ids such as `event: presence`) and the
 //! rule that `Last-Event-ID` wins over `since=`. It does not decide what a stream receives
 //! (the shard's index and filters do) and never touches sockets.
 
@@ -15,6 +16,12 @@ pub const EVENT_END: &[u8] = b"\n\n";
 /// The head of an event, before its JSON: built once per event by the bus.
 pub fn event_head(id: &str) -> Vec<u8> {
     format!("id: {id}\ndata: ").into_bytes()
+}
+
+/// An event with a name and no id (not resumable): `event: <name>`, then `data: <json>`.
+/// Its `data` is one line: `json` is serialized JSON, which has no raw newlines.
+pub fn named_event(name: &str, json: &str) -> Vec<u8> {
+    format!("event: {name}\ndata: {json}\n\n").into_bytes()
 }
 
 /// Where a reconnecting stream resumes: the `Last-Event-ID` header wins over `since=`.

@@ -40,6 +40,7 @@ use crate::sse;
 use crate::topic::Index;
 use crate::ws::Close;
 
+mod members;
 mod routes;
 mod session;
 
@@ -64,6 +65,8 @@ pub struct Shared {
     pub counters: Vec<ShardCounters>,
     /// Set when a drain begins: `/health` answers 503.
     pub draining: AtomicBool,
+    /// Who is on which exact topic.
+    pub presence: crate::presence::Presence,
     /// One reading of both clocks at start: wall-clock timestamps are derived from the
     /// monotonic `now` the core is given, so the core never reads a clock.
     pub epoch: (Instant, SystemTime),
@@ -86,6 +89,7 @@ impl Shared {
             publish_rates: IpRates::new(config.publish_rate_per_ip, config.publish_burst_per_ip),
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
+            presence: Default::default(),
             auth: Auth::new(&config.jwt_secret),
             epoch,
             config,
@@ -512,6 +516,7 @@ impl Core {
         let Some(mut conn) = self.conns.try_remove(key) else { return };
         for (pattern, sub) in conn.indexed.drain(..) {
             self.ctx.index.remove(&pattern, SubRef { conn: key, sub });
+            self.ctx.leave_presence(conn.id, &pattern);
         }
         let transport = (conn.admitted || conn.transport() != Transport::Http).then(|| conn.transport());
         self.ctx.gauge(transport, None, -(conn.subscriptions() as i64));
@@ -610,6 +615,7 @@ impl Core {
                     }
                 }
                 Control::StatsReady(gather) => self.answer_stats(&gather, now),
+                Control::Presence(notice) => self.deliver_presence(&notice, now),
                 Control::Drain => self.begin_drain(now),
                 Control::Stop => self.ctx.stopping = true,
             }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::members::Joiner;
 use super::session::readable_patterns;
 use super::{Ctx, LINGER, Routed, SSE_SUB, SubRef};
 use crate::auth::{AuthError, Grant};
@@ -154,7 +155,7 @@ impl Ctx {
             "/ws" => &["GET"],
             _ if echo => &["GET"],
             "/publish" => &["POST"],
-            "/sse" | "/history" | "/health" | "/stats" | "/metrics" => &["GET"],
+            "/sse" | "/history" | "/health" | "/stats" | "/metrics" | "/presence" | "/presence/stats" => &["GET"],
             _ => {
                 let error = HttpError::new(ErrorCode::NotFound, format!("no route {path}"));
                 return Some(self.respond(key, conn, request, Response::error(&error), now));
@@ -175,6 +176,10 @@ impl Ctx {
                     Ok(query) => Response::with_body(200, "application/json", self.history(&query).into_bytes()),
                     Err(response) => response,
                 };
+                self.respond(key, conn, request, response, now)
+            }
+            "/presence" | "/presence/stats" => {
+                let response = self.http_presence(request, path == "/presence/stats");
                 self.respond(key, conn, request, response, now)
             }
             "/health" => {
@@ -300,7 +305,7 @@ impl Ctx {
             echo,
             batch: request.query_param("batch").is_some_and(|b| b == "1" || b == "true"),
             batch_pending: Default::default(),
-            client_id: format!("{:x}", conn.id),
+            client_id: super::members::client_id(conn.id),
             subs: Vec::new(),
             next_key: 1,
             sent: 0,
@@ -370,6 +375,22 @@ impl Ctx {
         Ok(query)
     }
 
+    /// `GET /presence?topic=` and `/presence/stats?topic=`; with auth on, the token must
+    /// allow subscribing to the topic.
+    fn http_presence(&self, request: &Request, stats: bool) -> Response {
+        let grant = match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) => grant,
+            Err(error) => return unauthorized(&error),
+        };
+        let Some(topic) = request.query_param("topic").filter(|t| !t.is_empty()) else {
+            return Response::error(&HttpError::new(ErrorCode::BadRequest, "topic is required").at("topic"));
+        };
+        match self.presence_answer(&topic, stats, |p| grant.may_subscribe(p)) {
+            Ok(answer) => Response::with_body(200, "application/json", answer.into_bytes()),
+            Err(rejection) => Response::error(&http_error_of(&rejection)),
+        }
+    }
+
     pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
         let query = match self.authorized_query(request) {
             Ok(q) => q,
@@ -384,8 +405,21 @@ impl Ctx {
             self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
             conn.indexed.push((pattern.clone(), SSE_SUB));
         }
-        conn.state =
-            State::Sse(Box::new(SseConn { filter, after, next_ping: now + self.config().heartbeat_interval() }));
+        // The token was verified by `authorized_query` just above.
+        let grant = self.shared.auth.verify(request.token().as_deref()).ok();
+        let user = grant.as_ref().and_then(|g| g.sub.as_deref());
+        let info = grant
+            .as_ref()
+            .and_then(|g| g.info.as_deref())
+            .filter(|i| i.get().len() <= self.config().presence_info_max_bytes);
+        self.join_presence(&Joiner { conn_id: conn.id, user, info, transport: "sse" }, &filter.patterns, now);
+        let presence = request.query_param("presence").is_some_and(|p| p == "1" || p == "true");
+        conn.state = State::Sse(Box::new(SseConn {
+            filter,
+            presence,
+            after,
+            next_ping: now + self.config().heartbeat_interval(),
+        }));
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 1);
         if let State::Sse(sse) = &conn.state {
             let filter = sse.filter.clone();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::members::Joiner;
 use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
 use crate::bus::{Accepted, PublishError, Reply, ReplyTo};
@@ -164,14 +165,22 @@ impl Ctx {
             let rejection = Rejection::new(ErrorCode::DuplicateSubscription, format!("subscription {id:?} exists"));
             return self.send_error(key, conn, correlation, &rejection, now);
         }
+        let info = grant.info.as_deref().or(args.presence_info.as_deref());
+        let info_max = self.config().presence_info_max_bytes;
+        if info.is_some_and(|i| i.get().len() > info_max) {
+            let rejection = Rejection::new(ErrorCode::InvalidMessage, format!("presence info over {info_max} bytes"));
+            return self.send_error(key, conn, correlation, &rejection, now);
+        }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
         let (recovered, after, replay) = self.resume(args.since.as_deref());
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
             conn.indexed.push((pattern.clone(), sub_key));
         }
+        let joiner = Joiner { conn_id: conn.id, user: grant.sub.as_deref(), info, transport: "websocket" };
+        self.join_presence(&joiner, &filter.patterns, now);
         let replay_filter = replay.is_some().then(|| filter.clone());
-        ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after });
+        ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after, presence: args.presence });
         self.gauge(None, None, 1);
         let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
         self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
@@ -215,14 +224,18 @@ impl Ctx {
             return self.send_error(key, conn, correlation, &rejection, now);
         };
         let sub = ws.subs.swap_remove(position);
-        let index = &mut self.index;
+        let mut gone = Vec::new();
         conn.indexed.retain(|(pattern, k)| {
             let mine = *k == sub.key;
             if mine {
-                index.remove(pattern, SubRef { conn: key, sub: sub.key });
+                gone.push(pattern.clone());
             }
             !mine
         });
+        for pattern in &gone {
+            self.index.remove(pattern, SubRef { conn: key, sub: sub.key });
+            self.leave_presence(conn.id, pattern);
+        }
         self.gauge(None, None, -1);
         let payload = json!({"subscription_id": sub.id, "status": "unsubscribed"});
         self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
@@ -284,6 +297,14 @@ impl Ctx {
             protocol::Request::Auth { .. } => return,
             protocol::Request::Stats => {
                 return self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)));
+            }
+            protocol::Request::Presence { ref topic } | protocol::Request::PresenceStats { ref topic } => {
+                let stats = matches!(request, protocol::Request::PresenceStats { .. });
+                let Some(grant) = &ws.grant else { return };
+                match self.presence_answer(topic, stats, |p| grant.may_subscribe(p)) {
+                    Ok(answer) => answer,
+                    Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
+                }
             }
         };
         self.send_message(key, conn, "response", correlation, &payload, now);
