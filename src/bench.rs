@@ -76,6 +76,9 @@ pub struct Options {
     pub deflate: bool,
     /// Subscribers connect over TLS to these addresses instead (publishers stay plain).
     pub tls: Option<TlsTarget>,
+    /// Presence churn: joins (and as many leaves) per second while the run is measured, by
+    /// subscribing to and unsubscribing from exact topics on 64 kept connections.
+    pub churn: u64,
 }
 
 /// Where and how subscribers speak TLS.
@@ -964,6 +967,15 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     let window = Window { start_us, end_us: start_us + opts.duration.as_micros() as u64 };
     let _ = window_cell.set(window);
     let stop_publishers = Arc::new(AtomicBool::new(false));
+    // Each churner waits for its joins to be acknowledged by a server that is busy with the
+    // broadcast (tens of ms a round trip), so enough of them run to keep the rate.
+    const CHURNERS: usize = 64;
+    let churners: Vec<_> = (0..usize::from(opts.churn > 0) * CHURNERS)
+        .map(|i| {
+            let (addr, stop, rate) = (opts.addrs[0], stop_publishers.clone(), opts.churn as f64 / CHURNERS as f64);
+            std::thread::spawn(move || churn(addr, i, rate, &stop))
+        })
+        .collect();
     let publishers: Vec<_> = if opts.scenario == Scenario::Idle {
         Vec::new()
     } else {
@@ -1001,6 +1013,13 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
     let arrived_in_window = shared.arrived.load(Ordering::Relaxed) - arrived_start;
     eprintln!();
     stop_publishers.store(true, Ordering::Relaxed);
+    let mut churned = 0;
+    for churner in churners {
+        churned += churner.join().map_err(|_| io::Error::other("churn thread panicked"))??;
+    }
+    if opts.churn > 0 {
+        eprintln!("churn: {:.0} joins and leaves per second", churned as f64 / began.elapsed().as_secs_f64());
+    }
     let mut acked: HashMap<String, u64> = HashMap::new();
     for publisher in publishers {
         let counts = publisher.join().map_err(|_| io::Error::other("publisher panicked"))??;
@@ -1069,6 +1088,30 @@ pub fn run(opts: &Options, server: &str) -> io::Result<Report> {
         server_rss_per_connection: rss_per_connection,
         wire_bytes_per_delivery: (measured && arrived > 0).then(|| bytes as f64 / arrived as f64),
     })
+}
+
+/// On one connection, subscribes to `bench.presence.<i>` (a join) and unsubscribes (a
+/// leave), `rate` times a second (paced), until `stop`; returns how many. Connections are
+/// kept, so the run measures presence, not TCP and WebSocket handshakes.
+fn churn(addr: SocketAddr, i: usize, rate: f64, stop: &AtomicBool) -> io::Result<u64> {
+    let pacer = Pacer::new(now_us(), rate);
+    let subscribe = json!({"type": "subscribe", "payload": {"subscription_id": "churn", "topics": [format!("bench.presence.{i}")]}});
+    let unsubscribe = json!({"type": "unsubscribe", "payload": {"subscription_id": "churn"}});
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/ws")).map_err(io::Error::other)?;
+    let _ = ws.read(); // connect ack
+    let mut done = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if pacer.due(now_us()) <= done {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        for message in [&subscribe, &unsubscribe] {
+            ws.send(tungstenite::Message::text(message.to_string())).map_err(io::Error::other)?;
+            let _ = ws.read(); // its ack
+        }
+        done += 1;
+    }
+    Ok(done)
 }
 
 /// TLS handshakes per second: `threads` blocking clients in a closed loop, each handshake

@@ -120,6 +120,10 @@ struct BenchArgs {
     /// The handshake scenario measures only the TLS row.
     #[arg(long)]
     tls: bool,
+    /// Each server is also measured with this many joins and leaves a second on presence
+    /// topics during the run (`<server>+churn`; 64 connections subscribing and unsubscribing).
+    #[arg(long, default_value_t = 0)]
+    churn: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -144,6 +148,7 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         server_pid: args.server_pid,
         deflate: false,
         tls: None,
+        churn: 0,
     };
     let pki = if args.tls { Some(volley::bench::Pki::new("bench")?) } else { None };
     let mut servers = Vec::new();
@@ -157,27 +162,32 @@ fn bench(args: BenchArgs) -> std::io::Result<()> {
         }
     }
     let rates = if args.sweep.is_empty() { vec![args.rate] } else { args.sweep.clone() };
-    // (deflate offered, over TLS) per row of a server.
-    let mut variants = vec![(false, false)];
+    // (deflate offered, over TLS, churn) per row of a server.
+    let mut variants = vec![(false, false, 0)];
     if args.deflate {
-        variants.push((true, false));
+        variants.push((true, false, 0));
     }
     if args.tls {
         if args.scenario == volley::bench::Scenario::Handshake {
             variants.clear();
         }
-        variants.push((false, true));
+        variants.push((false, true, 0));
+    }
+    if args.churn > 0 {
+        variants.push((false, false, args.churn));
     }
     let mut rows = Vec::new();
     // Interleaved: each rate runs on every server before the next rate, so a noisy minute
     // on a shared machine lands on both.
     for &rate in &rates {
         options.rate = rate;
-        for &(deflate, tls) in &variants {
+        for &(deflate, tls, churn) in &variants {
             options.deflate = deflate;
-            let suffix = match (deflate, tls) {
-                (true, _) => "+deflate",
-                (_, true) => "+tls",
+            options.churn = churn;
+            let suffix = match (deflate, tls, churn) {
+                (true, _, _) => "+deflate",
+                (_, true, _) => "+tls",
+                (_, _, 1..) => "+churn",
                 _ => "",
             };
             if servers.is_empty() && !tls {

@@ -22,19 +22,38 @@ use serde_json::value::RawValue;
 /// Locks the registry is split over.
 pub const BUCKETS: usize = 16;
 
-/// One member of a topic, as readers and notices show it.
-#[derive(Debug, Serialize)]
+/// One member of a topic, as readers and notices show it (kept small: a topic's members
+/// are many, so the id and the time are numbers until shown).
+#[derive(Debug)]
 pub struct Entry {
-    /// The connection's id (told in its connect `ack`).
-    pub client_id: Box<str>,
+    /// The connection (its `client_id` is this in hex, as told in its connect `ack`).
+    pub conn_id: u64,
     /// The token's `sub`; `null` with auth off.
     pub user: Option<Box<str>>,
     /// The token's `info` claim, or the subscribe payload's `presence_info`.
     pub info: Option<Box<RawValue>>,
     /// `websocket` or `sse`.
     pub transport: &'static str,
-    /// When it joined (RFC 3339).
-    pub since: Box<str>,
+    /// When it joined, milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut since = String::new();
+        crate::protocol::push_timestamp(
+            &mut since,
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_ms),
+        );
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("client_id", &format!("{:x}", self.conn_id))?;
+        map.serialize_entry("user", &self.user)?;
+        map.serialize_entry("info", &self.info)?;
+        map.serialize_entry("transport", self.transport)?;
+        map.serialize_entry("since", &since)?;
+        map.end()
+    }
 }
 
 /// A join or a leave, for the members who asked to hear of them.
@@ -58,7 +77,8 @@ impl Notice {
 
 #[derive(Debug, Default)]
 struct Room {
-    members: HashMap<Box<str>, Member>,
+    /// By connection id.
+    members: HashMap<u64, Member>,
     /// Members per user, for the distinct-user count.
     users: HashMap<Box<str>, u32>,
 }
@@ -90,12 +110,12 @@ impl Presence {
         self.buckets[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// One more subscription of `client_id` names `topic`; the notice when that makes it a
-    /// member (`entry` is made only then).
-    pub fn join(&self, topic: &str, client_id: &str, entry: impl FnOnce() -> Entry) -> Option<Notice> {
+    /// One more subscription of connection `conn_id` names `topic`; the notice when that
+    /// makes it a member (`entry` is made only then).
+    pub fn join(&self, topic: &str, conn_id: u64, entry: impl FnOnce() -> Entry) -> Option<Notice> {
         let mut rooms = self.bucket(topic);
         let room = rooms.entry(topic.into()).or_default();
-        match room.members.entry(client_id.into()) {
+        match room.members.entry(conn_id) {
             Slot::Occupied(mut member) => {
                 member.get_mut().subscriptions += 1;
                 None
@@ -111,17 +131,17 @@ impl Presence {
         }
     }
 
-    /// One subscription of `client_id` naming `topic` is gone; the notice when that was its
-    /// last.
-    pub fn leave(&self, topic: &str, client_id: &str) -> Option<Notice> {
+    /// One subscription of connection `conn_id` naming `topic` is gone; the notice when that
+    /// was its last.
+    pub fn leave(&self, topic: &str, conn_id: u64) -> Option<Notice> {
         let mut rooms = self.bucket(topic);
         let room = rooms.get_mut(topic)?;
-        let member = room.members.get_mut(client_id)?;
+        let member = room.members.get_mut(&conn_id)?;
         member.subscriptions -= 1;
         if member.subscriptions > 0 {
             return None;
         }
-        let member = room.members.remove(client_id)?;
+        let member = room.members.remove(&conn_id)?;
         if let Some(user) = &member.entry.user
             && let Some(count) = room.users.get_mut(user)
         {
@@ -155,33 +175,27 @@ impl Presence {
 mod tests {
     use super::*;
 
-    fn entry(client: &str, user: Option<&str>) -> impl FnOnce() -> Entry {
-        let (client, user) = (client.to_string(), user.map(str::to_string));
-        move || Entry {
-            client_id: client.into(),
-            user: user.map(Into::into),
-            info: None,
-            transport: "websocket",
-            since: "2026-12-02T00:00:00Z".into(),
-        }
+    fn entry(conn_id: u64, user: Option<&str>) -> impl FnOnce() -> Entry {
+        let user = user.map(str::to_string);
+        move || Entry { conn_id, user: user.map(Into::into), info: None, transport: "websocket", since_ms: 0 }
     }
 
     #[test]
     fn membership_counts_connections_and_users() {
         let p = Presence::default();
-        assert!(p.join("room", "a", entry("a", Some("ann"))).is_some_and(|n| n.joined));
-        assert!(p.join("room", "a", entry("a", Some("ann"))).is_none(), "a second subscription is no new member");
-        assert!(p.join("room", "b", entry("b", Some("ann"))).is_some());
-        assert!(p.join("room", "c", entry("c", None)).is_some());
+        assert!(p.join("room", 97, entry(97, Some("ann"))).is_some_and(|n| n.joined));
+        assert!(p.join("room", 97, entry(97, Some("ann"))).is_none(), "a second subscription is no new member");
+        assert!(p.join("room", 98, entry(98, Some("ann"))).is_some());
+        assert!(p.join("room", 99, entry(99, None)).is_some());
         assert_eq!(p.stats("room"), (3, 1));
-        assert!(p.leave("room", "a").is_none(), "one of two subscriptions left");
-        let left = p.leave("room", "a").expect("the last one left");
-        assert!(!left.joined && &*left.entry.client_id == "a");
+        assert!(p.leave("room", 97).is_none(), "one of two subscriptions left");
+        let left = p.leave("room", 97).expect("the last one left");
+        assert!(!left.joined && left.entry.conn_id == 97);
         assert_eq!(p.stats("room"), (2, 1));
-        assert!(p.leave("room", "b").is_some());
+        assert!(p.leave("room", 98).is_some());
         assert_eq!(p.stats("room"), (1, 0));
-        assert!(p.leave("room", "nobody").is_none());
-        assert!(p.leave("room", "c").is_some());
+        assert!(p.leave("room", 0).is_none());
+        assert!(p.leave("room", 99).is_some());
         assert_eq!(p.stats("room"), (0, 0));
         assert_eq!(p.entries("room", 10).0.len(), 0);
     }
@@ -190,7 +204,7 @@ mod tests {
     fn entries_are_capped() {
         let p = Presence::default();
         for i in 0..5 {
-            p.join("t", &i.to_string(), entry(&i.to_string(), None));
+            p.join("t", i, entry(i, None));
         }
         let (some, truncated) = p.entries("t", 3);
         assert_eq!((some.len(), truncated), (3, true));

@@ -8,13 +8,13 @@
 //! on the publish or fan-out path.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, UNIX_EPOCH};
 
 use super::{Core, Ctx, SSE_SUB};
 use crate::bus::Control;
 use crate::conn::{Filter, State};
 use crate::presence::{Entry, Notice};
-use crate::protocol::{self, ErrorCode, Rejection};
+use crate::protocol::{ErrorCode, Rejection};
 use crate::sse;
 use crate::topic::Pattern;
 
@@ -39,20 +39,15 @@ fn names(filter: &Filter, topic: &str) -> bool {
 impl Ctx {
     /// `joiner` subscribed to `patterns`: a member of each exact one.
     pub(super) fn join_presence(&self, joiner: &Joiner<'_>, patterns: &[Pattern], now: Instant) {
-        let client = client_id(joiner.conn_id);
         for pattern in patterns.iter().filter(|p| p.is_exact()) {
-            let entry = || {
-                let mut since = String::new();
-                protocol::push_timestamp(&mut since, self.shared.wall(now));
-                Entry {
-                    client_id: client.as_str().into(),
-                    user: joiner.user.map(Into::into),
-                    info: joiner.info.map(ToOwned::to_owned),
-                    transport: joiner.transport,
-                    since: since.into(),
-                }
+            let entry = || Entry {
+                conn_id: joiner.conn_id,
+                user: joiner.user.map(Into::into),
+                info: joiner.info.map(ToOwned::to_owned),
+                transport: joiner.transport,
+                since_ms: self.shared.wall(now).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             };
-            if let Some(notice) = self.shared.presence.join(pattern.as_str(), &client, entry) {
+            if let Some(notice) = self.shared.presence.join(pattern.as_str(), joiner.conn_id, entry) {
                 self.announce(notice);
             }
         }
@@ -61,7 +56,7 @@ impl Ctx {
     /// Connection `conn_id` no longer names `pattern` in one of its subscriptions.
     pub(super) fn leave_presence(&self, conn_id: u64, pattern: &Pattern) {
         if pattern.is_exact()
-            && let Some(notice) = self.shared.presence.leave(pattern.as_str(), &client_id(conn_id))
+            && let Some(notice) = self.shared.presence.leave(pattern.as_str(), conn_id)
         {
             self.announce(notice);
         }
