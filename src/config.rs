@@ -78,6 +78,8 @@ pub struct Config {
     pub presence_max_entries: usize,
     /// Largest presence `info` (the token claim or the subscribe payload's), JSON bytes.
     pub presence_info_max_bytes: usize,
+    /// With the Redis engine: a node's presence entries outlive it by at most this.
+    pub presence_ttl_ms: u64,
     /// Agree to permessage-deflate (RFC 7692) with WebSocket clients that offer it.
     pub compression: bool,
     /// Events whose JSON is shorter go uncompressed even where deflate was agreed.
@@ -131,6 +133,7 @@ impl Default for Config {
             write_coalescing_max_ms: 20,
             presence_max_entries: 1000,
             presence_info_max_bytes: 1024,
+            presence_ttl_ms: 30_000,
             compression: true,
             compression_min_bytes: 256,
             engine: "memory".into(),
@@ -244,7 +247,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 18] = [
+        let positive: [(&str, u64); 19] = [
+            ("presence_ttl_ms", self.presence_ttl_ms),
             ("publish_rate_per_ip", self.publish_rate_per_ip as u64),
             ("publish_burst_per_ip", self.publish_burst_per_ip as u64),
             ("auth_timeout_ms", self.auth_timeout_ms),

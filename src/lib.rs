@@ -21,6 +21,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod presence;
+pub mod presence_mirror;
 pub mod protocol;
 pub mod reactor;
 pub mod shard;

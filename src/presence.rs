@@ -16,16 +16,26 @@ use std::collections::hash_map::Entry as Slot;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+/// A random id for this process, telling its presence entries from other nodes'.
+pub fn new_node_id() -> u64 {
+    RandomState::new().hash_one(std::process::id()) | 1
+}
 use serde_json::value::RawValue;
 
 /// Locks the registry is split over.
 pub const BUCKETS: usize = 16;
 
+/// Who a member is: the node (a random id per process) and the connection on it.
+pub type MemberId = (u64, u64);
+
 /// One member of a topic, as readers and notices show it (kept small: a topic's members
-/// are many, so the id and the time are numbers until shown).
-#[derive(Debug)]
+/// are many, so the ids and the time are numbers until shown).
+#[derive(Debug, Clone)]
 pub struct Entry {
+    /// The node the connection is on.
+    pub node: u64,
     /// The connection (its `client_id` is this in hex, as told in its connect `ack`).
     pub conn_id: u64,
     /// The token's `sub`; `null` with auth off.
@@ -33,26 +43,35 @@ pub struct Entry {
     /// The token's `info` claim, or the subscribe payload's `presence_info`.
     pub info: Option<Box<RawValue>>,
     /// `websocket` or `sse`.
-    pub transport: &'static str,
+    pub transport: Transport,
     /// When it joined, milliseconds since the Unix epoch.
     pub since_ms: u64,
 }
 
-impl Serialize for Entry {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
+/// How a member is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// A WebSocket subscription.
+    WebSocket,
+    /// An SSE stream.
+    Sse,
+}
+
+impl Entry {
+    /// The entry as clients see it: `client_id`, `node`, `user`, `info`, `transport`, `since`.
+    pub fn to_json(&self) -> serde_json::Value {
         let mut since = String::new();
-        crate::protocol::push_timestamp(
-            &mut since,
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_ms),
-        );
-        let mut map = serializer.serialize_map(Some(5))?;
-        map.serialize_entry("client_id", &format!("{:x}", self.conn_id))?;
-        map.serialize_entry("user", &self.user)?;
-        map.serialize_entry("info", &self.info)?;
-        map.serialize_entry("transport", self.transport)?;
-        map.serialize_entry("since", &since)?;
-        map.end()
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_ms);
+        crate::protocol::push_timestamp(&mut since, at);
+        serde_json::json!({
+            "client_id": format!("{:x}", self.conn_id),
+            "node": format!("{:x}", self.node),
+            "user": self.user,
+            "info": self.info,
+            "transport": self.transport,
+            "since": since,
+        })
     }
 }
 
@@ -71,14 +90,13 @@ impl Notice {
     /// The notice's payload: `{"action", "topic", "entry"}`.
     pub fn payload(&self) -> String {
         let action = if self.joined { "join" } else { "leave" };
-        serde_json::json!({"action": action, "topic": &*self.topic, "entry": &*self.entry}).to_string()
+        serde_json::json!({"action": action, "topic": &*self.topic, "entry": self.entry.to_json()}).to_string()
     }
 }
 
 #[derive(Debug, Default)]
 struct Room {
-    /// By connection id.
-    members: HashMap<u64, Member>,
+    members: HashMap<MemberId, Member>,
     /// Members per user, for the distinct-user count.
     users: HashMap<Box<str>, u32>,
 }
@@ -110,12 +128,12 @@ impl Presence {
         self.buckets[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// One more subscription of connection `conn_id` names `topic`; the notice when that
-    /// makes it a member (`entry` is made only then).
-    pub fn join(&self, topic: &str, conn_id: u64, entry: impl FnOnce() -> Entry) -> Option<Notice> {
+    /// One more subscription of member `id` names `topic`; the notice when that makes it a
+    /// member (`entry` is made only then).
+    pub fn join(&self, topic: &str, id: MemberId, entry: impl FnOnce() -> Entry) -> Option<Notice> {
         let mut rooms = self.bucket(topic);
         let room = rooms.entry(topic.into()).or_default();
-        match room.members.entry(conn_id) {
+        match room.members.entry(id) {
             Slot::Occupied(mut member) => {
                 member.get_mut().subscriptions += 1;
                 None
@@ -131,17 +149,17 @@ impl Presence {
         }
     }
 
-    /// One subscription of connection `conn_id` naming `topic` is gone; the notice when that
-    /// was its last.
-    pub fn leave(&self, topic: &str, conn_id: u64) -> Option<Notice> {
+    /// One subscription of member `id` naming `topic` is gone; the notice when that was its
+    /// last.
+    pub fn leave(&self, topic: &str, id: MemberId) -> Option<Notice> {
         let mut rooms = self.bucket(topic);
         let room = rooms.get_mut(topic)?;
-        let member = room.members.get_mut(&conn_id)?;
+        let member = room.members.get_mut(&id)?;
         member.subscriptions -= 1;
         if member.subscriptions > 0 {
             return None;
         }
-        let member = room.members.remove(&conn_id)?;
+        let member = room.members.remove(&id)?;
         if let Some(user) = &member.entry.user
             && let Some(count) = room.users.get_mut(user)
         {
@@ -156,12 +174,56 @@ impl Presence {
         Some(Notice { topic: topic.into(), joined: false, entry: member.entry })
     }
 
+    /// Sets another node's member (a mirror applying what Redis says): the notice when it
+    /// is new. Idempotent: the same member told twice is one member.
+    pub fn upsert(&self, topic: &str, entry: Entry) -> Option<Notice> {
+        let id = (entry.node, entry.conn_id);
+        let mut rooms = self.bucket(topic);
+        let room = rooms.entry(topic.into()).or_default();
+        if room.members.contains_key(&id) {
+            return None;
+        }
+        let entry = Arc::new(entry);
+        if let Some(user) = &entry.user {
+            *room.users.entry(user.clone()).or_default() += 1;
+        }
+        room.members.insert(id, Member { entry: entry.clone(), subscriptions: 1 });
+        Some(Notice { topic: topic.into(), joined: true, entry })
+    }
+
+    /// Removes another node's member whatever its count: the notice when it was there.
+    pub fn remove(&self, topic: &str, id: MemberId) -> Option<Notice> {
+        let mut rooms = self.bucket(topic);
+        let room = rooms.get_mut(topic)?;
+        room.members.get_mut(&id)?.subscriptions = 1;
+        drop(rooms);
+        self.leave(topic, id)
+    }
+
     /// Up to `max` members of `topic`, and whether there are more.
     pub fn entries(&self, topic: &str, max: usize) -> (Vec<Arc<Entry>>, bool) {
         let rooms = self.bucket(topic);
         let Some(room) = rooms.get(topic) else { return (Vec::new(), false) };
         let entries = room.members.values().take(max).map(|m| m.entry.clone()).collect();
         (entries, room.members.len() > max)
+    }
+
+    /// Every member, by topic, that `keep` selects by its node (a mirror's view: this
+    /// node's own entries, or every other node's).
+    pub fn members(&self, keep: impl Fn(u64) -> bool) -> Vec<(Box<str>, Arc<Entry>)> {
+        let mut out = Vec::new();
+        for bucket in &self.buckets {
+            let rooms = bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (topic, room) in rooms.iter() {
+                out.extend(
+                    room.members
+                        .iter()
+                        .filter(|((node, _), _)| keep(*node))
+                        .map(|(_, m)| (topic.clone(), m.entry.clone())),
+                );
+            }
+        }
+        out
     }
 
     /// (connections, distinct users) on `topic`; connections without a user (auth off)
@@ -177,25 +239,32 @@ mod tests {
 
     fn entry(conn_id: u64, user: Option<&str>) -> impl FnOnce() -> Entry {
         let user = user.map(str::to_string);
-        move || Entry { conn_id, user: user.map(Into::into), info: None, transport: "websocket", since_ms: 0 }
+        move || Entry {
+            node: 1,
+            conn_id,
+            user: user.map(Into::into),
+            info: None,
+            transport: Transport::WebSocket,
+            since_ms: 0,
+        }
     }
 
     #[test]
     fn membership_counts_connections_and_users() {
         let p = Presence::default();
-        assert!(p.join("room", 97, entry(97, Some("ann"))).is_some_and(|n| n.joined));
-        assert!(p.join("room", 97, entry(97, Some("ann"))).is_none(), "a second subscription is no new member");
-        assert!(p.join("room", 98, entry(98, Some("ann"))).is_some());
-        assert!(p.join("room", 99, entry(99, None)).is_some());
+        assert!(p.join("room", (1, 97), entry(97, Some("ann"))).is_some_and(|n| n.joined));
+        assert!(p.join("room", (1, 97), entry(97, Some("ann"))).is_none(), "a second subscription is no new member");
+        assert!(p.join("room", (1, 98), entry(98, Some("ann"))).is_some());
+        assert!(p.join("room", (1, 99), entry(99, None)).is_some());
         assert_eq!(p.stats("room"), (3, 1));
-        assert!(p.leave("room", 97).is_none(), "one of two subscriptions left");
-        let left = p.leave("room", 97).expect("the last one left");
+        assert!(p.leave("room", (1, 97)).is_none(), "one of two subscriptions left");
+        let left = p.leave("room", (1, 97)).expect("the last one left");
         assert!(!left.joined && left.entry.conn_id == 97);
         assert_eq!(p.stats("room"), (2, 1));
-        assert!(p.leave("room", 98).is_some());
+        assert!(p.leave("room", (1, 98)).is_some());
         assert_eq!(p.stats("room"), (1, 0));
-        assert!(p.leave("room", 0).is_none());
-        assert!(p.leave("room", 99).is_some());
+        assert!(p.leave("room", (1, 0)).is_none());
+        assert!(p.leave("room", (1, 99)).is_some());
         assert_eq!(p.stats("room"), (0, 0));
         assert_eq!(p.entries("room", 10).0.len(), 0);
     }
@@ -204,7 +273,7 @@ mod tests {
     fn entries_are_capped() {
         let p = Presence::default();
         for i in 0..5 {
-            p.join("t", i, entry(i, None));
+            p.join("t", (1, i), entry(i, None));
         }
         let (some, truncated) = p.entries("t", 3);
         assert_eq!((some.len(), truncated), (3, true));

@@ -92,7 +92,15 @@ impl Server {
             engine.start(bus.clone())?;
         }
         let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
+        let mirror = (config.engine != "memory").then(|| crate::presence_mirror::Settings {
+            url: config.engine.clone(),
+            prefix: config.redis_stream.clone(),
+            ttl: std::time::Duration::from_millis(config.presence_ttl_ms),
+        });
         let shared = Arc::new(Shared::new(config, bus, status, shards, epoch));
+        if let Some(settings) = mirror {
+            crate::presence_mirror::start(settings, shared.clone())?;
+        }
         let mut threads = Vec::with_capacity(shards);
         for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
             let shared = shared.clone();

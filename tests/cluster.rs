@@ -319,3 +319,85 @@ fn a_publish_waiting_on_a_paused_redis_gets_504_and_no_shard_spins() {
     let used = cpu_seconds(pid) - before;
     assert!(used < 0.3, "an idle broker used {used:.2} s of CPU in one second");
 }
+
+/// A WebSocket member of `topic` on `port`, hearing joins and leaves.
+fn presence_member(port: u16, topic: &str) -> (Ws, String) {
+    let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let connected: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+    let subscribe = json!({"type": "subscribe", "payload": {"topics": [topic], "presence": true}});
+    ws.send(Message::text(subscribe.to_string())).unwrap();
+    (ws, connected["payload"]["client_id"].as_str().unwrap().to_string())
+}
+
+/// The next presence notice's (action, client_id, node).
+fn next_notice(ws: &mut Ws) -> (String, String, String) {
+    loop {
+        let m: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+        if m["type"] == "presence" {
+            let p = &m["payload"];
+            let text = |v: &Value| v.as_str().unwrap().to_string();
+            return (text(&p["action"]), text(&p["entry"]["client_id"]), text(&p["entry"]["node"]));
+        }
+    }
+}
+
+/// `(connections, entries' (node, client_id))` of `topic` as `port` sees it.
+fn presence_of(port: u16, topic: &str) -> (u64, Vec<(String, String)>) {
+    let stats: Value = serde_json::from_str(&get(port, &format!("/presence/stats?topic={topic}"))).unwrap();
+    let listed: Value = serde_json::from_str(&get(port, &format!("/presence?topic={topic}"))).unwrap();
+    let mut entries: Vec<(String, String)> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["node"].as_str().unwrap().to_string(), e["client_id"].as_str().unwrap().to_string()))
+        .collect();
+    entries.sort();
+    (stats["connections"].as_u64().unwrap(), entries)
+}
+
+#[test]
+fn presence_is_cluster_wide_and_a_killed_nodes_members_expire() {
+    let redis = RedisServer::start();
+    let ttl = [("VOLLEY_PRESENCE_TTL_MS", "2000")];
+    let mut nodes: Vec<Node> = (0..3).map(|_| node_with(&redis, &ttl)).collect();
+    let (mut watcher, _) = presence_member(nodes[0].port, "room");
+    let own = next_notice(&mut watcher);
+    assert_eq!(own.0, "join");
+    // A member on each other node: the watcher on node 0 hears both joins.
+    let (_b, b_id) = presence_member(nodes[1].port, "room");
+    let (_c, c_id) = presence_member(nodes[2].port, "room");
+    let mut joined = vec![next_notice(&mut watcher), next_notice(&mut watcher)];
+    joined.sort();
+    let mut expected = vec![b_id.clone(), c_id.clone()];
+    expected.sort();
+    assert_eq!(joined.iter().map(|j| j.1.clone()).collect::<Vec<_>>(), expected);
+    assert!(joined.iter().all(|j| j.0 == "join" && j.2 != own.2), "joins from the other nodes: {joined:?}");
+    let c_node = joined.iter().find(|j| j.1 == c_id).unwrap().2.clone();
+    // Every node lists all three.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for node in &nodes {
+        while presence_of(node.port, "room").0 != 3 {
+            assert!(Instant::now() < deadline, "node {} sees {:?}", node.port, presence_of(node.port, "room"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let everywhere = presence_of(nodes[0].port, "room").1;
+    assert_eq!(presence_of(nodes[1].port, "room").1, everywhere);
+    assert_eq!(presence_of(nodes[2].port, "room").1, everywhere);
+    // kill -9 node 2: its member is gone everywhere within the TTL, with a leave notice.
+    let killed_at = Instant::now();
+    nodes.pop().unwrap().process.0.kill().unwrap();
+    let left = next_notice(&mut watcher);
+    assert_eq!((left.0.as_str(), left.1.as_str(), left.2.as_str()), ("leave", c_id.as_str(), c_node.as_str()));
+    // Every remaining node drops it within the TTL (2 s; 0.5 s of slack for a busy machine).
+    for node in &nodes {
+        while presence_of(node.port, "room").0 != 2 {
+            assert!(killed_at.elapsed() <= Duration::from_millis(2500), "node {} still lists it", node.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(killed_at.elapsed() <= Duration::from_millis(2500), "gone within the TTL: {:?}", killed_at.elapsed());
+}

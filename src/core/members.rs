@@ -8,12 +8,13 @@
 //! on the publish or fan-out path.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Instant, UNIX_EPOCH};
 
 use super::{Core, Ctx, SSE_SUB};
 use crate::bus::Control;
 use crate::conn::{Filter, State};
-use crate::presence::{Entry, Notice};
+use crate::presence::{Entry, Notice, Transport};
 use crate::protocol::{ErrorCode, Rejection};
 use crate::sse;
 use crate::topic::Pattern;
@@ -23,7 +24,7 @@ pub(super) struct Joiner<'a> {
     pub conn_id: u64,
     pub user: Option<&'a str>,
     pub info: Option<&'a serde_json::value::RawValue>,
-    pub transport: &'static str,
+    pub transport: Transport,
 }
 
 /// A connection's id as clients see it (its connect `ack`, presence entries).
@@ -41,13 +42,15 @@ impl Ctx {
     pub(super) fn join_presence(&self, joiner: &Joiner<'_>, patterns: &[Pattern], now: Instant) {
         for pattern in patterns.iter().filter(|p| p.is_exact()) {
             let entry = || Entry {
+                node: self.shared.node,
                 conn_id: joiner.conn_id,
                 user: joiner.user.map(Into::into),
                 info: joiner.info.map(ToOwned::to_owned),
                 transport: joiner.transport,
                 since_ms: self.shared.wall(now).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             };
-            if let Some(notice) = self.shared.presence.join(pattern.as_str(), joiner.conn_id, entry) {
+            if let Some(notice) = self.shared.presence.join(pattern.as_str(), (self.shared.node, joiner.conn_id), entry)
+            {
                 self.announce(notice);
             }
         }
@@ -56,7 +59,7 @@ impl Ctx {
     /// Connection `conn_id` no longer names `pattern` in one of its subscriptions.
     pub(super) fn leave_presence(&self, conn_id: u64, pattern: &Pattern) {
         if pattern.is_exact()
-            && let Some(notice) = self.shared.presence.leave(pattern.as_str(), conn_id)
+            && let Some(notice) = self.shared.presence.leave(pattern.as_str(), (self.shared.node, conn_id))
         {
             self.announce(notice);
         }
@@ -66,6 +69,9 @@ impl Ctx {
         let notice = Arc::new(notice);
         for inbox in self.shared.bus.inboxes() {
             inbox.send(Control::Presence(notice.clone()));
+        }
+        if self.shared.engine.is_some() && self.shared.presence_outbox.push(notice).is_err() {
+            self.shared.presence_resync.store(true, Ordering::Release);
         }
     }
 
@@ -88,7 +94,7 @@ impl Ctx {
             serde_json::json!({"topic": topic, "connections": connections, "users": users}).to_string()
         } else {
             let (entries, truncated) = presence.entries(topic, self.config().presence_max_entries);
-            let entries: Vec<&Entry> = entries.iter().map(|e| &**e).collect();
+            let entries: Vec<serde_json::Value> = entries.iter().map(|e| e.to_json()).collect();
             serde_json::json!({"topic": topic, "entries": entries, "truncated": truncated}).to_string()
         })
     }

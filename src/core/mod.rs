@@ -67,10 +67,21 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Who is on which exact topic.
     pub presence: crate::presence::Presence,
+    /// This process's id in presence entries.
+    pub node: u64,
+    /// With a cluster engine: this node's joins and leaves for the presence mirror to
+    /// write out (bounded: past it, the mirror rewrites the node's members whole).
+    pub presence_outbox: crossbeam_queue::ArrayQueue<Arc<crate::presence::Notice>>,
+    /// The mirror must rewrite this node's members whole (it was away, or the outbox
+    /// overflowed).
+    pub presence_resync: AtomicBool,
     /// One reading of both clocks at start: wall-clock timestamps are derived from the
     /// monotonic `now` the core is given, so the core never reads a clock.
     pub epoch: (Instant, SystemTime),
 }
+
+/// Joins and leaves waiting for the presence mirror before it rewrites the node whole.
+const PRESENCE_OUTBOX: usize = 65_536;
 
 impl Shared {
     /// The shared state of `shards` shards over `bus`; `epoch` is one reading of both
@@ -90,6 +101,9 @@ impl Shared {
             counters: (0..shards).map(|_| ShardCounters::default()).collect(),
             draining: Default::default(),
             presence: Default::default(),
+            node: crate::presence::new_node_id(),
+            presence_outbox: crossbeam_queue::ArrayQueue::new(PRESENCE_OUTBOX),
+            presence_resync: AtomicBool::new(true),
             auth: Auth::new(&config.jwt_secret),
             epoch,
             config,

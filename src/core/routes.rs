@@ -412,7 +412,11 @@ impl Ctx {
             .as_ref()
             .and_then(|g| g.info.as_deref())
             .filter(|i| i.get().len() <= self.config().presence_info_max_bytes);
-        self.join_presence(&Joiner { conn_id: conn.id, user, info, transport: "sse" }, &filter.patterns, now);
+        self.join_presence(
+            &Joiner { conn_id: conn.id, user, info, transport: crate::presence::Transport::Sse },
+            &filter.patterns,
+            now,
+        );
         let presence = request.query_param("presence").is_some_and(|p| p == "1" || p == "true");
         conn.state = State::Sse(Box::new(SseConn {
             filter,

@@ -19,6 +19,7 @@ use crate::deflate;
 use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
+use crate::presence::Transport;
 use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
 use crate::ws::{Close, Ended, Received};
 
@@ -177,7 +178,7 @@ impl Ctx {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
             conn.indexed.push((pattern.clone(), sub_key));
         }
-        let joiner = Joiner { conn_id: conn.id, user: grant.sub.as_deref(), info, transport: "websocket" };
+        let joiner = Joiner { conn_id: conn.id, user: grant.sub.as_deref(), info, transport: Transport::WebSocket };
         self.join_presence(&joiner, &filter.patterns, now);
         let replay_filter = replay.is_some().then(|| filter.clone());
         ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after, presence: args.presence });
