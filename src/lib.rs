@@ -34,3 +34,9 @@ pub mod ws;
 /// makes the shard that fans it out panic, so tests can prove a panic is contained.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PANIC_TOPIC: &str = "volley.fault.panic";
+
+/// Built with the `fault-injection` feature only: an event on this topic makes every
+/// shard drop every WebSocket at once, as a crashed proxy or a network cut would (no close
+/// frame), so tests can prove clients resume without a gap.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_DROP_TOPIC: &str = "volley.fault.drop";

@@ -3,96 +3,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
+use common::chromium::*;
 use common::*;
 use serde_json::{Value, json};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-/// Serves the page and collects what it posts back: (path, body).
-fn page_server(page: String) -> (u16, mpsc::Receiver<(String, Value)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut reader = BufReader::new(stream);
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
-                continue;
-            }
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
-            let mut stream = reader.into_inner();
-            let (content_type, reply) =
-                if path == "/" { ("text/html", page.clone()) } else { ("text/plain", String::new()) };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-                reply.len()
-            );
-            if path != "/" && path != "/favicon.ico" {
-                let _ = tx.send((path, serde_json::from_slice(&body).unwrap_or(Value::Null)));
-            }
-        }
-    });
-    (port, rx)
-}
-
-struct Browser(Child, std::path::PathBuf);
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
 
 /// Opens the page in headless Chromium against `broker_addr` (wss/https with `secure`),
 /// publishes, and checks what the page received over WebSocket and EventSource.
 fn page_receives_events(broker: &Broker, broker_addr: &str, secure: bool, chromium_args: &[String]) {
-    assert!(std::path::Path::new(CHROMIUM).exists(), "{CHROMIUM} missing: ./scripts/test installs Debian's chromium");
     let page = include_str!("browser/page.html").replace("BROKER", broker_addr).replace("SECURE", &secure.to_string());
     let (page_port, results) = page_server(page);
-    let profile = std::env::temp_dir().join(format!("volley-chromium-{}-{secure}", std::process::id()));
-    let child = Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .args(chromium_args)
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://127.0.0.1:{page_port}/"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromium starts");
-    let _browser = Browser(child, profile);
+    let _browser = launch(&format!("http://127.0.0.1:{page_port}/"), chromium_args);
 
     let wait = Duration::from_secs(60);
     let (path, ready) = results.recv_timeout(wait).expect("the page subscribed on both transports");

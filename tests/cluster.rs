@@ -1,82 +1,17 @@
 //! Several volley processes sharing one ordered log through a real redis-server.
 //! `./scripts/test` installs redis-server when it is missing.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::processes::*;
 use serde_json::{Value, json};
 use tungstenite::Message;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct RedisServer {
-    port: u16,
-    dir: PathBuf,
-    process: Option<Proc>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("volley-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self { port, dir, process: None };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (./scripts/test installs it)");
-        self.process = Some(Proc(child));
-        wait_for_port(self.port, "redis-server");
-    }
-
-    fn kill(&mut self) {
-        self.process = None;
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.process = None;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 struct Node {
     port: u16,

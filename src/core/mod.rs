@@ -683,10 +683,17 @@ impl Core {
         let mut oldest: Option<Duration> = None;
         let mut budget = FANOUT_BYTES_PER_TURN.min(shared.config.max_outbound_bytes / 4);
         let mut more = false;
+        #[cfg(feature = "fault-injection")]
+        let mut dropped = Vec::new();
         while let Some(Delivery { event, ticket }) = inbox.events.pop() {
             #[cfg(feature = "fault-injection")]
             if &*event.topic == crate::FAULT_PANIC_TOPIC {
                 panic!("fault injection: shard {} was asked to panic", ctx.id);
+            }
+            #[cfg(feature = "fault-injection")]
+            if &*event.topic == crate::FAULT_DROP_TOPIC {
+                dropped
+                    .extend(conns.iter().filter(|(_, c)| matches!(c.state, State::WebSocket(_))).map(|(key, _)| key));
             }
             let mut queued = 0usize;
             let counters = &shared.counters[ctx.id];
@@ -732,6 +739,10 @@ impl Core {
         if let Some(oldest) = oldest {
             ctx.coalescing.observe(oldest);
             ctx.counters().coalescing_us.store(ctx.coalescing.window().as_micros() as u64, Ordering::Relaxed);
+        }
+        #[cfg(feature = "fault-injection")]
+        for key in dropped {
+            self.remove(key);
         }
         more
     }

@@ -155,7 +155,8 @@ impl Ctx {
             "/ws" => &["GET"],
             _ if echo => &["GET"],
             "/publish" => &["POST"],
-            "/sse" | "/history" | "/health" | "/stats" | "/metrics" | "/presence" | "/presence/stats" => &["GET"],
+            "/sse" | "/history" | "/health" | "/stats" | "/metrics" | "/presence" | "/presence/stats"
+            | "/volley.js" => &["GET"],
             _ => {
                 let error = HttpError::new(ErrorCode::NotFound, format!("no route {path}"));
                 return Some(self.respond(key, conn, request, Response::error(&error), now));
@@ -180,6 +181,12 @@ impl Ctx {
             }
             "/presence" | "/presence/stats" => {
                 let response = self.http_presence(request, path == "/presence/stats");
+                self.respond(key, conn, request, response, now)
+            }
+            "/volley.js" => {
+                let response =
+                    Response::with_body(200, "text/javascript; charset=utf-8", VOLLEY_JS.as_bytes().to_vec())
+                        .header("Cache-Control", "no-cache");
                 self.respond(key, conn, request, response, now)
             }
             "/health" => {
@@ -432,6 +439,9 @@ impl Ctx {
         Routed::Halt
     }
 }
+
+/// The browser client (`static/volley.js`), served as it is in the repository.
+const VOLLEY_JS: &str = include_str!("../../static/volley.js");
 
 /// `401` for a refused token.
 pub(super) fn unauthorized(error: &AuthError) -> Response {

@@ -1,6 +1,9 @@
 //! Test harness: an in-process broker on a loopback port and real clients.
 #![allow(dead_code)]
 
+pub mod chromium;
+pub mod processes;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -101,7 +104,12 @@ pub fn subscribe(ws: &mut Ws, payload: Value) -> Value {
 
 /// A minimal HTTP/1.1 client: one request on a fresh connection, `Connection: close`.
 pub fn http(broker: &Broker, method: &str, path: &str, body: &str) -> (u16, String, Value) {
-    let mut s = TcpStream::connect(broker.addr).unwrap();
+    http_to(broker.addr, method, path, body)
+}
+
+/// The same, to any address.
+pub fn http_to(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,

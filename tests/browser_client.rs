@@ -1,0 +1,135 @@
+//! volley.js in headless Chromium: a page on another origin imports the client from the
+//! broker and must see every event exactly once and in order while the broker restarts
+//! (the Redis engine keeps the ids) and while the broker drops its connection (the
+//! `fault-injection` build's drop topic); it falls back to SSE and POST /publish when the WebSocket route is
+//! refused; publish acknowledgements resolve.
+
+mod common;
+
+use std::process::Command;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use common::chromium::*;
+use common::processes::*;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Opens the client page for `scenario` against `broker` (host:port), expecting `expect`
+/// events; returns the browser (keep it alive) and the page's reports.
+fn open_page(broker: &str, scenario: &str, expect: usize) -> (Browser, Receiver<(String, Value)>) {
+    let page = include_str!("browser/client.html")
+        .replace("BROKER", broker)
+        .replace("SCENARIO", scenario)
+        .replace("EXPECT", &expect.to_string());
+    let (port, results) = page_server(page);
+    (launch(&format!("http://127.0.0.1:{port}/"), &[]), results)
+}
+
+fn report(results: &Receiver<(String, Value)>, path: &str) -> Value {
+    let (got_path, body) = results.recv_timeout(WAIT).unwrap_or_else(|_| panic!("the page reported {path}"));
+    assert_eq!(got_path, path, "the page reported {body}");
+    body
+}
+
+/// Each of `ids` exactly once and in order, numbered 0..n.
+fn assert_exactly_once_in_order(result: &Value, ids: &[String]) {
+    let got = result["got"].as_array().unwrap();
+    let numbers: Vec<u64> = got.iter().map(|e| e["n"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..ids.len() as u64).collect::<Vec<_>>(), "no gap, no duplicate, in order: {result}");
+    let got_ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn events_flow_without_gap_or_duplicate_while_the_broker_restarts() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let start = || {
+        let child = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--engine", &redis.url()])
+            .env("VOLLEY_LOG_LEVEL", "warn")
+            .env("VOLLEY_DRAIN_TIMEOUT_MS", "1000")
+            .spawn()
+            .unwrap();
+        wait_for_port(port, "volley");
+        Proc(child)
+    };
+    let mut broker = Some(start());
+    let (_browser, results) = open_page(&format!("127.0.0.1:{port}"), "restart", 60);
+    let ready = report(&results, "/ready");
+    assert_eq!(ready["published"].as_array().unwrap().len(), 3, "publish acknowledgements resolved: {ready}");
+    let mut ids = Vec::new();
+    for n in 0..60u64 {
+        if n == 30 {
+            // A graceful restart: the drain closes the WebSocket (1001), the page reconnects
+            // with backoff and resumes every subscription from its last event.
+            let mut old = broker.take().unwrap();
+            assert!(Command::new("kill").args(["-TERM", &old.0.id().to_string()]).status().unwrap().success());
+            let _ = old.0.wait();
+            broker = Some(start());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let id = loop {
+            let (status, _, body) = http_to(
+                format!("127.0.0.1:{port}").parse().unwrap(),
+                "POST",
+                "/publish?wait=1",
+                &json!({"topic": "seq.a", "data": {"n": n}}).to_string(),
+            );
+            if status == 200 {
+                break body["message_ids"][0].as_str().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "publish {n}: {status} {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        ids.push(id);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let result = report(&results, "/result");
+    assert_exactly_once_in_order(&result, &ids);
+    let states: Vec<&str> = result["states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(
+        states.contains(&"disconnected") && states.iter().filter(|s| **s == "connected:websocket").count() >= 2,
+        "{states:?}"
+    );
+    assert_eq!(result["recoveryFailed"], 0);
+}
+
+#[test]
+#[cfg(feature = "fault-injection")]
+fn events_flow_without_gap_when_the_broker_drops_the_connection() {
+    let broker = Broker::start();
+    let (_browser, results) = open_page(&broker.addr.to_string(), "dropped", 60);
+    report(&results, "/ready");
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        if n == 30 {
+            // Every WebSocket dropped by the broker at once, without a close frame.
+            publish(&broker, &json!({"topic": volley::FAULT_DROP_TOPIC, "data": null}));
+        }
+        ids.extend(publish(&broker, &json!({"topic": "seq.b", "data": {"n": n}})));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let result = report(&results, "/result");
+    assert_exactly_once_in_order(&result, &ids);
+    let states: Vec<&str> = result["states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(
+        states.contains(&"disconnected") && states.iter().filter(|s| **s == "connected:websocket").count() >= 2,
+        "{states:?}"
+    );
+}
+
+#[test]
+fn falls_back_to_sse_and_post_publish_when_websockets_are_refused() {
+    let broker = Broker::start();
+    let (_browser, results) = open_page(&broker.addr.to_string(), "fallback", 5);
+    let ready = report(&results, "/ready");
+    assert_eq!(ready["published"].as_array().unwrap().len(), 3, "POST /publish acknowledgements: {ready}");
+    assert!(ready["states"].as_array().unwrap().iter().any(|s| s == "connected:sse"), "{ready}");
+    let events: Vec<Value> = (0..5).map(|n| json!({"topic": "seq.c", "data": {"n": n}})).collect();
+    let ids = publish(&broker, &json!(events));
+    assert_exactly_once_in_order(&report(&results, "/result"), &ids);
+}

@@ -1,0 +1,74 @@
+//! Child processes for tests: a free port, waiting for a listener, a process killed on
+//! drop, and a real redis-server in a temporary directory.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    process: Option<Proc>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("volley-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self { port, dir, process: None };
+        server.spawn();
+        server
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (./scripts/test installs it)");
+        self.process = Some(Proc(child));
+        wait_for_port(self.port, "redis-server");
+    }
+
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.process = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
