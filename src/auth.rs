@@ -31,6 +31,8 @@ pub struct Grant {
     pub sub: Option<String>,
     /// The `info` claim: what presence shows about the holder (any JSON).
     pub info: Option<Box<serde_json::value::RawValue>>,
+    /// The `admin` claim: may watch the dashboard and its stats stream.
+    pub admin: bool,
     /// Patterns the holder may read.
     pub subscribe: Vec<Pattern>,
     /// Patterns the holder may publish on.
@@ -40,7 +42,13 @@ pub struct Grant {
 impl Grant {
     /// Everything, for when auth is off.
     pub fn everything() -> Self {
-        Self { sub: None, info: None, subscribe: vec![Pattern::everything()], publish: vec![Pattern::everything()] }
+        Self {
+            sub: None,
+            info: None,
+            admin: true,
+            subscribe: vec![Pattern::everything()],
+            publish: vec![Pattern::everything()],
+        }
     }
 
     /// Whether every topic `pattern` matches may be read.
@@ -63,6 +71,8 @@ struct Claims {
     publish: Vec<String>,
     #[serde(default)]
     info: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    admin: bool,
 }
 
 /// The verifier; `None` inside means auth is off.
@@ -105,6 +115,7 @@ impl Auth {
             subscribe: patterns(&data.claims.subscribe)?,
             publish: patterns(&data.claims.publish)?,
             info: data.claims.info,
+            admin: data.claims.admin,
         })
     }
 }

@@ -24,6 +24,11 @@ pub struct Config {
     /// A second listener speaking TLS while `listen` stays plain; empty: with a
     /// certificate, `listen` itself speaks TLS.
     pub listen_tls: String,
+    /// An internal listener for operators: `/stats`, `/metrics`, `/dashboard` (and
+    /// `/stats/stream`, `/health`) move there from `listen`; empty: they stay on `listen`.
+    pub admin_listen: String,
+    /// Serve the live dashboard (`/dashboard`, `/stats/stream`).
+    pub dashboard: bool,
     /// Reactor threads; 0 means one per available core.
     pub shards: usize,
     /// TCP connections at once, every kind counted.
@@ -107,6 +112,8 @@ impl Default for Config {
             tls_cert: String::new(),
             tls_key: String::new(),
             listen_tls: String::new(),
+            admin_listen: String::new(),
+            dashboard: true,
             shards: 0,
             max_connections: 65_536,
             max_connections_per_ip: 4_096,
@@ -145,6 +152,17 @@ impl Default for Config {
             log_level: "info".into(),
         }
     }
+}
+
+/// One listening address and what it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// Where.
+    pub addr: SocketAddr,
+    /// Speaks TLS.
+    pub tls: bool,
+    /// The operators' listener (`admin_listen`).
+    pub admin: bool,
 }
 
 /// A configuration that cannot be used.
@@ -227,14 +245,21 @@ impl Config {
         Ok(config)
     }
 
-    /// Where plain and TLS connections are accepted: (`listen`, whether it speaks TLS), and
-    /// `listen_tls` if set.
-    pub fn listeners(&self) -> Vec<(SocketAddr, bool)> {
+    /// Where connections are accepted: `listen` (TLS when a certificate is set and
+    /// `listen_tls` is not), `listen_tls` if set, then `admin_listen` if set (plain).
+    pub fn listeners(&self) -> Vec<Listen> {
         let tls = !self.tls_cert.is_empty();
-        match self.listen_tls.parse::<SocketAddr>() {
-            Ok(listen_tls) if tls => vec![(self.listen, false), (listen_tls, true)],
-            _ => vec![(self.listen, tls)],
+        let mut out = match self.listen_tls.parse::<SocketAddr>() {
+            Ok(listen_tls) if tls => vec![
+                Listen { addr: self.listen, tls: false, admin: false },
+                Listen { addr: listen_tls, tls: true, admin: false },
+            ],
+            _ => vec![Listen { addr: self.listen, tls, admin: false }],
+        };
+        if let Ok(admin) = self.admin_listen.parse::<SocketAddr>() {
+            out.push(Listen { addr: admin, tls: false, admin: true });
         }
+        out
     }
 
     /// The history bounds.
@@ -299,6 +324,12 @@ impl Config {
             self.listen_tls.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
                 key: "listen_tls".into(),
                 message: format!("{:?} is not host:port: {e}", self.listen_tls),
+            })?;
+        }
+        if !self.admin_listen.is_empty() {
+            self.admin_listen.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                key: "admin_listen".into(),
+                message: format!("{:?} is not host:port: {e}", self.admin_listen),
             })?;
         }
         if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {

@@ -400,6 +400,9 @@ pub struct SseConn {
     pub filter: Filter,
     /// Receives presence notices (`?presence=1`) of its exact topics.
     pub presence: bool,
+    /// A `/stats/stream`: the latency histograms at the last push (boxed: five
+    /// hdrhistograms, held only by the few operators' streams).
+    pub stats: Option<Box<crate::metrics::Latency>>,
     /// Live events up to this order key were already seen or replayed.
     pub after: (u64, u64),
     /// When the next `: ping` comment is due.
@@ -481,6 +484,8 @@ pub struct Conn {
     pub indexed: Vec<(Pattern, u32)>,
     /// Counted by admission (false for a connection being turned away).
     pub admitted: bool,
+    /// Came through `admin_listen`.
+    pub admin: bool,
 }
 
 /// How much of its bound a connection may hold and still be read from: above it, volley
@@ -508,6 +513,7 @@ impl Conn {
             read_blocked: false,
             indexed: Vec::new(),
             admitted,
+            admin: false,
         }
     }
 

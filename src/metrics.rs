@@ -75,6 +75,28 @@ pub struct Latency {
     pub fanout: Histogram<u64>,
 }
 
+impl Latency {
+    /// What was recorded since `earlier` (a copy of these histograms taken before): the
+    /// latency of the last interval, not of the whole run.
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let minus = |now: &Histogram<u64>, then: &Histogram<u64>| {
+            let mut delta = now.clone();
+            // Counts only grow; a failed subtraction (never expected) shows the cumulative.
+            if delta.subtract(then).is_err() {
+                return now.clone();
+            }
+            delta
+        };
+        Latency {
+            publish_to_queue: minus(&self.publish_to_queue, &earlier.publish_to_queue),
+            publish_to_write: minus(&self.publish_to_write, &earlier.publish_to_write),
+            publish_to_ack: minus(&self.publish_to_ack, &earlier.publish_to_ack),
+            event_bytes: minus(&self.event_bytes, &earlier.event_bytes),
+            fanout: minus(&self.fanout, &earlier.fanout),
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     // 3 significant digits up to an hour: fixed size, no resizing on the hot path.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("static bounds are valid"))
@@ -206,6 +228,9 @@ impl Snapshot {
                 "dropped": self.dropped_slow_consumer,
             },
             "request_timeouts": self.request_timeouts,
+            "slow_consumer_disconnects": self.slow_consumer_disconnects,
+            "rate_limited": self.rate_limited,
+            "refused_overloaded": self.refused_overloaded,
             "tls_handshake_failures": HandshakeFailure::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), json!(self.tls_handshake_failures[r.index()])))
@@ -375,6 +400,8 @@ pub enum StatsFormat {
     Prometheus,
     /// WebSocket `request` `stats`; the reply's `correlation_id`.
     WsResponse(Option<String>),
+    /// One push of `GET /stats/stream` (the dashboard's feed).
+    SsePush,
 }
 
 /// A stats read in progress: each shard adds a copy of its histograms, and the last one

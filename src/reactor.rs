@@ -24,7 +24,8 @@ use crate::tls::{Certificates, TlsError};
 
 /// A running broker.
 pub struct Server {
-    addrs: Vec<SocketAddr>,
+    /// Bound addresses, in the order of [`Config::listeners`].
+    addrs: Vec<(SocketAddr, crate::config::Listen)>,
     shared: Arc<Shared>,
     certificates: Option<Arc<Certificates>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
@@ -55,14 +56,14 @@ impl Server {
         // shard bound (port 0 becomes one port for every shard).
         let mut listeners: Vec<Vec<Listener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = Vec::new();
-        for (addr, tls) in config.listeners() {
-            let first = listener(addr)?;
+        for listen in config.listeners() {
+            let first = listener(listen.addr)?;
             let addr = first.local_addr()?;
-            addrs.push(addr);
-            let tls = tls.then(|| certificates.clone()).flatten();
-            listeners[0].push(Listener { socket: first, tls: tls.clone() });
+            addrs.push((addr, listen));
+            let tls = listen.tls.then(|| certificates.clone()).flatten();
+            listeners[0].push(Listener { socket: first, tls: tls.clone(), admin: listen.admin });
             for shard in listeners.iter_mut().skip(1) {
-                shard.push(Listener { socket: listener(addr)?, tls: tls.clone() });
+                shard.push(Listener { socket: listener(addr)?, tls: tls.clone(), admin: listen.admin });
             }
         }
         let mut polls = Vec::with_capacity(shards);
@@ -110,18 +111,23 @@ impl Server {
                 .spawn(move || contain(id, move || Shard::new(id, poll, listener, shared)?.run()))?;
             threads.push(thread);
         }
-        tracing::info!(?addrs, tls = certificates.is_some(), shards, "volley listening");
+        tracing::info!(addrs = ?addrs.iter().map(|(a, _)| *a).collect::<Vec<_>>(), tls = certificates.is_some(), shards, "volley listening");
         Ok(Self { addrs, shared, certificates, threads })
     }
 
     /// The bound address of `listen` (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
-        self.addrs[0]
+        self.addrs[0].0
     }
 
     /// The bound address of `listen_tls`, if set.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.addrs.get(1).copied()
+        self.addrs.iter().skip(1).find(|(_, l)| l.tls).map(|(a, _)| *a)
+    }
+
+    /// The bound address of `admin_listen`, if set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(_, l)| l.admin).map(|(a, _)| *a)
     }
 
     /// Loads the certificate pair again (SIGHUP): new handshakes use it; on failure the

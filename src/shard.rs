@@ -32,6 +32,8 @@ pub struct Listener {
     pub socket: TcpListener,
     /// TLS: the pair new handshakes use.
     pub tls: Option<Arc<Certificates>>,
+    /// The operators' listener (`admin_listen`).
+    pub admin: bool,
 }
 
 /// A connection's socket.
@@ -166,11 +168,12 @@ impl Shard {
                 },
             };
             let refusal = self.core.admit(addr.ip()).err();
-            self.insert(socket, addr.ip(), refusal, now);
+            let admin = listener.admin;
+            self.insert(socket, addr.ip(), refusal, admin, now);
         }
     }
 
-    fn insert(&mut self, mut socket: Socket, peer: IpAddr, refusal: Option<Refusal>, now: Instant) {
+    fn insert(&mut self, mut socket: Socket, peer: IpAddr, refusal: Option<Refusal>, admin: bool, now: Instant) {
         let key = self.core.vacant_key();
         if let Err(e) = self.poll.registry().register(socket.tcp(), Token(key), Interest::READABLE | Interest::WRITABLE)
         {
@@ -182,6 +185,9 @@ impl Shard {
         }
         let accepted = self.core.accept(peer, refusal, now);
         debug_assert_eq!(accepted, key, "the core hands out the key it told");
+        if admin {
+            self.core.mark_admin(accepted);
+        }
         if self.sockets.len() <= key {
             self.sockets.resize_with(key + 1, || None);
         }

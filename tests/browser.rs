@@ -65,3 +65,22 @@ fn a_browser_uses_wss_and_https_with_the_brokers_certificate() {
         &[format!("--ignore-certificate-errors-spki-list={pin}")],
     );
 }
+
+#[test]
+fn the_dashboard_loads_and_its_figures_follow_publishes() {
+    let broker = Broker::start();
+    let page = include_str!("browser/dashboard.html").replace("BROKER", &broker.addr.to_string());
+    let (page_port, results) = page_server(page);
+    let _browser = launch(&format!("http://127.0.0.1:{page_port}/"), &[]);
+    let wait = Duration::from_secs(60);
+    let (path, ready) = results.recv_timeout(wait).expect("the dashboard went live");
+    assert_eq!(path, "/ready", "{ready}");
+    assert_eq!((ready["published"].as_u64(), ready["shards"].as_u64()), (Some(0), Some(2)), "{ready}");
+    for n in 0..5 {
+        publish(&broker, &json!({"topic": "dash", "data": n}));
+    }
+    let (path, after) = results.recv_timeout(wait).expect("the dashboard's figures changed");
+    assert_eq!(path, "/result", "{after}");
+    assert_eq!(after["published"], 5, "the stream pushed the new counters: {after}");
+    assert_ne!(after["publishes"], "0", "publishes per second moved: {after}");
+}

@@ -80,6 +80,9 @@ pub struct Shared {
     pub epoch: (Instant, SystemTime),
 }
 
+/// How often a `/stats/stream` (the dashboard's feed) gets a push.
+pub const STATS_PUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// Joins and leaves waiting for the presence mirror before it rewrites the node whole.
 const PRESENCE_OUTBOX: usize = 65_536;
 
@@ -517,6 +520,13 @@ impl Core {
         after
     }
 
+    /// Connection `key` came through `admin_listen`: it is served the operators' routes.
+    pub fn mark_admin(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.admin = true;
+        }
+    }
+
     /// A TLS connection failed its handshake: counted by reason, then removed.
     pub fn tls_handshake_failed(&mut self, key: usize, reason: crate::tls::HandshakeFailure) {
         ShardCounters::bump(&self.ctx.counters().tls_handshake_failures[reason.index()]);
@@ -647,6 +657,26 @@ impl Core {
                 Response::with_body(200, "text/plain; version=0.0.4", snapshot.to_prometheus().into_bytes()),
                 now,
             ),
+            StatsFormat::SsePush => {
+                let Core { conns, ctx } = self;
+                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id && c.closing.is_none()) else { return };
+                let State::Sse(sse) = &mut conn.state else { return };
+                let Some(previous) = sse.stats.as_mut() else { return };
+                // Percentiles of the last interval beside the cumulative ones: a plot of the
+                // last minutes must not be flattened by the whole run.
+                let latest = gather.latency();
+                let interval = latest.since(previous);
+                **previous = latest;
+                let mut document = snapshot.to_json();
+                document["interval_latency_us"] = json!({
+                    "publish_to_queue": crate::metrics::percentiles(&interval.publish_to_queue),
+                    "publish_to_write": crate::metrics::percentiles(&interval.publish_to_write),
+                    "publish_to_ack": crate::metrics::percentiles(&interval.publish_to_ack),
+                });
+                ctx.send(key, conn, sse::named_event("stats", &document.to_string()), now);
+                ctx.touch(key);
+                ctx.want_transmit(conn, key);
+            }
             StatsFormat::WsResponse(correlation) => {
                 let Core { conns, ctx } = self;
                 let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { return };
@@ -997,6 +1027,14 @@ impl Ctx {
                     let mut out = Vec::new();
                     ws.codec.ping(&mut out);
                     self.send(key, conn, out, now);
+                }
+                false
+            }
+            State::Sse(sse) if sse.stats.is_some() => {
+                // A stats stream's pushes are its heartbeat.
+                if now >= sse.next_ping {
+                    sse.next_ping = now + STATS_PUSH_EVERY;
+                    self.gather_stats(key, conn, StatsFormat::SsePush);
                 }
                 false
             }

@@ -151,12 +151,20 @@ impl Ctx {
             return Some(self.respond(key, conn, request, response, now));
         }
         let echo = !self.config().echo_path.is_empty() && path == self.config().echo_path;
+        // The operators' routes live on `admin_listen` when it is set, and only they do.
+        let operators = matches!(path, "/stats" | "/metrics" | "/dashboard" | "/stats/stream");
+        let dashboard_off = !self.config().dashboard && matches!(path, "/dashboard" | "/stats/stream");
+        let wrong_listener = !self.config().admin_listen.is_empty() && conn.admin != (operators || path == "/health");
+        if dashboard_off || (wrong_listener && path != "/health") {
+            let error = HttpError::new(ErrorCode::NotFound, format!("no route {path} here"));
+            return Some(self.respond(key, conn, request, Response::error(&error), now));
+        }
         let allowed: &[&str] = match path {
             "/ws" => &["GET"],
             _ if echo => &["GET"],
             "/publish" => &["POST"],
             "/sse" | "/history" | "/health" | "/stats" | "/metrics" | "/presence" | "/presence/stats"
-            | "/volley.js" => &["GET"],
+            | "/volley.js" | "/dashboard" | "/stats/stream" => &["GET"],
             _ => {
                 let error = HttpError::new(ErrorCode::NotFound, format!("no route {path}"));
                 return Some(self.respond(key, conn, request, Response::error(&error), now));
@@ -183,6 +191,15 @@ impl Ctx {
                 let response = self.http_presence(request, path == "/presence/stats");
                 self.respond(key, conn, request, response, now)
             }
+            "/dashboard" | "/stats/stream" => match self.operator(conn, request) {
+                Err(response) => self.respond(key, conn, request, response, now),
+                Ok(()) if path == "/dashboard" => {
+                    let page = Response::with_body(200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes().to_vec())
+                        .header("Cache-Control", "no-cache");
+                    self.respond(key, conn, request, page, now)
+                }
+                Ok(()) => self.start_stats_stream(key, conn, request, now),
+            },
             "/volley.js" => {
                 let response =
                     Response::with_body(200, "text/javascript; charset=utf-8", VOLLEY_JS.as_bytes().to_vec())
@@ -398,6 +415,35 @@ impl Ctx {
         }
     }
 
+    /// Whether `request` may see the dashboard: on `admin_listen` always (the network is
+    /// the gate); on `listen` with auth off, or with a token carrying the `admin` claim.
+    fn operator(&self, conn: &Conn, request: &Request) -> Result<(), Response> {
+        if conn.admin {
+            return Ok(());
+        }
+        match self.shared.auth.verify(request.token().as_deref()) {
+            Ok(grant) if grant.admin => Ok(()),
+            Ok(_) => Err(Response::error(&HttpError::new(ErrorCode::Forbidden, "the token has no admin claim"))),
+            Err(error) => Err(unauthorized(&error)),
+        }
+    }
+
+    /// `GET /stats/stream`: `/stats` as an SSE `event: stats` every second.
+    fn start_stats_stream(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
+        let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, true);
+        self.send(key, conn, head, now);
+        conn.state = State::Sse(Box::new(SseConn {
+            filter: Filter::new(Vec::new(), Vec::new(), None),
+            presence: false,
+            stats: Some(Box::default()),
+            after: (0, 0),
+            next_ping: now + super::STATS_PUSH_EVERY,
+        }));
+        self.gauge(Some(Transport::Http), Some(Transport::Sse), 0);
+        self.gather_stats(key, conn, StatsFormat::SsePush);
+        Routed::Halt
+    }
+
     pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
         let query = match self.authorized_query(request) {
             Ok(q) => q,
@@ -428,6 +474,7 @@ impl Ctx {
         conn.state = State::Sse(Box::new(SseConn {
             filter,
             presence,
+            stats: None,
             after,
             next_ping: now + self.config().heartbeat_interval(),
         }));
@@ -439,6 +486,9 @@ impl Ctx {
         Routed::Halt
     }
 }
+
+/// The dashboard (`static/dashboard.html`): one page, no external resources.
+const DASHBOARD_HTML: &str = include_str!("../../static/dashboard.html");
 
 /// The browser client (`static/volley.js`), served as it is in the repository.
 const VOLLEY_JS: &str = include_str!("../../static/volley.js");

@@ -19,6 +19,8 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// `listen_tls`, when configured.
     pub tls_addr: Option<SocketAddr>,
+    /// `admin_listen`, when configured.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -32,8 +34,8 @@ impl Broker {
         let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Config::default() };
         tweak(&mut config);
         let server = Server::start(config).expect("broker starts");
-        let (addr, tls_addr) = (server.addr(), server.tls_addr());
-        Self { server: Some(server), addr, tls_addr }
+        let (addr, tls_addr, admin_addr) = (server.addr(), server.tls_addr(), server.admin_addr());
+        Self { server: Some(server), addr, tls_addr, admin_addr }
     }
 
     pub fn url(&self, path: &str) -> String {
