@@ -295,20 +295,25 @@ mod tests {
         (texts, out, result)
     }
 
+    /// Feeds `stream` one byte per call: messages must not need whole frames.
+    fn feed_bytewise(codec: &mut Codec, stream: &[u8]) -> (Vec<String>, Vec<u8>) {
+        let (mut texts, mut out) = (Vec::new(), Vec::new());
+        for byte in stream.chunks(1) {
+            let (t, o, r) = feed(codec, byte);
+            assert_eq!(r, Ok(()));
+            texts.extend(t);
+            out.extend(o);
+        }
+        (texts, out)
+    }
+
     #[test]
     fn fragments_with_interleaved_ping_byte_by_byte() {
         let mut codec = Codec::new(1024, false);
         let mut stream = masked(0x1, false, b"hel");
         stream.extend(masked(0x9, true, b"p"));
         stream.extend(masked(0x0, true, b"lo"));
-        let mut texts = Vec::new();
-        let mut out = Vec::new();
-        for byte in stream.chunks(1) {
-            let (t, o, r) = feed(&mut codec, byte);
-            assert_eq!(r, Ok(()));
-            texts.extend(t);
-            out.extend(o);
-        }
+        let (texts, out) = feed_bytewise(&mut codec, &stream);
         assert_eq!(texts, vec!["hello"]);
         assert_eq!(out, vec![0x8A, 1, b'p'], "pong echoes the ping");
     }
@@ -368,14 +373,7 @@ mod tests {
         stream.extend(masked(0x0, true, b));
         stream.extend(masked(0x1, true, b"plain after")); // uncompressed messages still pass
         let mut codec = Codec::new(1024, true);
-        let mut texts = Vec::new();
-        let mut out = Vec::new();
-        for byte in stream.chunks(1) {
-            let (t, o, r) = feed(&mut codec, byte);
-            assert_eq!(r, Ok(()));
-            texts.extend(t);
-            out.extend(o);
-        }
+        let (texts, out) = feed_bytewise(&mut codec, &stream);
         assert_eq!(texts, vec![text.to_string(), "plain after".to_string()]);
         assert_eq!(out, vec![0x8A, 1, b'p']);
     }

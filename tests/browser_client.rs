@@ -43,6 +43,18 @@ fn assert_exactly_once_in_order(result: &Value, ids: &[String]) {
     assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
+/// Every event once and in order, across a disconnection and a reconnection over
+/// WebSocket that resumed (no recovery failure).
+fn assert_resumed(result: &Value, ids: &[String]) {
+    assert_exactly_once_in_order(result, ids);
+    let states: Vec<&str> = result["states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(
+        states.contains(&"disconnected") && states.iter().filter(|s| **s == "connected:websocket").count() >= 2,
+        "{states:?}"
+    );
+    assert_eq!(result["recoveryFailed"], 0);
+}
+
 #[test]
 fn events_flow_without_gap_or_duplicate_while_the_broker_restarts() {
     let redis = RedisServer::start();
@@ -88,14 +100,7 @@ fn events_flow_without_gap_or_duplicate_while_the_broker_restarts() {
         ids.push(id);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let result = report(&results, "/result");
-    assert_exactly_once_in_order(&result, &ids);
-    let states: Vec<&str> = result["states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-    assert!(
-        states.contains(&"disconnected") && states.iter().filter(|s| **s == "connected:websocket").count() >= 2,
-        "{states:?}"
-    );
-    assert_eq!(result["recoveryFailed"], 0);
+    assert_resumed(&report(&results, "/result"), &ids);
 }
 
 #[test]
@@ -113,13 +118,7 @@ fn events_flow_without_gap_when_the_broker_drops_the_connection() {
         ids.extend(publish(&broker, &json!({"topic": "seq.b", "data": {"n": n}})));
         std::thread::sleep(Duration::from_millis(10));
     }
-    let result = report(&results, "/result");
-    assert_exactly_once_in_order(&result, &ids);
-    let states: Vec<&str> = result["states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-    assert!(
-        states.contains(&"disconnected") && states.iter().filter(|s| **s == "connected:websocket").count() >= 2,
-        "{states:?}"
-    );
+    assert_resumed(&report(&results, "/result"), &ids);
 }
 
 #[test]
