@@ -132,3 +132,22 @@ fn falls_back_to_sse_and_post_publish_when_websockets_are_refused() {
     let ids = publish(&broker, &json!(events));
     assert_exactly_once_in_order(&report(&results, "/result"), &ids);
 }
+
+#[test]
+fn the_page_hears_a_join_and_a_leave() {
+    let broker = Broker::start();
+    let (_browser, results) = open_page(&broker.addr.to_string(), "presence", 0);
+    report(&results, "/ready");
+    let (mut member, ack) = ws_connect(&broker, "/ws");
+    let member_id = ack["payload"]["client_id"].as_str().unwrap().to_string();
+    subscribe(&mut member, json!({"topics": ["room.x"]}));
+    drop(member);
+    let notices = report(&results, "/presence")["notices"].clone();
+    let seen: Vec<(&str, &str)> = notices
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["action"].as_str().unwrap(), n["client_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(seen, [("join", member_id.as_str()), ("leave", member_id.as_str())], "{notices}");
+}
