@@ -29,6 +29,9 @@ use crate::presence::{Entry, Notice, Transport};
 pub const TICK: Duration = Duration::from_millis(50);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Waits between reconnects while Redis is away (logged once per outage).
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// An entry as stored in a node's hash and told to other nodes.
 #[derive(Serialize, Deserialize)]
@@ -126,14 +129,19 @@ impl Writer {
         let node = self.shared.node;
         let mut connection: Option<redis::Connection> = None;
         let mut last_reconcile: Option<Instant> = None;
+        let mut backoff = TICK;
         loop {
-            std::thread::sleep(TICK);
+            std::thread::sleep(backoff);
             if connection.is_none() {
                 connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT).ok();
                 // Whatever was queued while away is in the registry: write it whole.
                 self.shared.presence_resync.store(true, Ordering::Release);
             }
-            let Some(conn) = connection.as_mut() else { continue };
+            let Some(conn) = connection.as_mut() else {
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            };
+            backoff = TICK;
             let mut result = self.flush(conn, node);
             let reconcile_every = self.settings.ttl / 4;
             if result.is_ok() && last_reconcile.is_none_or(|at| at.elapsed() >= reconcile_every) {
@@ -143,6 +151,7 @@ impl Writer {
             if let Err(e) = result {
                 tracing::warn!(error = %e, "presence mirror: reconnecting");
                 connection = None;
+                backoff = FIRST_BACKOFF;
             }
         }
     }
@@ -225,11 +234,20 @@ struct Subscriber {
 
 impl Subscriber {
     fn run(self) {
+        let mut backoff = FIRST_BACKOFF;
         loop {
+            let started = Instant::now();
             if let Err(e) = self.follow() {
-                tracing::warn!(error = %e, "presence subscriber: reconnecting");
+                // Once a connection held a while, the next failure is news again.
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = FIRST_BACKOFF;
+                }
+                if backoff == FIRST_BACKOFF {
+                    tracing::warn!(error = %e, "presence subscriber: reconnecting");
+                }
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
