@@ -42,6 +42,38 @@ fn admin_listen_takes_the_operators_routes_and_only_those() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(seen.contains("text/event-stream") && seen.contains("event: stats\ndata: {"), "{seen}");
+    // Each stream keeps a copy of the histograms: at most 16 at once, then 503; a closed
+    // one frees its place.
+    let mut streams: Vec<TcpStream> = (0..15)
+        .map(|_| open_stream(admin))
+        .map(|(code, s)| {
+            assert_eq!(code, 200);
+            s
+        })
+        .collect();
+    assert_eq!(open_stream(admin).0, 503, "the seventeenth");
+    streams.pop();
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, stream) = open_stream(admin);
+        if code == 200 {
+            streams.push(stream);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a closed stream frees its place");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Opens `/stats/stream` and reads only the status code.
+fn open_stream(addr: std::net::SocketAddr) -> (u16, TcpStream) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /stats/stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    (String::from_utf8_lossy(&head[9..12]).parse().unwrap(), s)
 }
 
 #[test]

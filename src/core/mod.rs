@@ -75,10 +75,17 @@ pub struct Shared {
     /// The mirror must rewrite this node's members whole (it was away, or the outbox
     /// overflowed).
     pub presence_resync: AtomicBool,
+    /// Open `/stats/stream`s: each keeps a copy of the histograms (about 200 KiB), so
+    /// there are at most [`MAX_STATS_STREAMS`].
+    pub stats_streams: std::sync::atomic::AtomicUsize,
     /// One reading of both clocks at start: wall-clock timestamps are derived from the
     /// monotonic `now` the core is given, so the core never reads a clock.
     pub epoch: (Instant, SystemTime),
 }
+
+/// Most `/stats/stream`s open at once (dashboards are few; each holds a copy of the
+/// histograms outside any connection's byte bound).
+pub const MAX_STATS_STREAMS: usize = 16;
 
 /// How often a `/stats/stream` (the dashboard's feed) gets a push.
 pub const STATS_PUSH_EVERY: Duration = Duration::from_secs(1);
@@ -107,6 +114,7 @@ impl Shared {
             node: crate::presence::new_node_id(),
             presence_outbox: crossbeam_queue::ArrayQueue::new(PRESENCE_OUTBOX),
             presence_resync: AtomicBool::new(true),
+            stats_streams: Default::default(),
             auth: Auth::new(&config.jwt_secret),
             epoch,
             config,
@@ -541,6 +549,9 @@ impl Core {
         for (pattern, sub) in conn.indexed.drain(..) {
             self.ctx.index.remove(&pattern, SubRef { conn: key, sub });
             self.ctx.leave_presence(conn.id, &pattern);
+        }
+        if matches!(&conn.state, State::Sse(sse) if sse.stats.is_some()) {
+            self.ctx.shared.stats_streams.fetch_sub(1, Ordering::AcqRel);
         }
         let transport = (conn.admitted || conn.transport() != Transport::Http).then(|| conn.transport());
         self.ctx.gauge(transport, None, -(conn.subscriptions() as i64));

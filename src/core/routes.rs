@@ -430,6 +430,14 @@ impl Ctx {
 
     /// `GET /stats/stream`: `/stats` as an SSE `event: stats` every second.
     fn start_stats_stream(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
+        let streams = &self.shared.stats_streams;
+        if streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < super::MAX_STATS_STREAMS).then_some(n + 1))
+            .is_err()
+        {
+            let error = HttpError::new(ErrorCode::TooManyConnections, "too many stats streams open");
+            return self.respond(key, conn, request, Response::error(&error).header("Retry-After", "5"), now);
+        }
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, true);
         self.send(key, conn, head, now);
         conn.state = State::Sse(Box::new(SseConn {
