@@ -417,6 +417,13 @@ struct RawAck {
 
 /// Parses patterns, empty meaning everything.
 pub fn parse_patterns<S: AsRef<str>>(list: &[S]) -> Result<Vec<Pattern>, Rejection> {
+    if list.len() > MAX_PATTERNS {
+        return Err(Rejection::at(
+            ErrorCode::InvalidTopic,
+            "topics",
+            format!("at most {MAX_PATTERNS} topics or patterns"),
+        ));
+    }
     list.iter()
         .map(|p| {
             Pattern::parse(p.as_ref()).map_err(|e| {
@@ -425,6 +432,11 @@ pub fn parse_patterns<S: AsRef<str>>(list: &[S]) -> Result<Vec<Pattern>, Rejecti
         })
         .collect()
 }
+
+/// Most topics or patterns one subscription, stream or query names: each becomes an index
+/// entry (and, for exact topics, a presence entry whose join every shard hears), outside
+/// the connection's byte bound, so a 64 KiB message must not name thousands.
+pub const MAX_PATTERNS: usize = 64;
 
 /// Reads a history `limit` given as a number or a decimal string.
 pub fn parse_limit(value: Option<&Value>) -> Result<usize, Rejection> {

@@ -192,3 +192,20 @@ fn auth_users_info_and_grants() {
     let refused = request(&mut eve, "presence_stats", "chat.room");
     assert_eq!(refused["payload"]["code"], "forbidden", "{refused}");
 }
+
+#[test]
+fn one_subscription_names_at_most_64_topics() {
+    let broker = Broker::start();
+    let (mut ws, _) = ws_connect(&broker, "/ws");
+    let topics: Vec<String> = (0..65).map(|i| format!("many.t{i}")).collect();
+    send_json(&mut ws, &json!({"type": "subscribe", "message_id": "m", "payload": {"topics": topics}}));
+    let reply = recv_json(&mut ws);
+    assert_eq!(
+        (reply["type"].as_str(), reply["payload"]["code"].as_str()),
+        (Some("error"), Some("invalid_topic")),
+        "{reply}"
+    );
+    assert_eq!(stats(&broker, "many.t0"), (0, 0), "nothing joined");
+    subscribe(&mut ws, json!({"topics": &topics[..64]}));
+    assert_eq!(stats(&broker, "many.t63"), (1, 0));
+}
