@@ -354,7 +354,7 @@ fn check(core: &Core, shared: &volley::core::Shared, key: usize, limit: usize) {
             assert!(conn.queued_bytes() <= limit + 1024, "{} queued past the bound {limit}", conn.queued_bytes());
             assert_eq!(connections, 1, "one connection counted");
             assert_eq!(subscriptions, conn.subscriptions() as i64, "the gauge follows the subscriptions");
-            assert_eq!(core.index_entries(), conn.indexed.len(), "the index holds what the connection says");
+            assert_eq!(core.index_entries(), conn.index_entries().len(), "the index holds what the connection says");
         }
         None => {
             assert_eq!((connections, subscriptions), (0, 0), "gauges back to zero once it left");

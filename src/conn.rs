@@ -321,6 +321,9 @@ impl Filter {
     }
 }
 
+/// The key an SSE stream's one subscription has in the shard's index.
+pub const SSE_SUB: u32 = 0;
+
 /// A WebSocket subscription.
 #[derive(Debug)]
 pub struct Subscription {
@@ -480,8 +483,6 @@ pub struct Conn {
     pub transmit_queued: bool,
     /// Reading stopped because too much is queued; resumed once it drains.
     pub read_blocked: bool,
-    /// Every entry this connection has in the shard's index: (pattern, subscription key).
-    pub indexed: Vec<(Pattern, u32)>,
     /// Counted by admission (false for a connection being turned away).
     pub admitted: bool,
     /// Came through `admin_listen`.
@@ -511,7 +512,6 @@ impl Conn {
             dirty_since: None,
             transmit_queued: false,
             read_blocked: false,
-            indexed: Vec::new(),
             admitted,
             admin: false,
         }
@@ -671,6 +671,20 @@ impl Conn {
                 .is_some_and(|s| event.key > s.after && s.filter.accepts_non_topic(event)),
             State::Sse(sse) => event.key > sse.after && sse.filter.accepts_non_topic(event),
             State::Http(_) => false,
+        }
+    }
+
+    /// Every entry this connection has in the shard's index, (pattern, subscription key):
+    /// each pattern of each subscription it holds.
+    /// Read from the subscriptions themselves rather than kept in a second list: an idle
+    /// subscriber should not pay for a copy of its patterns.
+    pub fn index_entries(&self) -> Vec<(&Pattern, u32)> {
+        match &self.state {
+            State::WebSocket(ws) => {
+                ws.subs.iter().flat_map(|s| s.filter.patterns.iter().map(move |p| (p, s.key))).collect()
+            }
+            State::Sse(sse) => sse.filter.patterns.iter().map(|p| (p, SSE_SUB)).collect(),
+            State::Http(_) => Vec::new(),
         }
     }
 

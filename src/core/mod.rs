@@ -28,7 +28,7 @@ use slab::Slab;
 use crate::auth::Auth;
 use crate::bus::{self, Bus, Control, Delivery, Event, ReplyTo};
 use crate::config::Config;
-use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, State, Transport};
+use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, SSE_SUB, State, Transport};
 use crate::deflate::Joiner;
 use crate::engine::EngineStatus;
 use crate::http::{HttpError, Response};
@@ -153,8 +153,6 @@ struct SubRef {
     sub: u32,
 }
 
-/// The key an SSE stream's one subscription has.
-const SSE_SUB: u32 = 0;
 /// How long a closing connection may take to flush and see the peer's EOF.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a slow consumer gets to read its 1013 close frame.
@@ -545,10 +543,10 @@ impl Core {
     /// counted out from what the connection still holds; its socket is reported by
     /// [`Self::poll_closed`].
     pub fn remove(&mut self, key: usize) {
-        let Some(mut conn) = self.conns.try_remove(key) else { return };
-        for (pattern, sub) in conn.indexed.drain(..) {
-            self.ctx.index.remove(&pattern, SubRef { conn: key, sub });
-            self.ctx.leave_presence(conn.id, &pattern);
+        let Some(conn) = self.conns.try_remove(key) else { return };
+        for (pattern, sub) in conn.index_entries() {
+            self.ctx.index.remove(pattern, SubRef { conn: key, sub });
+            self.ctx.leave_presence(conn.id, pattern);
         }
         if matches!(&conn.state, State::Sse(sse) if sse.stats.is_some()) {
             self.ctx.shared.stats_streams.fetch_sub(1, Ordering::AcqRel);
@@ -588,7 +586,7 @@ impl Core {
         Ok((Self::new(0, shared.clone()), shared, poll))
     }
 
-    /// Entries in the subscription index (each connection's `indexed` adds up to it).
+    /// Entries in the subscription index (each connection's `Conn::index_entries` add up to it).
     pub fn index_entries(&self) -> usize {
         self.ctx.index.len()
     }

@@ -464,7 +464,6 @@ impl Ctx {
         self.send(key, conn, head, now);
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
-            conn.indexed.push((pattern.clone(), SSE_SUB));
         }
         // The token was verified by `authorized_query` just above.
         let grant = self.shared.auth.verify(request.token().as_deref()).ok();

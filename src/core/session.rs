@@ -176,11 +176,14 @@ impl Ctx {
         let (recovered, after, replay) = self.resume(args.since.as_deref());
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
-            conn.indexed.push((pattern.clone(), sub_key));
         }
         let joiner = Joiner { conn_id: conn.id, user: grant.sub.as_deref(), info, transport: Transport::WebSocket };
         self.join_presence(&joiner, &filter.patterns, now);
         let replay_filter = replay.is_some().then(|| filter.clone());
+        if ws.subs.is_empty() {
+            // Most connections hold one subscription: do not let the first take room for four.
+            ws.subs.reserve_exact(1);
+        }
         ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after, presence: args.presence });
         self.gauge(None, None, 1);
         let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
@@ -225,15 +228,7 @@ impl Ctx {
             return self.send_error(key, conn, correlation, &rejection, now);
         };
         let sub = ws.subs.swap_remove(position);
-        let mut gone = Vec::new();
-        conn.indexed.retain(|(pattern, k)| {
-            let mine = *k == sub.key;
-            if mine {
-                gone.push(pattern.clone());
-            }
-            !mine
-        });
-        for pattern in &gone {
+        for pattern in &sub.filter.patterns {
             self.index.remove(pattern, SubRef { conn: key, sub: sub.key });
             self.leave_presence(conn.id, pattern);
         }
