@@ -142,7 +142,11 @@ impl Harness {
     }
 
     pub fn publish(&mut self, topic: &str, data: &str) {
-        let body = format!(r#"{{"topic":"{topic}","source":"test","data":{data}}}"#);
+        self.publish_from(topic, "test", data);
+    }
+
+    pub fn publish_from(&mut self, topic: &str, source: &str, data: &str) {
+        let body = format!(r#"{{"topic":"{topic}","source":"{source}","data":{data}}}"#);
         let requests = crate::protocol::parse_publish_body(body.as_bytes(), 1).expect("valid publish");
         let reply = crate::bus::Reply {
             to: crate::bus::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 },
@@ -317,6 +321,79 @@ fn events_are_never_held_once_the_inbox_is_empty() {
         assert_eq!(frames.len(), 1, "round {round}: written in the turn that fanned it out");
         let next = h.core.poll_timeout();
         assert!(next.is_none_or(|t| t > h.now + Duration::from_millis(20)), "nothing held for a window");
+    }
+}
+
+/// The data of the events among `frames`, in order.
+fn event_data(frames: &[Frame]) -> Vec<i64> {
+    frames
+        .iter()
+        .map(Frame::json)
+        .filter(|m| m["type"] == "event")
+        .filter_map(|m| m["payload"]["data"].as_i64())
+        .collect()
+}
+
+#[test]
+fn split_and_overlapping_subscriptions_get_each_event_once_and_in_order() {
+    // Several events fanned out in one turn; a connection whose subscriptions split them
+    // must still get each event once, in order, whichever subscription the index matched
+    // first.
+    let mut h = Harness::new(|_| {});
+    let single = h.websocket("/ws");
+    h.input(single, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    let split = h.websocket("/ws");
+    h.input(split, &text(r#"{"type":"subscribe","payload":{"topics":["a"],"sources":["one"]}}"#));
+    h.input(split, &text(r#"{"type":"subscribe","payload":{"topics":["a"],"sources":["two"]}}"#));
+    h.output(single);
+    h.output(split);
+    for (i, source) in ["one", "two", "one", "two", "three"].into_iter().enumerate() {
+        h.publish_from("a", source, &(i + 1).to_string());
+    }
+    h.turn();
+    assert_eq!(event_data(&h.frames(single)), [1, 2, 3, 4, 5]);
+    assert_eq!(event_data(&h.frames(split)), [1, 2, 3, 4], "source three is nobody's");
+
+    // An overlapping third subscription takes everything; nothing twice.
+    h.input(split, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.output(split);
+    for (i, source) in ["three", "one", "three"].into_iter().enumerate() {
+        h.publish_from("a", source, &(i + 6).to_string());
+    }
+    h.turn();
+    assert_eq!(event_data(&h.frames(split)), [6, 7, 8]);
+    assert_eq!(event_data(&h.frames(single)), [6, 7, 8]);
+}
+
+#[test]
+fn slow_consumers_are_closed_once_and_readers_get_every_event() {
+    let mut h = Harness::new(|c| c.max_outbound_bytes = 4096);
+    let reader = h.websocket("/ws");
+    h.input(reader, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    let stalled = h.websocket("/ws");
+    h.input(stalled, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    let stalled_twice = h.websocket("/ws");
+    h.input(stalled_twice, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.input(stalled_twice, &text(r#"{"type":"subscribe","payload":{"topics":["a"],"sources":["test"]}}"#));
+    for key in [reader, stalled, stalled_twice] {
+        h.output(key);
+    }
+    // Each event is about 700 bytes and a turn fans out four: the stalled connections
+    // (never drained) go over their 4 KiB bound in the middle of the second turn.
+    let mut read = 0;
+    for i in 0..12 {
+        h.publish("a", &format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(600)));
+        if i % 4 == 3 {
+            h.turn();
+            read += h.frames(reader).len();
+        }
+    }
+    assert_eq!(read, 12, "the reader gets every event");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(h.shared.counters[0].slow_consumer_disconnects.load(Relaxed), 2, "each closed once");
+    for key in [stalled, stalled_twice] {
+        let frames = h.frames(key);
+        assert_eq!(frames.last().and_then(Frame::close_code), Some(1013));
     }
 }
 
