@@ -479,6 +479,9 @@ pub struct Conn {
     /// When events were first queued since the last flush: the shard writes them at the
     /// end of a loop turn, or later while it coalesces.
     pub dirty_since: Option<Instant>,
+    /// When its events were last released for writing (coalescing holds events only for
+    /// connections written within the window).
+    pub released_at: Option<Instant>,
     /// Waits in the core's list of connections to write.
     pub transmit_queued: bool,
     /// Reading stopped because too much is queued; resumed once it drains.
@@ -510,6 +513,7 @@ impl Conn {
             scheduled: None,
             last_seq: 0,
             dirty_since: None,
+            released_at: None,
             transmit_queued: false,
             read_blocked: false,
             admitted,

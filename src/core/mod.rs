@@ -177,7 +177,10 @@ const COALESCE_BYTES: usize = 16 * 1024;
 /// `BEHIND`), every delivery costs a kernel send for the shard and a read for the client,
 /// and the only way to deliver more per second is to put several events in one write:
 /// the window doubles, up to `max`, while the shard is behind, and halves back to `min`
-/// while it is not. Replies and control frames never wait.
+/// while it is not. Only connections written within the last window wait (`flush_dirty`):
+/// one that hears an event every 50 ms gains no company in 20 ms and would only pay the
+/// wait, which kept a many-topic load's median at tens of milliseconds. Replies and
+/// control frames never wait.
 #[derive(Debug)]
 struct Coalescing {
     window: Duration,
@@ -804,12 +807,17 @@ impl Core {
         dirty.retain(|&key| {
             let Some(conn) = self.conns.get_mut(key) else { return false };
             let Some(since) = conn.dirty_since else { return false };
-            let due = since + window;
+            // Only a connection written within the last window is likely to get company
+            // within the next: one that hears an event every 50 ms gains nothing from a
+            // 20 ms wait, it only pays it.
+            let busy = conn.released_at.is_some_and(|at| now < at + window);
+            let due = if busy { since + window } else { now };
             if now < due && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES {
                 self.ctx.next_flush = Some(self.ctx.next_flush.map_or(due, |next| next.min(due)));
                 return true;
             }
             conn.dirty_since = None;
+            conn.released_at = Some(now);
             self.ctx.transmit_now(conn, key);
             false
         });
