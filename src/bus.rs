@@ -205,14 +205,17 @@ impl Inbox {
 
     /// Wakes the shard unless a wake-up is already pending.
     pub fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        // SeqCst here and in `clear_wake`: a pusher's push-then-check and the shard's
+        // clear-then-pop must not both miss each other (a store-load pair, which weaker
+        // orderings let reorder).
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
             let _ = self.waker.wake();
         }
     }
 
     /// Called by the shard before it drains, so later pushes wake it again.
     pub fn clear_wake(&self) {
-        self.wake_pending.store(false, Ordering::Release);
+        self.wake_pending.swap(false, Ordering::SeqCst);
     }
 
     /// Sends a control message and wakes the shard.

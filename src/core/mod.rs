@@ -416,6 +416,10 @@ impl Core {
     /// Handles what other threads sent: control messages, then events to fan out, at most
     /// [`FANOUT_BYTES_PER_TURN`] of them; true when events are left for another call.
     pub fn handle_inbox(&mut self, now: Instant) -> bool {
+        // Cleared before either queue is drained: a control message pushed while events
+        // were drained must wake the shard again, or it waits for an unrelated wake-up
+        // (the next event, socket or timer; on an idle broker, a heartbeat away).
+        self.ctx.shared.bus.inboxes()[self.ctx.id].clear_wake();
         self.drain_control(now);
         let more = self.drain_events(now);
         self.rearm();
@@ -721,7 +725,6 @@ impl Core {
         let Core { conns, ctx } = self;
         let shared = ctx.shared.clone();
         let inbox = &shared.bus.inboxes()[ctx.id];
-        inbox.clear_wake();
         let mut oldest: Option<Duration> = None;
         let mut budget = FANOUT_BYTES_PER_TURN.min(shared.config.max_outbound_bytes / 4);
         let mut more = false;
