@@ -401,6 +401,38 @@ fn slow_consumers_are_closed_once_and_readers_get_every_event() {
 }
 
 #[test]
+fn a_turn_stops_fanning_out_once_it_leaves_enough_writes_behind() {
+    // Many topics, a few subscribers each: every event makes connections dirty that were
+    // not, and a turn that fanned out the whole backlog would leave thousands of writes
+    // (and no reads) behind it. It stops at NEW_WRITES_PER_TURN and the shard comes back.
+    let mut h = Harness::new(|_| {});
+    let per_topic = super::NEW_WRITES_PER_TURN / 2 + 8;
+    let mut keys = Vec::new();
+    for i in 0..3 * per_topic {
+        let key = h.websocket("/ws");
+        h.input(key, &text(&format!(r#"{{"type":"subscribe","payload":{{"topics":["t{}"]}}}}"#, i % 3)));
+        h.output(key);
+        keys.push(key);
+    }
+    for topic in ["t0", "t1", "t2"] {
+        h.publish(topic, "1");
+    }
+    assert!(h.core.handle_inbox(h.now), "the third event waits for the next turn");
+    let written = |h: &mut Harness| keys.iter().filter(|&&k| !event_data(&h.frames(k)).is_empty()).count();
+    assert_eq!(written(&mut h), 2 * per_topic, "two topics' subscribers written");
+    assert!(!h.core.handle_inbox(h.now), "nothing more waits");
+    assert_eq!(written(&mut h), per_topic, "then the third's");
+
+    // Events for connections that already have some queued cost no new write: a busy
+    // topic's backlog goes out in one turn.
+    for n in 0..50 {
+        h.publish("t0", &n.to_string());
+    }
+    assert!(!h.core.handle_inbox(h.now), "one turn for one topic's backlog");
+    assert_eq!(event_data(&h.frames(keys[0])), (0..50).collect::<Vec<_>>());
+}
+
+#[test]
 fn drain_closes_with_1001_and_stops_at_its_deadline() {
     let mut h = Harness::new(|c| c.drain_timeout_ms = 5_000);
     let key = h.websocket("/ws");
