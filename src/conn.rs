@@ -68,14 +68,18 @@ impl PendingBatch {
 /// What the outbound queue holds: whole frames or responses.
 #[derive(Debug)]
 pub enum Chunk {
-    /// Bytes made for this connection only (responses, control frames).
-    Owned(Vec<u8>),
+    /// Bytes made for this connection only (responses, control frames). Boxed so a queue
+    /// entry is 16 bytes: events are most entries, and near capacity the first store into
+    /// each connection's queue was the largest user-space cost (a cache miss per delivery).
+    Owned(Box<Vec<u8>>),
     /// A shared event as a WebSocket frame: compressed for the window given (decided when
     /// queued, once the compressed frame exists, so its length never changes in the queue).
     WsEvent(LocalEvent, Option<Window>),
     /// A shared event as an SSE frame.
     SseEvent(LocalEvent),
 }
+
+const _: () = assert!(std::mem::size_of::<Chunk>() == 16, "a queue entry is two words");
 
 impl Chunk {
     fn parts(&self) -> [&[u8]; 3] {
@@ -147,7 +151,7 @@ impl Outbound {
 
     /// Queues owned bytes.
     pub fn push_bytes(&mut self, bytes: Vec<u8>) {
-        self.push(Chunk::Owned(bytes));
+        self.push(Chunk::Owned(Box::new(bytes)));
     }
 
     /// Drops every queued event not yet begun (a slow consumer's backlog); returns how
