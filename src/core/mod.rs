@@ -422,7 +422,8 @@ impl Core {
     }
 
     /// Handles what other threads sent: control messages, then events to fan out, at most
-    /// [`FANOUT_BYTES_PER_TURN`] of them; true when events are left for another call.
+    /// [`FANOUT_BYTES_PER_TURN`] of them and until [`NEW_WRITES_PER_TURN`] connections have
+    /// new events; true when events are left for another call.
     pub fn handle_inbox(&mut self, now: Instant) -> bool {
         // Cleared before either queue is drained: a control message pushed while events
         // were drained must wake the shard again, or it waits for an unrelated wake-up
@@ -601,7 +602,7 @@ impl Core {
         Ok((Self::new(0, shared.clone()), shared, poll))
     }
 
-    /// Entries in the subscription index (each connection's `Conn::index_entries` add up to it).
+    /// Entries in the subscription index (the connections' `Conn::index_entries` add up to it).
     pub fn index_entries(&self) -> usize {
         self.ctx.index.len()
     }
