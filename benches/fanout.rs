@@ -2,7 +2,7 @@
 //! path plus a shard's index lookup and per-connection queueing, without sockets.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
@@ -42,7 +42,10 @@ fn fanout(c: &mut Criterion) {
     group.sample_size(20).measurement_time(Duration::from_secs(3)).throughput(Throughput::Elements(CONNECTIONS as u64));
     group.bench_function("encode_once_queue_to_10k_connections", |b| {
         b.iter(|| {
-            let Ok(Accepted::Now(_)) = bus.publish(vec![request()], reply.clone()) else { panic!("published") };
+            let Ok(Accepted::Now(_)) = bus.publish(vec![request()], reply.clone(), Instant::now(), SystemTime::now())
+            else {
+                panic!("published")
+            };
             let delivery = bus.inboxes()[0].events.pop().unwrap();
             let local = LocalEvent::new(delivery.event.clone());
             index.for_each_match(&delivery.event.topic, |conn| {

@@ -1,6 +1,6 @@
 //! Replaying 10,000 retained events into a resuming subscriber's queue.
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
@@ -19,8 +19,12 @@ fn replay(c: &mut Criterion) {
     let mut first = None;
     for i in 0..10_001 {
         let raw = RawValue::from_string(format!(r#"{{"topic":"chat.room{}","data":{{"n":{i}}}}}"#, i % 10)).unwrap();
-        let Ok(Accepted::Now(ids)) = bus.publish(vec![PublishRequest::from_json(&raw, "").unwrap()], reply.clone())
-        else {
+        let Ok(Accepted::Now(ids)) = bus.publish(
+            vec![PublishRequest::from_json(&raw, "").unwrap()],
+            reply.clone(),
+            Instant::now(),
+            SystemTime::now(),
+        ) else {
             panic!("published")
         };
         first.get_or_insert(ids[0].to_string());
@@ -32,7 +36,8 @@ fn replay(c: &mut Criterion) {
     group.sample_size(20).measurement_time(Duration::from_secs(3)).throughput(Throughput::Elements(10_000));
     group.bench_function("10k_retained_events_into_a_queue", |b| {
         b.iter(|| {
-            let (_, events) = bus.replay(&since, u64::MAX, usize::MAX, |e| filter.accepts(e)).unwrap();
+            let (_, events) =
+                bus.replay(&since, usize::MAX, Instant::now(), SystemTime::now(), |e| filter.accepts(e)).unwrap();
             assert_eq!(events.len(), 10_000);
             let mut out = Outbound::default();
             for event in events {

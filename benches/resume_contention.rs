@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use serde_json::value::RawValue;
@@ -40,7 +40,7 @@ fn request(i: u64) -> PublishRequest {
 
 fn publish(bus: &Bus, request: PublishRequest) -> Box<str> {
     let reply = Reply { to: ReplyTo { shard: 0, key: 0, conn_id: 0 }, wait: false, websocket: None };
-    match bus.publish(vec![request], reply) {
+    match bus.publish(vec![request], reply, Instant::now(), SystemTime::now()) {
         Ok(Accepted::Now(mut ids)) => ids.remove(0),
         other => panic!("publish refused: {other:?}"),
     }
@@ -82,7 +82,7 @@ fn reader(bus: &Bus, epoch: &str, stop: &AtomicBool, replays: &AtomicU64, misses
         // The event just before the oldest retained one: replaying from it yields all
         // 10,000 (plus whatever was published meanwhile).
         let since = format!("{epoch}-{}", bus.last_seq() - RETAINED);
-        match bus.replay(&since, u64::MAX, usize::MAX, |e| filter.accepts(e)) {
+        match bus.replay(&since, usize::MAX, Instant::now(), SystemTime::now(), |e| filter.accepts(e)) {
             Ok((_, events)) => {
                 std::hint::black_box(events);
                 replays.fetch_add(1, Ordering::Relaxed);

@@ -224,7 +224,7 @@ pub fn sse_last_event_id(data: &[u8]) {
     if let Parsed::Complete(request, _) = parse_head(&head)
         && let Some(id) = request.last_event_id
     {
-        let _ = bus().replay(&id, u64::MAX, 10, |_| true);
+        let _ = bus().replay(&id, 10, Instant::now(), std::time::SystemTime::now(), |_| true);
     }
 }
 
@@ -254,9 +254,11 @@ impl Write for Peer {
 const UPGRADE: &[u8] = b"GET /ws?batch=0 HTTP/1.1\r\nHost: f\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 const TOPICS: [&str; 4] = ["a", "a.b", "b.c", "c"];
-const MESSAGES: [&str; 6] = [
+const MESSAGES: [&str; 8] = [
     r#"{"type":"subscribe","payload":{"topics":["a",">"]}}"#,
     r#"{"type":"subscribe","payload":{"topics":["a.*"],"since":"1-1"}}"#,
+    r#"{"type":"subscribe","payload":{"topics":["a","a.b","c.*","d"],"sources":["s1","s2","s3","s4","s5","s6","s7","s8"],"correlation_id":"a-correlation-id-of-some-length"}}"#,
+    r#"{"type":"request","payload":{"action":"stats"}}"#,
     r#"{"type":"unsubscribe","payload":{"subscription_id":"sub-1"}}"#,
     r#"{"type":"request","payload":{"action":"history","topics":[">"],"limit":1000}}"#,
     r#"{"type":"ping","payload":{}}"#,
@@ -282,9 +284,12 @@ pub fn connection(data: &[u8]) {
         history_max_events: 64,
         write_coalescing_max_ms: 5,
         shard_queue_capacity: 256,
+        // Small enough that a few subscriptions with sources and resumes reach it.
+        max_connection_state_bytes: 8 * 1024,
         ..Config::default()
     };
     let limit = config.max_outbound_bytes;
+    let state_budget = config.max_connection_state_bytes;
     let epoch = (Instant::now(), std::time::SystemTime::now());
     let Ok((mut core, shared, _poll)) = Core::standalone(config, epoch) else { return };
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -323,7 +328,7 @@ pub fn connection(data: &[u8]) {
                 if let Ok(requests) = volley::protocol::parse_publish_body(body.as_bytes(), 1) {
                     let reply =
                         Reply { to: ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 }, wait: false, websocket: None };
-                    let _ = shared.bus.publish(requests, reply);
+                    let _ = shared.bus.publish(requests, reply, now, shared.wall(now));
                 }
                 while core.handle_inbox(now) {}
             }
@@ -341,11 +346,11 @@ pub fn connection(data: &[u8]) {
                 }
             }
         }
-        check(&core, &shared, key, limit);
+        check(&core, &shared, key, limit, state_budget);
     }
 }
 
-fn check(core: &Core, shared: &volley::core::Shared, key: usize, limit: usize) {
+fn check(core: &Core, shared: &volley::core::Shared, key: usize, limit: usize, state_budget: usize) {
     let counters = &shared.counters[0];
     let connections = counters.http.load(Relaxed) + counters.websocket.load(Relaxed) + counters.sse.load(Relaxed);
     let subscriptions = counters.subscriptions.load(Relaxed);
@@ -355,10 +360,13 @@ fn check(core: &Core, shared: &volley::core::Shared, key: usize, limit: usize) {
             assert_eq!(connections, 1, "one connection counted");
             assert_eq!(subscriptions, conn.subscriptions() as i64, "the gauge follows the subscriptions");
             assert_eq!(core.index_entries(), conn.index_entries().len(), "the index holds what the connection says");
+            assert!(conn.state_bytes() <= state_budget, "{} bytes of state past the budget", conn.state_bytes());
+            assert!(core.timer_entries() <= 1, "one timer entry per connection");
         }
         None => {
             assert_eq!((connections, subscriptions), (0, 0), "gauges back to zero once it left");
             assert_eq!(core.index_entries(), 0, "nothing left in the index");
+            assert_eq!(core.timer_entries(), 0, "no timer left for it");
         }
     }
 }

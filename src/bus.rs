@@ -15,11 +15,11 @@
 //! publish. The bus owns event ids, order keys and the shard inboxes; it never touches
 //! sockets or connections.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_queue::{ArrayQueue, SegQueue};
+use crossbeam_queue::ArrayQueue;
 use mio::Waker;
 
 use crate::deflate::{self, Window};
@@ -45,8 +45,13 @@ pub struct Event {
     pub source: Box<str>,
     /// Correlation id, if any.
     pub correlation_id: Option<Box<str>>,
-    /// When the bus accepted it (for latency histograms and history age).
+    /// When the publisher's node accepted it, on this node's clock (for latency
+    /// histograms): for an event read from the engine, derived from the publisher's wall
+    /// clock, so it carries that node's clock skew.
     pub published_at: Instant,
+    /// When this node's bus took it. Decisions (history age, write coalescing) use this
+    /// one: a skewed clock on another node must not steer them.
+    pub received_at: Instant,
     /// The WebSocket text frame: header then the event JSON.
     ws_frame: Box<[u8]>,
     json_start: usize,
@@ -162,7 +167,9 @@ impl Delivery {
     }
 }
 
-/// Messages between shards other than events (few, bounded by connections).
+/// Messages between shards other than events. The queue that carries them is bounded
+/// ([`CONTROL_CAPACITY`]): a sender that finds it full answers its requester `overloaded`
+/// (or counts a dropped notice) instead of buffering.
 #[derive(Debug)]
 pub enum Control {
     /// Every shard has queued a `?wait=1` publish.
@@ -175,10 +182,23 @@ pub enum Control {
     StatsReady(Arc<crate::metrics::Gather>),
     /// Someone joined or left a topic: tell the members who asked.
     Presence(Arc<crate::presence::Notice>),
+}
+
+/// Control messages a shard's queue holds. Replies are bounded by the requests waiting
+/// for them (one per HTTP connection, a connection's state budget for WebSocket ones), so
+/// this is room for bursts, not a promise: past it the sender answers `overloaded`.
+pub const CONTROL_CAPACITY: usize = 16_384;
+
+/// What the operator asked every shard to do: flags, not queued messages, so a full control
+/// queue can never swallow a drain or a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lifecycle {
+    /// Serving.
+    Running = 0,
     /// Begin a graceful drain.
-    Drain,
+    Drain = 1,
     /// Stop now.
-    Stop,
+    Stop = 2,
 }
 
 /// One shard's inbound side: the event queue, the control queue and its waker.
@@ -186,8 +206,10 @@ pub enum Control {
 pub struct Inbox {
     /// Events in publish order.
     pub events: ArrayQueue<Delivery>,
-    /// Control messages.
-    pub control: SegQueue<Control>,
+    /// Control messages, at most [`CONTROL_CAPACITY`].
+    pub control: ArrayQueue<Control>,
+    /// The operator's request ([`Lifecycle`]), only ever raised.
+    lifecycle: AtomicU8,
     waker: Waker,
     wake_pending: AtomicBool,
 }
@@ -197,7 +219,8 @@ impl Inbox {
     pub fn new(waker: Waker, capacity: usize) -> Self {
         Self {
             events: ArrayQueue::new(capacity),
-            control: SegQueue::new(),
+            control: ArrayQueue::new(CONTROL_CAPACITY),
+            lifecycle: AtomicU8::new(Lifecycle::Running as u8),
             waker,
             wake_pending: AtomicBool::new(false),
         }
@@ -218,10 +241,27 @@ impl Inbox {
         self.wake_pending.swap(false, Ordering::SeqCst);
     }
 
-    /// Sends a control message and wakes the shard.
-    pub fn send(&self, message: Control) {
-        self.control.push(message);
+    /// Sends a control message and wakes the shard; gives the message back when the
+    /// queue is full (the caller answers `overloaded` or counts a drop).
+    pub fn send(&self, message: Control) -> Result<(), Control> {
+        self.control.push(message)?;
         self.wake();
+        Ok(())
+    }
+
+    /// Asks the shard to drain or stop (a later request never lowers an earlier one).
+    pub fn request(&self, lifecycle: Lifecycle) {
+        self.lifecycle.fetch_max(lifecycle as u8, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// What the operator asked for so far.
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.lifecycle.load(Ordering::SeqCst) {
+            0 => Lifecycle::Running,
+            1 => Lifecycle::Drain,
+            _ => Lifecycle::Stop,
+        }
     }
 }
 
@@ -303,6 +343,10 @@ pub struct StreamEntry {
 
 struct Ordered {
     history: History,
+    /// The history holds everything the order had when this node started reading it: always
+    /// for the local sequencer, after the first load for an engine. Before that a resume
+    /// cannot be judged and is answered `recovered:false`.
+    caught_up: bool,
 }
 
 /// Counters the bus keeps.
@@ -312,6 +356,9 @@ pub struct BusCounters {
     pub published: AtomicU64,
     /// Publishes refused because a shard queue was full.
     pub refused_overloaded: AtomicU64,
+    /// Control messages a full control queue refused (a notice dropped, a request
+    /// answered `overloaded`, a reply lost to its requester's timeout).
+    pub control_refused: AtomicU64,
 }
 
 /// Hands prepared events to a cluster engine, which answers through the publisher's
@@ -358,8 +405,9 @@ impl Bus {
         max_message_bytes: usize,
         sequencer: Sequencer,
     ) -> Self {
+        let caught_up = matches!(sequencer, Sequencer::Local { .. });
         Self {
-            ordered: Mutex::new(Ordered { history: History::new(retention) }),
+            ordered: Mutex::new(Ordered { history: History::new(retention), caught_up }),
             inboxes,
             sequencer,
             max_message_bytes,
@@ -372,28 +420,50 @@ impl Bus {
         &self.inboxes
     }
 
+    /// Sends a control message to `shard`; false (and counted) when its queue is full.
+    pub fn to_shard(&self, shard: usize, message: Control) -> bool {
+        let sent = self.inboxes.get(shard).is_some_and(|inbox| inbox.send(message).is_ok());
+        if !sent {
+            self.counters.control_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Sends a control message made by `message` to every shard; how many shards' full
+    /// queues refused it (counted).
+    pub fn to_every_shard(&self, message: impl Fn() -> Control) -> usize {
+        let refused = (0..self.inboxes.len()).filter(|&shard| !self.to_shard(shard, message())).count();
+        refused
+    }
+
     fn lock(&self) -> MutexGuard<'_, Ordered> {
         // A panic inside the critical section cannot leave it half-done in a way that
         // matters more than stopping the broker would, so poisoning is ignored.
         self.ordered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes `requests` atomically and in order. With the local sequencer and no
-    /// `wait`, the ids come back at once; otherwise the answer reaches `reply.to`'s shard
-    /// as a control message.
-    pub fn publish(&self, requests: Vec<PublishRequest>, reply: Reply) -> Result<Accepted, PublishError> {
+    /// Publishes `requests` atomically and in order at `now` (`wall`: the same instant on
+    /// the wall clock, for the event's timestamp). With the local sequencer and no `wait`,
+    /// the ids come back at once; otherwise the answer reaches `reply.to`'s shard as a
+    /// control message.
+    pub fn publish(
+        &self,
+        requests: Vec<PublishRequest>,
+        reply: Reply,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Accepted, PublishError> {
         let prepared = Prepared::all(requests, self.max_message_bytes)?;
         let epoch = match &self.sequencer {
             Sequencer::Engine(submit) => return submit(prepared, reply).map(|()| Accepted::Later),
             Sequencer::Local { epoch } => epoch,
         };
         let mut timestamp = String::with_capacity(TIMESTAMP_LEN);
-        protocol::push_timestamp(&mut timestamp, SystemTime::now());
+        protocol::push_timestamp(&mut timestamp, wall);
         let epoch_key = u64::from_str_radix(epoch, 16).unwrap_or(0);
         let ticket_to = reply.wait.then_some(reply.to);
-        let ids = self.append(prepared, ticket_to, Instant::now(), |seq| {
-            (format!("{epoch}-{seq}"), (epoch_key, seq), timestamp.clone())
-        })?;
+        let ids = self
+            .append(prepared, ticket_to, now, |seq| (format!("{epoch}-{seq}"), (epoch_key, seq), timestamp.clone()))?;
         Ok(if reply.wait { Accepted::Later } else { Accepted::Now(ids) })
     }
 
@@ -417,7 +487,9 @@ impl Bus {
     }
 
     /// Loads events into the history only: a node joining a cluster catches up on the
-    /// retained past without delivering it.
+    /// retained past without delivering it. From then on resumes are judged against it;
+    /// they replay these events like any other (a resume's replay is bounded by what the
+    /// log holds, not by what happened to pass this node's shards).
     pub fn preload(&self, entries: Vec<StreamEntry>) {
         let mut ordered = self.lock();
         let now = Instant::now();
@@ -428,10 +500,17 @@ impl Bus {
             }
             let seq = ordered.history.last_seq() + 1;
             let at = published_instant(&entry.timestamp, wall_now, now);
-            let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, at));
+            let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, at, now));
             ordered.history.push(event, now);
         }
         ordered.history.mark_caught_up();
+        ordered.caught_up = true;
+    }
+
+    /// Whether the history holds the order's retained past (an engine's first load is
+    /// done); the reactor waits a moment for it so a restarted node resumes exactly.
+    pub fn caught_up(&self) -> bool {
+        self.lock().caught_up
     }
 
     fn append_entry(
@@ -448,8 +527,9 @@ impl Bus {
             return Err(PublishError::Overloaded);
         }
         let seq = ordered.history.last_seq() + 1;
-        let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, published_at));
-        ordered.history.push(event.clone(), Instant::now());
+        let now = Instant::now();
+        let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, published_at, now));
+        ordered.history.push(event.clone(), now);
         for inbox in &self.inboxes {
             let _ = inbox.events.push(Delivery { event: event.clone(), ticket: ticket.clone() });
         }
@@ -480,7 +560,7 @@ impl Bus {
                 .map(|prepared| {
                     let seq = ordered.history.last_seq() + 1;
                     let (id, key, timestamp) = id_of(seq);
-                    let event = Arc::new(encode(seq, key, &id, prepared, &timestamp, now));
+                    let event = Arc::new(encode(seq, key, &id, prepared, &timestamp, now, now));
                     ordered.history.push(event.clone(), now);
                     event
                 })
@@ -515,63 +595,79 @@ impl Bus {
         }
     }
 
-    /// Retained events after the id `since`, up to sequence `upto` (for a subscription:
-    /// what the asking shard has already fanned out), that `keep` accepts. Also returns
-    /// the order key `since` names.
+    /// Retained events after the id `since` that `keep` accepts, at most `limit`, as of
+    /// `now`. Also returns the order key `since` names.
     ///
     /// With an engine, an id this node has not read yet (a client moving from a node that
     /// was ahead) replays nothing: its events are still to come, and the caller skips
-    /// those up to the key. Only ids within a clock-skew allowance of now count as that.
+    /// those up to the key. Only ids within a clock-skew allowance of `wall` count as that.
     pub fn replay(
         &self,
         since: &str,
-        upto: u64,
         limit: usize,
+        now: Instant,
+        wall: SystemTime,
         keep: impl FnMut(&Event) -> bool,
     ) -> Result<(OrderKey, Vec<Arc<Event>>), NotRecoverable> {
         let key = self.parse_key(since).ok_or(NotRecoverable)?;
-        let snapshot = self.snapshot();
+        let (snapshot, caught_up) = self.snapshot(now);
         match snapshot.position(key) {
-            Ok(seq) => Ok((key, snapshot.after(seq, upto, limit, keep))),
-            Err(NotRecoverable) if self.is_pending_engine_key(key, snapshot.last_key()) => Ok((key, Vec::new())),
-            Err(e) => Err(e),
+            Ok(seq) if caught_up => Ok((key, snapshot.after(seq, u64::MAX, limit, keep))),
+            Err(NotRecoverable) if caught_up && self.is_pending_engine_key(key, snapshot.last_key(), wall) => {
+                Ok((key, Vec::new()))
+            }
+            _ => Err(NotRecoverable),
         }
     }
 
-    /// Where a subscription resuming after `since` starts: the order key live events must
-    /// pass, and a cursor over the retained events after it up to `upto` (none when there
-    /// is nothing to replay). The cursor is read later, as the subscriber takes events.
-    pub fn resume(&self, since: &str, upto: u64) -> Result<(OrderKey, Option<Cursor>), NotRecoverable> {
+    /// Where a subscription resuming after `since` starts, as of `now`: a cursor over
+    /// every retained event after it (none when there is nothing to replay), and the order
+    /// key live events must pass. The replay is bounded by what the log holds when asked,
+    /// and live delivery starts right after it: an event in the log is replayed whether
+    /// or not it ever passed this shard (loaded at start-up, still in the inbox), and one
+    /// that enters the log later comes live. So no gap and no repeat, by construction.
+    pub fn resume(
+        &self,
+        since: &str,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(OrderKey, Option<Cursor>), NotRecoverable> {
         let key = self.parse_key(since).ok_or(NotRecoverable)?;
-        let snapshot = self.snapshot();
+        let (snapshot, caught_up) = self.snapshot(now);
         match snapshot.position(key) {
-            Ok(seq) => Ok((key, Some(Cursor::new(snapshot, seq, upto)))),
-            Err(NotRecoverable) if self.is_pending_engine_key(key, snapshot.last_key()) => Ok((key, None)),
-            Err(e) => Err(e),
+            Ok(seq) if caught_up => {
+                let through = snapshot.last_key().map_or(key, |last| last.max(key));
+                let upto = snapshot.last_seq();
+                Ok((through, (upto > seq).then(|| Cursor::new(snapshot, seq, upto))))
+            }
+            Err(NotRecoverable) if caught_up && self.is_pending_engine_key(key, snapshot.last_key(), wall) => {
+                Ok((key, None))
+            }
+            _ => Err(NotRecoverable),
         }
     }
 
-    fn is_pending_engine_key(&self, key: (u64, u64), last: Option<(u64, u64)>) -> bool {
+    fn is_pending_engine_key(&self, key: (u64, u64), last: Option<(u64, u64)>, wall: SystemTime) -> bool {
         const SKEW_MS: u64 = 10_000;
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now_ms = wall.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         matches!(self.sequencer, Sequencer::Engine(_))
             && last.is_none_or(|last| key > last)
             && key.0 <= now_ms + SKEW_MS
     }
 
-    /// The newest `limit` retained events up to `upto` that `keep` accepts, oldest first.
-    pub fn newest(&self, upto: u64, limit: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
-        self.snapshot().newest(upto, limit, keep)
+    /// The newest `limit` retained events that `keep` accepts as of `now`, oldest first.
+    pub fn newest(&self, limit: usize, now: Instant, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        self.snapshot(now).0.newest(u64::MAX, limit, keep)
     }
 
-    /// The history as of now, for searching and filtering outside the lock: the caller's
+    /// The history as of `now`, for searching and filtering outside the lock: the caller's
     /// `keep` and the cloning of up to every retained event must never hold up a publish.
     /// Evicts first, so a reader never sees what the bounds no longer allow even when
-    /// nothing has been published for a while.
-    fn snapshot(&self) -> Snapshot {
+    /// nothing has been published for a while. Also whether the log is caught up.
+    fn snapshot(&self, now: Instant) -> (Snapshot, bool) {
         let mut ordered = self.lock();
-        ordered.history.evict(Instant::now());
-        ordered.history.snapshot()
+        ordered.history.evict(now);
+        (ordered.history.snapshot(), ordered.caught_up)
     }
 
     /// When the event named by `id` was published, while it is retained. A binary search
@@ -600,11 +696,27 @@ pub(crate) fn test_event(seq: u64, key: (u64, u64), published_at: Instant) -> Ar
         .expect("test JSON is valid");
     let request = PublishRequest::from_json(&raw, "").expect("test request is valid");
     let prepared = Prepared { tail: request.encoded_tail(), request };
-    Arc::new(encode(seq, key, &format!("{}-{}", key.0, key.1), &prepared, "2026-01-01T00:00:00Z", published_at))
+    Arc::new(encode(
+        seq,
+        key,
+        &format!("{}-{}", key.0, key.1),
+        &prepared,
+        "2026-01-01T00:00:00Z",
+        published_at,
+        published_at,
+    ))
 }
 
 /// Lays out an event's bytes once: the WebSocket frame (header + JSON) and the SSE head.
-fn encode(seq: u64, key: (u64, u64), id: &str, prepared: &Prepared, timestamp: &str, published_at: Instant) -> Event {
+fn encode(
+    seq: u64,
+    key: (u64, u64),
+    id: &str,
+    prepared: &Prepared,
+    timestamp: &str,
+    published_at: Instant,
+    received_at: Instant,
+) -> Event {
     let json_len = EVENT_HEAD.len() + id.len() + EVENT_MID.len() + timestamp.len() + prepared.tail.len();
     let header_len = ws_header_len(json_len);
     let mut frame = Vec::with_capacity(header_len + json_len);
@@ -621,6 +733,7 @@ fn encode(seq: u64, key: (u64, u64), id: &str, prepared: &Prepared, timestamp: &
         source: request.source.as_str().into(),
         correlation_id: request.correlation_id.as_deref().map(Into::into),
         published_at,
+        received_at,
         ws_frame: frame.into_boxed_slice(),
         json_start: header_len,
         sse_head: crate::sse::event_head(id).into_boxed_slice(),
@@ -707,10 +820,57 @@ mod tests {
 
     fn publish(bus: &Bus, requests: Vec<PublishRequest>) -> Result<Vec<Box<str>>, PublishError> {
         let reply = Reply { to: ReplyTo { shard: 0, key: 0, conn_id: 0 }, wait: false, websocket: None };
-        match bus.publish(requests, reply)? {
+        match bus.publish(requests, reply, Instant::now(), SystemTime::now())? {
             Accepted::Now(ids) => Ok(ids),
             Accepted::Later => unreachable!("the local sequencer answers at once"),
         }
+    }
+
+    /// Up to `limit` retained events after `since`, now.
+    fn replay(bus: &Bus, since: &str, limit: usize) -> Result<(OrderKey, Vec<Arc<Event>>), NotRecoverable> {
+        bus.replay(since, limit, Instant::now(), SystemTime::now(), |_| true)
+    }
+
+    fn engine_bus() -> (Bus, mio::Poll) {
+        let poll = mio::Poll::new().unwrap();
+        let inbox = Inbox::new(Waker::new(poll.registry(), mio::Token(0)).unwrap(), 64);
+        let retention = Retention { max_events: 1_000, max_age: Duration::from_secs(60), max_bytes: 1 << 20 };
+        (Bus::with_sequencer(vec![inbox], retention, 1024, Sequencer::Engine(Box::new(|_, _| Ok(())))), poll)
+    }
+
+    fn stream_entry(ms: u64, n: u64) -> StreamEntry {
+        let mut timestamp = String::new();
+        protocol::push_timestamp(&mut timestamp, SystemTime::now());
+        StreamEntry {
+            id: format!("{ms}-{n}"),
+            key: (ms, n),
+            timestamp,
+            prepared: Prepared::all(vec![req("a")], 1024).unwrap().remove(0),
+        }
+    }
+
+    #[test]
+    fn a_resume_replays_events_loaded_at_start_up_that_never_passed_a_shard() {
+        let (bus, _poll) = engine_bus();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        assert_eq!(bus.resume(&format!("{now_ms}-0"), now, wall).err(), Some(NotRecoverable), "not caught up yet");
+        bus.preload((1..=100).map(|n| stream_entry(now_ms, n)).collect());
+        assert!(bus.inboxes()[0].events.is_empty(), "a load is not delivered");
+        let (through, cursor) = bus.resume(&format!("{now_ms}-10"), now, wall).unwrap();
+        assert_eq!(through, (now_ms, 100), "live delivery starts after what the log held");
+        let mut cursor = cursor.expect("something to replay");
+        let keys: Vec<_> = std::iter::from_fn(|| Some(cursor.next_batch(7, |_| true)))
+            .take_while(|batch| !batch.is_empty())
+            .flatten()
+            .map(|e| e.key.1)
+            .collect();
+        assert_eq!(keys, (11..=100).collect::<Vec<_>>(), "all 90, in order");
+        // An event still in the shard's inbox when the resume is asked is in the replay, and
+        // the order key tells live delivery to skip it.
+        bus.ingest(vec![stream_entry(now_ms, 101)], |_| None);
+        let (through, _) = bus.resume(&format!("{now_ms}-100"), now, wall).unwrap();
+        assert_eq!(through, (now_ms, 101));
     }
 
     fn req(topic: &str) -> PublishRequest {
@@ -749,26 +909,16 @@ mod tests {
 
     #[test]
     fn an_engine_id_this_node_has_not_read_yet_resumes_with_nothing_to_replay() {
-        let poll = mio::Poll::new().unwrap();
-        let inbox = Inbox::new(Waker::new(poll.registry(), mio::Token(0)).unwrap(), 64);
-        let retention = Retention { max_events: 100, max_age: Duration::from_secs(60), max_bytes: 1 << 20 };
-        let bus = Bus::with_sequencer(vec![inbox], retention, 1024, Sequencer::Engine(Box::new(|_, _| Ok(()))));
+        let (bus, _poll) = engine_bus();
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-        let mut timestamp = String::new();
-        protocol::push_timestamp(&mut timestamp, SystemTime::now());
-        let entry = |ms: u64| StreamEntry {
-            id: format!("{ms}-0"),
-            key: (ms, 0),
-            timestamp: timestamp.clone(),
-            prepared: Prepared::all(vec![req("a")], 1024).unwrap().remove(0),
-        };
-        bus.ingest(vec![entry(now_ms - 2), entry(now_ms - 1)], |_| None);
-        let (key, events) = bus.replay(&format!("{}-0", now_ms - 2), u64::MAX, 10, |_| true).unwrap();
+        bus.preload(Vec::new());
+        bus.ingest(vec![stream_entry(now_ms - 2, 0), stream_entry(now_ms - 1, 0)], |_| None);
+        let (key, events) = replay(&bus, &format!("{}-0", now_ms - 2), 10).unwrap();
         assert_eq!((key, events.len()), ((now_ms - 2, 0), 1));
         let ahead = format!("{}-0", now_ms + 1);
-        let (key, events) = bus.replay(&ahead, u64::MAX, 10, |_| true).unwrap();
+        let (key, events) = replay(&bus, &ahead, 10).unwrap();
         assert_eq!((key, events.len()), ((now_ms + 1, 0), 0), "pending: replays nothing, skips up to it");
-        assert!(bus.replay("99999999999999-0", u64::MAX, 10, |_| true).is_err(), "far future is bogus");
+        assert!(replay(&bus, "99999999999999-0", 10).is_err(), "far future is bogus");
     }
 
     #[test]
@@ -776,17 +926,17 @@ mod tests {
         let (bus, _polls) = bus(1, 64);
         let ids: Vec<_> = (0..5).flat_map(|_| publish(&bus, vec![req("a")]).unwrap()).collect();
         // Retention 3: events 3, 4, 5 are kept, so only ids 2.. can be resumed.
-        assert!(bus.replay(&ids[0], 5, 100, |_| true).is_err());
-        let (seq, got) = bus.replay(&ids[1], 5, 100, |_| true).unwrap();
+        assert!(replay(&bus, &ids[0], 100).is_err());
+        let (seq, got) = replay(&bus, &ids[1], 100).unwrap();
         assert_eq!(seq.1, 2);
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert_eq!(bus.replay(&ids[2], 4, 100, |_| true).unwrap().1.len(), 1);
-        assert_eq!(bus.replay(&ids[4], 5, 100, |_| true).unwrap().1.len(), 0);
-        assert_eq!(bus.replay(&ids[3], 2, 100, |_| true).unwrap().1.len(), 0, "a shard behind the id replays nothing");
-        assert!(bus.replay("0-1", 5, 100, |_| true).is_err());
-        assert!(bus.replay("garbage", 5, 100, |_| true).is_err());
+        assert_eq!(replay(&bus, &ids[2], 100).unwrap().1.len(), 2);
+        assert_eq!(replay(&bus, &ids[2], 1).unwrap().1.len(), 1, "at most limit");
+        assert_eq!(replay(&bus, &ids[4], 100).unwrap().1.len(), 0);
+        assert!(replay(&bus, "0-1", 100).is_err());
+        assert!(replay(&bus, "garbage", 100).is_err());
         let future = format!("{}-99", ids[0].split_once('-').unwrap().0);
-        assert!(bus.replay(&future, 5, 100, |_| true).is_err());
+        assert!(replay(&bus, &future, 100).is_err());
     }
 
     /// Runs `read` on another thread with a `keep` that blocks on its first call, and
@@ -838,12 +988,14 @@ mod tests {
     #[test]
     fn replay_never_blocks_a_publish() {
         publish_completes_while_a_reader_blocks(|bus, since, keep| {
-            bus.replay(since, u64::MAX, usize::MAX, keep).map(|(_, events)| events.len()).unwrap_or(usize::MAX)
+            bus.replay(since, usize::MAX, Instant::now(), SystemTime::now(), keep)
+                .map(|(_, events)| events.len())
+                .unwrap_or(usize::MAX)
         });
     }
 
     #[test]
     fn newest_never_blocks_a_publish() {
-        publish_completes_while_a_reader_blocks(|bus, _, keep| bus.newest(u64::MAX, usize::MAX, keep).len());
+        publish_completes_while_a_reader_blocks(|bus, _, keep| bus.newest(usize::MAX, Instant::now(), keep).len());
     }
 }

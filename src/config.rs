@@ -41,6 +41,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Subscriptions one WebSocket connection may hold.
     pub max_subscriptions_per_connection: usize,
+    /// Bytes of state one connection may make the broker keep (subscriptions, patterns,
+    /// sources, ids, presence entries and their info, pending requests, replay cursors).
+    pub max_connection_state_bytes: usize,
     /// Sustained messages per second one connection may send.
     pub rate_per_second: u32,
     /// Messages one connection may send in a burst.
@@ -120,6 +123,7 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             max_subscriptions_per_connection: 128,
+            max_connection_state_bytes: 256 * 1024,
             rate_per_second: 1_000,
             rate_burst: 2_000,
             rate_limit_close_after_ms: 5_000,
@@ -272,7 +276,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 19] = [
+        let positive: [(&str, u64); 20] = [
             ("presence_ttl_ms", self.presence_ttl_ms),
             ("publish_rate_per_ip", self.publish_rate_per_ip as u64),
             ("publish_burst_per_ip", self.publish_burst_per_ip as u64),
@@ -282,6 +286,7 @@ impl Config {
             ("max_message_bytes", self.max_message_bytes as u64),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_subscriptions_per_connection", self.max_subscriptions_per_connection as u64),
+            ("max_connection_state_bytes", self.max_connection_state_bytes as u64),
             ("rate_per_second", self.rate_per_second as u64),
             ("rate_burst", self.rate_burst as u64),
             ("max_outbound_bytes", self.max_outbound_bytes as u64),

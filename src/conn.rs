@@ -120,6 +120,8 @@ pub struct Outbound {
     bytes: usize,
     /// Owned chunks queued: replies and control frames, which never wait for company.
     owned: usize,
+    /// The last frame (a close frame, a final response) is queued: nothing more is.
+    sealed: bool,
 }
 
 impl Outbound {
@@ -138,10 +140,10 @@ impl Outbound {
         self.owned > 0
     }
 
-    /// Queues a chunk.
+    /// Queues a chunk, unless the queue is sealed.
     pub fn push(&mut self, chunk: Chunk) {
         let len = chunk.len();
-        if len == 0 {
+        if len == 0 || self.sealed {
             return;
         }
         self.bytes += len;
@@ -152,6 +154,12 @@ impl Outbound {
     /// Queues owned bytes.
     pub fn push_bytes(&mut self, bytes: Vec<u8>) {
         self.push(Chunk::Owned(Box::new(bytes)));
+    }
+
+    /// Ends the stream here: whatever is pushed from now on is discarded (RFC 6455 §5.5.1:
+    /// nothing follows a close frame; nothing follows a response that closes HTTP).
+    pub fn seal(&mut self) {
+        self.sealed = true;
     }
 
     /// Drops every queued event not yet begun (a slow consumer's backlog); returns how
@@ -235,6 +243,8 @@ pub struct Backlog {
 /// One resume being replayed.
 #[derive(Debug)]
 struct Replay {
+    /// The subscription it replays for ([`SSE_SUB`] for a stream).
+    sub: u32,
     cursor: crate::history::Cursor,
     filter: Filter,
     ready: VecDeque<LocalEvent>,
@@ -244,9 +254,37 @@ struct Replay {
 const REPLAY_BATCH: usize = 64;
 
 impl Backlog {
-    /// Appends a resume: the events `cursor` yields that `filter` accepts.
-    pub fn push_replay(&mut self, cursor: crate::history::Cursor, filter: Filter) {
-        self.replays.push_back(Replay { cursor, filter, ready: VecDeque::new() });
+    /// Appends subscription `sub`'s resume: the events `cursor` yields that `filter` accepts.
+    pub fn push_replay(&mut self, sub: u32, cursor: crate::history::Cursor, filter: Filter) {
+        self.replays.push_back(Replay { sub, cursor, filter, ready: VecDeque::new() });
+    }
+
+    /// Ends subscription `sub`'s replay, and drops live events waiting behind replays that
+    /// no subscription left (`wanted`) takes; how many events read went.
+    fn cancel(&mut self, sub: u32, wanted: impl Fn(&Event) -> bool) -> usize {
+        let mut dropped = 0;
+        self.replays.retain(|replay| {
+            dropped += if replay.sub == sub { replay.ready.len() } else { 0 };
+            replay.sub != sub
+        });
+        let before = self.live.len();
+        let mut freed = 0;
+        self.live.retain(|(event, bytes)| {
+            let keep = wanted(event);
+            freed += if keep { 0 } else { *bytes };
+            keep
+        });
+        self.live_bytes -= freed;
+        dropped + before - self.live.len()
+    }
+
+    /// State the replays keep (their cursors and filters), for the state budget. Live
+    /// events waiting here count toward the outbound bound instead.
+    fn state_bytes(&self) -> usize {
+        self.replays
+            .iter()
+            .map(|r| std::mem::size_of::<Replay>() + r.cursor.retained_bytes() + r.filter.state_bytes())
+            .sum()
     }
 
     /// Appends a live event taking `bytes` of the bound.
@@ -261,7 +299,7 @@ impl Backlog {
             if let Some(event) = replay.ready.pop_front() {
                 return Some((event, true));
             }
-            let Replay { cursor, filter, ready } = replay;
+            let Replay { cursor, filter, ready, .. } = replay;
             let batch = cursor.next_batch(REPLAY_BATCH, |e| filter.accepts(e));
             if batch.is_empty() {
                 self.replays.pop_front();
@@ -319,6 +357,14 @@ impl Filter {
             && self.correlation_id.as_deref().is_none_or(|c| event.correlation_id.as_deref() == Some(c))
     }
 
+    /// Bytes it makes the broker keep: its patterns with their index entries, sources and
+    /// correlation id.
+    pub fn state_bytes(&self) -> usize {
+        let patterns: usize = self.patterns.iter().map(|p| PATTERN_BYTES + p.as_str().len()).sum();
+        let sources: usize = self.sources.iter().map(|s| std::mem::size_of::<String>() + s.len()).sum();
+        patterns + sources + self.correlation_id.as_ref().map_or(0, String::len)
+    }
+
     /// Whether `event` matches on everything, topic included (for history scans).
     pub fn accepts(&self, event: &Event) -> bool {
         self.patterns.iter().any(|p| p.matches(&event.topic)) && self.accepts_non_topic(event)
@@ -341,6 +387,31 @@ pub struct Subscription {
     pub after: (u64, u64),
     /// Receives presence notices of its exact topics.
     pub presence: bool,
+    /// Bytes of the presence `info` each of its exact topics' member entries holds.
+    pub presence_info_bytes: u32,
+}
+
+/// What one pattern costs beyond its text: the `Pattern`, its entry in the shard's index.
+const PATTERN_BYTES: usize = std::mem::size_of::<Pattern>() + 64;
+/// What one presence member entry costs beyond its topic and info (benches/presence.rs
+/// measures 171 bytes).
+const PRESENCE_ENTRY_BYTES: usize = 176;
+/// A `stats` request in flight (its histograms are bounded process-wide, not here).
+const STATS_PENDING_BYTES: usize = 1024;
+
+impl Subscription {
+    /// Bytes it makes the broker keep: itself, its id, its filter, and a presence member
+    /// entry (with its info) per exact topic.
+    pub fn state_bytes(&self) -> usize {
+        let members: usize = self
+            .filter
+            .patterns
+            .iter()
+            .filter(|p| p.is_exact())
+            .map(|p| PRESENCE_ENTRY_BYTES + p.as_str().len() + self.presence_info_bytes as usize)
+            .sum();
+        std::mem::size_of::<Self>() + self.id.len() + self.filter.state_bytes() + members
+    }
 }
 
 /// A connection speaking HTTP requests.
@@ -390,6 +461,9 @@ pub struct WsConn {
     pub resume_read_at: Option<Instant>,
     /// When an unauthenticated connection is closed with 4001.
     pub auth_deadline: Option<Instant>,
+    /// Its `stats` request in flight, if one (at most one at a time): alive while the
+    /// shards gather it, gone once answered or lost.
+    pub stats: Option<std::sync::Weak<crate::metrics::Gather>>,
 }
 
 impl WsConn {
@@ -476,8 +550,6 @@ pub struct Conn {
     pub closing: Option<Closing>,
     /// Most bytes `queued_bytes` may reach (`max_outbound_bytes`).
     pub limit: usize,
-    /// Deadline currently in the shard's timer heap, if any.
-    pub scheduled: Option<Instant>,
     /// Sequence of the last event queued (deduplicates overlapping subscriptions).
     pub last_seq: u64,
     /// When events were first queued since the last flush: the shard writes them at the
@@ -514,7 +586,6 @@ impl Conn {
             state: State::Http(http),
             closing: None,
             limit,
-            scheduled: None,
             last_seq: 0,
             dirty_since: None,
             released_at: None,
@@ -620,15 +691,46 @@ impl Conn {
         }
     }
 
-    /// Queues a resume behind whatever the connection already waits for.
-    pub fn push_replay(&mut self, cursor: crate::history::Cursor, filter: Filter) {
-        self.backlog.get_or_insert_with(Default::default).push_replay(cursor, filter);
+    /// Queues subscription `sub`'s resume behind whatever the connection already waits for.
+    pub fn push_replay(&mut self, sub: u32, cursor: crate::history::Cursor, filter: Filter) {
+        if self.closing.is_none() {
+            self.backlog.get_or_insert_with(Default::default).push_replay(sub, cursor, filter);
+        }
+    }
+
+    /// Subscription `sub` is gone: its replay ends, and live events waiting in the backlog
+    /// that no remaining subscription wants go too (nothing of it follows its
+    /// `unsubscribed` ack). How many events went.
+    pub fn cancel_replay(&mut self, sub: u32) -> usize {
+        let Some(backlog) = self.backlog.as_mut() else { return 0 };
+        let State::WebSocket(ws) = &self.state else { return 0 };
+        let subs = &ws.subs;
+        let wanted = |e: &Event| subs.iter().any(|s| s.key != sub && e.key > s.after && s.filter.accepts(e));
+        backlog.cancel(sub, wanted)
+    }
+
+    /// Bytes of state the client made the broker keep for it, counted against
+    /// `max_connection_state_bytes`: derived from what it holds, so nothing can drift.
+    pub fn state_bytes(&self) -> usize {
+        let held = match &self.state {
+            State::Http(_) => 0,
+            State::WebSocket(ws) => {
+                let stats = ws.stats.as_ref().filter(|g| g.strong_count() > 0).map_or(0, |_| STATS_PENDING_BYTES);
+                ws.subs.iter().map(Subscription::state_bytes).sum::<usize>() + stats
+            }
+            State::Sse(sse) => sse.filter.state_bytes(),
+        };
+        held + self.backlog.as_ref().map_or(0, |b| b.state_bytes())
     }
 
     /// Moves backlog events into the outbound queue while it is short; how many moved,
-    /// and how many of those were replayed (deliveries not counted yet).
+    /// and how many of those were replayed (deliveries not counted yet). Nothing moves
+    /// once the connection is closing.
     pub fn refill(&mut self) -> (usize, usize) {
         let (mut moved, mut replayed) = (0, 0);
+        if self.closing.is_some() {
+            return (moved, replayed);
+        }
         let target = REFILL_BYTES.min(self.limit / 4);
         while self.out.bytes() + self.batch_bytes() < target {
             let Some((event, from_replay)) = self.backlog.as_mut().and_then(|b| b.pop()) else {
@@ -653,16 +755,23 @@ impl Conn {
     /// Starts closing: a WebSocket sends `close` (when given and none was sent), the rest
     /// of the queue is written, then the write side is shut and the socket is dropped at
     /// EOF or after `linger`. The close frame is allowed past the bound: it is the one
-    /// message a connection may hold beyond it. A second call changes nothing.
+    /// message a connection may hold beyond it. The one closing rule: from here on nothing
+    /// else is queued (the queue is sealed; events waiting outside it, in a batch or the
+    /// backlog, are dropped: the client resumes with `since`). A second call changes nothing.
     pub fn begin_close(&mut self, close: Option<crate::ws::Close>, linger: std::time::Duration, now: Instant) {
         if self.closing.is_some() {
             return;
         }
-        if let (State::WebSocket(ws), Some(close)) = (&mut self.state, close) {
-            let mut out = Vec::new();
-            ws.codec.close(close, &mut out);
-            self.out.push_bytes(out);
+        if let State::WebSocket(ws) = &mut self.state {
+            ws.batch_pending.take();
+            if let Some(close) = close {
+                let mut out = Vec::new();
+                ws.codec.close(close, &mut out);
+                self.out.push_bytes(out);
+            }
         }
+        self.backlog = None;
+        self.out.seal();
         self.closing = Some(Closing { deadline: now + linger, shut: false });
     }
 

@@ -200,9 +200,8 @@ impl Writer {
     }
 
     fn answer(&self, reply: Reply, result: Result<Vec<Box<str>>, PublishError>) {
-        if let Some(inbox) = self.bus.inboxes().get(reply.to.shard) {
-            inbox.send(Control::Published(reply, result));
-        }
+        // A full control queue loses the answer: an HTTP publisher gets 504 at its timeout.
+        self.bus.to_shard(reply.to.shard, Control::Published(reply, result));
     }
 }
 

@@ -86,6 +86,13 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// Bytes it keeps: the snapshot's references (the events are the log's, shared).
+    pub fn retained_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.snapshot.sealed.len() * std::mem::size_of::<Arc<[Arc<Event>]>>()
+            + self.snapshot.tail.len() * std::mem::size_of::<Arc<Event>>()
+    }
+
     /// Replays what `snapshot` holds after sequence `after`, up to and including `upto`.
     pub fn new(snapshot: Snapshot, after: u64, upto: u64) -> Self {
         Self { snapshot, next: after, upto }
@@ -236,6 +243,11 @@ impl Snapshot {
     /// Key of the newest event (or, when none is retained, of the newest evicted).
     pub fn last_key(&self) -> Option<(u64, u64)> {
         self.view().last_key()
+    }
+
+    /// Sequence of the newest event the log had when the snapshot was taken.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
     }
 
     /// The sequence of the last event at or before `key`: where a client that saw `key`

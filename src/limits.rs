@@ -7,9 +7,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use lru::LruCache;
 
 /// Why a new connection was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,27 +103,23 @@ pub fn raise_fd_limit() {
 pub struct IpRates {
     rate: u32,
     burst: u32,
-    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    /// The most recently seen addresses: past [`MAX_TRACKED_IPS`] the least recently seen
+    /// one is forgotten (a full bucket again if it returns), never all of them at once.
+    buckets: Mutex<LruCache<IpAddr, TokenBucket>>,
 }
 
-const MAX_TRACKED_IPS: usize = 65_536;
+const MAX_TRACKED_IPS: NonZeroUsize = NonZeroUsize::new(65_536).expect("non-zero");
 
 impl IpRates {
     /// `rate` requests a second per address, `burst` at once.
     pub fn new(rate: u32, burst: u32) -> Self {
-        Self { rate, burst, buckets: Mutex::new(HashMap::new()) }
+        Self { rate, burst, buckets: Mutex::new(LruCache::new(MAX_TRACKED_IPS)) }
     }
 
     /// Takes a token for a request from `ip`; `Err(retry_after_secs)` when over.
     pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
-            buckets.retain(|_, bucket| bucket.refilled_by(now) < 1.0);
-            if buckets.len() >= MAX_TRACKED_IPS {
-                buckets.clear();
-            }
-        }
-        let bucket = buckets.entry(ip).or_insert_with(|| TokenBucket::new(self.rate, self.burst, now));
+        let bucket = buckets.get_or_insert_mut(ip, || TokenBucket::new(self.rate, self.burst, now));
         match bucket.take(now, Duration::MAX) {
             Verdict::Allow => Ok(()),
             _ => Err(bucket.retry_after_secs()),
@@ -182,12 +181,6 @@ impl TokenBucket {
         if now.saturating_duration_since(since) >= abuse_after { Verdict::Abuse } else { Verdict::Limit }
     }
 
-    /// Tokens missing from a full bucket at `now` (0 when refilled).
-    fn refilled_by(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        (self.burst - (self.tokens + elapsed * self.rate)).max(0.0)
-    }
-
     /// Whether the last message was refused (the sender is over its rate now).
     pub fn is_limiting(&self) -> bool {
         self.limited_since.is_some() && self.tokens < 1.0
@@ -202,6 +195,23 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_new_addresses_forgets_the_least_recent_not_every_address() {
+        let rates = IpRates::new(1, 1);
+        let now = Instant::now();
+        let abuser: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(rates.take(abuser, now), Ok(()));
+        let other = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+        for i in 0..MAX_TRACKED_IPS.get() as u32 - 1 {
+            let _ = rates.take(other(i), now);
+        }
+        assert!(rates.take(abuser, now).is_err(), "still limited, and now the most recent");
+        for i in 0..1_000 {
+            let _ = rates.take(other(1_000_000 + i), now);
+        }
+        assert!(rates.take(abuser, now).is_err(), "a flood of new addresses must not reset every bucket");
+    }
 
     fn nofile() -> (u64, u64) {
         // SAFETY: getrlimit fills the struct we pass.

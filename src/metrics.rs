@@ -170,6 +170,8 @@ pub struct Snapshot {
     pub dropped_slow_consumer: u64,
     /// Publishes refused because a shard queue was full.
     pub refused_overloaded: u64,
+    /// Control messages a full control queue refused.
+    pub control_refused: u64,
     /// 1013 disconnects.
     pub slow_consumer_disconnects: u64,
     /// Messages refused by rate limits.
@@ -231,6 +233,7 @@ impl Snapshot {
             "slow_consumer_disconnects": self.slow_consumer_disconnects,
             "rate_limited": self.rate_limited,
             "refused_overloaded": self.refused_overloaded,
+            "control_refused": self.control_refused,
             "tls_handshake_failures": HandshakeFailure::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), json!(self.tls_handshake_failures[r.index()])))
@@ -309,6 +312,7 @@ impl Snapshot {
             &[
                 ("{reason=\"slow_consumer\"}", self.dropped_slow_consumer.to_string()),
                 ("{reason=\"overloaded\"}", self.refused_overloaded.to_string()),
+                ("{reason=\"control_queue_full\"}", self.control_refused.to_string()),
                 ("{reason=\"rate_limited\"}", self.rate_limited.to_string()),
             ],
         );
@@ -409,7 +413,11 @@ pub enum StatsFormat {
 #[derive(Debug)]
 pub struct Gather {
     remaining: std::sync::atomic::AtomicUsize,
+    /// Some shard could not be asked (its control queue was full): answered `overloaded`.
+    failed: std::sync::atomic::AtomicBool,
     latency: std::sync::Mutex<Latency>,
+    /// Gathers in flight in the process, one of which this is until dropped.
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Where the answer goes.
     pub reply_to: crate::bus::ReplyTo,
     /// How to render it.
@@ -417,14 +425,25 @@ pub struct Gather {
 }
 
 impl Gather {
-    /// A read that `shards` shards must answer.
-    pub fn new(shards: usize, reply_to: crate::bus::ReplyTo, format: StatsFormat) -> Self {
-        Self {
+    /// A read that `shards` shards must answer, taking one of `max` places in `in_flight`
+    /// (each gather merges its own copy of the histograms, about 1 MB); `None` when every
+    /// place is taken.
+    pub fn new(
+        shards: usize,
+        reply_to: crate::bus::ReplyTo,
+        format: StatsFormat,
+        in_flight: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        max: usize,
+    ) -> Option<Self> {
+        in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Self {
             remaining: std::sync::atomic::AtomicUsize::new(shards),
+            failed: Default::default(),
             latency: std::sync::Mutex::new(Latency::default()),
+            in_flight: in_flight.clone(),
             reply_to,
             format,
-        }
+        })
     }
 
     /// Adds one shard's histograms; true for the last shard.
@@ -433,8 +452,26 @@ impl Gather {
         self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
+    /// `shards` shards could not be asked and will never add: the read fails. True when
+    /// no other shard is left to report (the caller answers now).
+    pub fn refused(&self, shards: usize) -> bool {
+        self.failed.store(true, Ordering::Release);
+        self.remaining.fetch_sub(shards, Ordering::AcqRel) == shards
+    }
+
+    /// Whether some shard could not be asked.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// The merged histograms.
     pub fn latency(&self) -> Latency {
         self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Gather {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

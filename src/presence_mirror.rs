@@ -112,9 +112,7 @@ fn entry_of(node: u64, conn: u64, stored: Stored) -> Entry {
 fn deliver(shared: &Shared, notices: impl IntoIterator<Item = Notice>) {
     for notice in notices {
         let notice = Arc::new(notice);
-        for inbox in shared.bus.inboxes() {
-            inbox.send(Control::Presence(notice.clone()));
-        }
+        shared.bus.to_every_shard(|| Control::Presence(notice.clone()));
     }
 }
 

@@ -56,6 +56,11 @@ pub enum ErrorCode {
     TooManyConnections,
     /// HTTP: a request waited too long for other shards or the engine.
     Timeout,
+    /// Over a per-connection limit on what the broker keeps for a client: the state
+    /// budget (`max_connection_state_bytes`), sources per subscription, bytes per id.
+    LimitExceeded,
+    /// A queue between the broker's threads is full; try again shortly.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -70,7 +75,7 @@ impl ErrorCode {
             Self::TooLarge => 413,
             Self::RateLimited => 429,
             Self::HeadTooLarge => 431,
-            Self::EngineUnavailable | Self::TooManyConnections => 503,
+            Self::EngineUnavailable | Self::TooManyConnections | Self::Overloaded => 503,
             Self::Timeout => 504,
             _ => 400,
         }
@@ -129,6 +134,8 @@ impl ErrorCode {
             Self::HeadTooLarge => "head_too_large",
             Self::TooManyConnections => "too_many_connections",
             Self::Timeout => "timeout",
+            Self::LimitExceeded => "limit_exceeded",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -438,6 +445,38 @@ pub fn parse_patterns<S: AsRef<str>>(list: &[S]) -> Result<Vec<Pattern>, Rejecti
 /// the connection's byte bound, so a 64 KiB message must not name thousands.
 pub const MAX_PATTERNS: usize = 64;
 
+/// Most `sources` one subscription, stream or query names: each is compared with every
+/// event its topics match.
+pub const MAX_SOURCES: usize = 64;
+
+/// Longest id a client may make the broker keep or echo: `subscription_id`,
+/// `correlation_id`, `message_id`, `since`, and each source.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Checks the client-chosen strings a subscription, stream or query keeps: at most
+/// [`MAX_SOURCES`] sources, each id at most [`MAX_ID_BYTES`].
+pub fn check_ids<'a>(
+    sources: &[String],
+    ids: impl IntoIterator<Item = (&'static str, Option<&'a str>)>,
+) -> Result<(), Rejection> {
+    if sources.len() > MAX_SOURCES {
+        return Err(Rejection::at(ErrorCode::LimitExceeded, "sources", format!("at most {MAX_SOURCES} sources")));
+    }
+    if sources.iter().any(|s| s.len() > MAX_ID_BYTES) {
+        return Err(Rejection::at(
+            ErrorCode::LimitExceeded,
+            "sources",
+            format!("a source is over {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    match ids.into_iter().find(|(_, id)| id.is_some_and(|id| id.len() > MAX_ID_BYTES)) {
+        Some((field, _)) => {
+            Err(Rejection::at(ErrorCode::LimitExceeded, field, format!("{field} is over {MAX_ID_BYTES} bytes")))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Reads a history `limit` given as a number or a decimal string.
 pub fn parse_limit(value: Option<&Value>) -> Result<usize, Rejection> {
     let bad = || Rejection::at(ErrorCode::BadRequest, "limit", "limit must be a positive integer");
@@ -475,6 +514,8 @@ pub fn parse_client_message(text: &str) -> Result<Incoming, (Option<String>, Rej
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(_) => return Err((None, Rejection::new(ErrorCode::InvalidMessage, "message_id must be a string"))),
     };
+    // Echoed in the reply's `correlation_id`: a long one would be copied into every answer.
+    check_ids(&[], [("message_id", message_id.as_deref())]).map_err(|r| (None, r))?;
     let fail = |r: Rejection| (message_id.clone(), r);
     let kind = match envelope.kind {
         Some(Value::String(k)) => k,
@@ -485,10 +526,17 @@ pub fn parse_client_message(text: &str) -> Result<Incoming, (Option<String>, Rej
         "subscribe" => {
             let raw: RawSubscribe = payload_as(payload, "subscribe").map_err(fail)?;
             let topics = parse_patterns(raw.topics.as_deref().unwrap_or_default()).map_err(fail)?;
+            let sources = raw.sources.unwrap_or_default();
+            let ids = [
+                ("subscription_id", raw.subscription_id.as_deref()),
+                ("correlation_id", raw.correlation_id.as_deref()),
+                ("since", raw.since.as_deref()),
+            ];
+            check_ids(&sources, ids).map_err(fail)?;
             ClientMessage::Subscribe(SubscribeArgs {
                 subscription_id: raw.subscription_id,
                 topics,
-                sources: raw.sources.unwrap_or_default(),
+                sources,
                 correlation_id: raw.correlation_id,
                 since: raw.since,
                 presence: raw.presence,
@@ -521,9 +569,11 @@ fn parse_request(payload: Option<&RawValue>) -> Result<Request, Rejection> {
         "publish" => Request::Publish(PublishRequest::from_json(payload.unwrap_or(&null_raw()), "")?),
         "history" => {
             let raw: RawHistory = payload_as(payload, "history")?;
+            let sources = raw.sources.unwrap_or_default();
+            check_ids(&sources, [("correlation_id", raw.correlation_id.as_deref()), ("since", raw.since.as_deref())])?;
             Request::History(HistoryQuery {
                 topics: parse_patterns(raw.topics.as_deref().unwrap_or_default())?,
-                sources: raw.sources.unwrap_or_default(),
+                sources,
                 correlation_id: raw.correlation_id,
                 since: raw.since,
                 limit: parse_limit(raw.limit.as_ref())?,

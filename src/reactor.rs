@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::bus::{Bus, Control, Inbox, Sequencer};
+use crate::bus::{Bus, Inbox, Lifecycle, Sequencer};
 use crate::config::Config;
 use crate::core::Shared;
 use crate::engine::{Redis, RedisSettings};
@@ -91,6 +91,7 @@ impl Server {
         let status = engine.as_ref().map(|e| e.status.clone());
         if let Some(engine) = engine {
             engine.start(bus.clone())?;
+            wait_for_catch_up(&bus);
         }
         let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
         let mirror = (config.engine != "memory").then(|| crate::presence_mirror::Settings {
@@ -145,14 +146,14 @@ impl Server {
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::Release);
         for inbox in self.shared.bus.inboxes() {
-            inbox.send(Control::Drain);
+            inbox.request(Lifecycle::Drain);
         }
     }
 
     /// Stops every shard at once.
     pub fn stop(&self) {
         for inbox in self.shared.bus.inboxes() {
-            inbox.send(Control::Stop);
+            inbox.request(Lifecycle::Stop);
         }
     }
 
@@ -167,6 +168,24 @@ impl Server {
             }
         }
         result
+    }
+}
+
+/// Longest a starting node waits for the engine's first load before it serves.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Holds the shards back (connections wait in the listen backlog) until the engine has
+/// loaded the retained log, so a client that resumes on a node that just (re)started gets
+/// its replay instead of `recovered:false`. With the engine unreachable the node serves
+/// after [`CATCH_UP_WAIT`] anyway: publishes are refused and resumes say `recovered:false`
+/// until it catches up.
+fn wait_for_catch_up(bus: &Bus) {
+    let deadline = std::time::Instant::now() + CATCH_UP_WAIT;
+    while !bus.caught_up() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if !bus.caught_up() {
+        tracing::warn!("engine not reachable yet; serving, resumes say recovered:false until it catches up");
     }
 }
 
@@ -223,11 +242,11 @@ pub fn serve(config: Config) -> io::Result<()> {
                 tracing::info!(signal, "draining");
                 shared.draining.store(true, Ordering::Release);
                 for inbox in shared.bus.inboxes() {
-                    inbox.send(Control::Drain);
+                    inbox.request(Lifecycle::Drain);
                 }
             } else {
                 for inbox in shared.bus.inboxes() {
-                    inbox.send(Control::Stop);
+                    inbox.request(Lifecycle::Stop);
                 }
             }
         }

@@ -67,9 +67,9 @@ impl Ctx {
 
     fn announce(&self, notice: Notice) {
         let notice = Arc::new(notice);
-        for inbox in self.shared.bus.inboxes() {
-            inbox.send(Control::Presence(notice.clone()));
-        }
+        // A shard whose control queue is full misses the notice (counted); its members'
+        // lists stay right, only the notice is lost.
+        self.shared.bus.to_every_shard(|| Control::Presence(notice.clone()));
         if self.shared.engine.is_some() && self.shared.presence_outbox.push(notice).is_err() {
             self.shared.presence_resync.store(true, Ordering::Release);
         }

@@ -14,8 +14,6 @@
 //! and timer is tested with plain byte slices and a manual clock (see `tests` below and
 //! the `connection` fuzz target). It must not touch sockets, the poll or the clock.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,7 +24,7 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::Auth;
-use crate::bus::{self, Bus, Control, Delivery, Event, ReplyTo};
+use crate::bus::{self, Bus, Control, Delivery, Event, Lifecycle, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, SSE_SUB, State, Transport};
 use crate::deflate::Joiner;
@@ -43,6 +41,7 @@ use crate::ws::Close;
 mod members;
 mod routes;
 mod session;
+mod timers;
 
 use routes::published_response;
 use session::publish_rejection;
@@ -78,6 +77,9 @@ pub struct Shared {
     /// Open `/stats/stream`s: each keeps a copy of the histograms (about 200 KiB), so
     /// there are at most [`MAX_STATS_STREAMS`].
     pub stats_streams: std::sync::atomic::AtomicUsize,
+    /// Stats reads in flight (each merges its own copy of the histograms): at most
+    /// [`MAX_STATS_GATHERS`], beyond that a read is answered `overloaded`.
+    pub stats_gathers: Arc<std::sync::atomic::AtomicUsize>,
     /// One reading of both clocks at start: wall-clock timestamps are derived from the
     /// monotonic `now` the core is given, so the core never reads a clock.
     pub epoch: (Instant, SystemTime),
@@ -86,6 +88,9 @@ pub struct Shared {
 /// Most `/stats/stream`s open at once (dashboards are few; each holds a copy of the
 /// histograms outside any connection's byte bound).
 pub const MAX_STATS_STREAMS: usize = 16;
+
+/// Most stats reads in flight at once in the process (a connection has at most one).
+pub const MAX_STATS_GATHERS: usize = 32;
 
 /// How often a `/stats/stream` (the dashboard's feed) gets a push.
 pub const STATS_PUSH_EVERY: Duration = Duration::from_secs(1);
@@ -115,6 +120,7 @@ impl Shared {
             presence_outbox: crossbeam_queue::ArrayQueue::new(PRESENCE_OUTBOX),
             presence_resync: AtomicBool::new(true),
             stats_streams: Default::default(),
+            stats_gathers: Default::default(),
             auth: Auth::new(&config.jwt_secret),
             epoch,
             config,
@@ -128,6 +134,7 @@ impl Shared {
         }
         snapshot.published = self.bus.counters.published.load(Ordering::Relaxed);
         snapshot.refused_overloaded = self.bus.counters.refused_overloaded.load(Ordering::Relaxed);
+        snapshot.control_refused = self.bus.counters.control_refused.load(Ordering::Relaxed);
         snapshot.history = self.bus.history_size();
         snapshot.latency = latency;
         snapshot.engine = self.engine.as_ref().map(|e| {
@@ -228,7 +235,7 @@ struct Ctx {
     id: usize,
     shared: Arc<Shared>,
     index: Index<SubRef>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    timers: timers::Timers,
     latency: Latency,
     /// Connections with events queued and not yet written.
     dirty: Vec<usize>,
@@ -244,8 +251,6 @@ struct Ctx {
     /// Connections whose deadlines may have moved since the last re-arm.
     touched: Vec<usize>,
     next_conn: u64,
-    /// Highest sequence fanned out here: the live/replay boundary for `since`.
-    fanned_out_through: u64,
     /// When draining: the time the shard stops regardless.
     drain_deadline: Option<Instant>,
     stopping: bool,
@@ -287,7 +292,7 @@ impl Core {
                 id,
                 shared,
                 index: Index::default(),
-                timers: BinaryHeap::new(),
+                timers: timers::Timers::default(),
                 latency: Latency::default(),
                 dirty: Vec::new(),
                 coalescing,
@@ -297,7 +302,6 @@ impl Core {
                 closed: Vec::new(),
                 touched: Vec::new(),
                 next_conn: (id as u64) << 48,
-                fanned_out_through: 0,
                 drain_deadline: None,
                 stopping: false,
             },
@@ -437,8 +441,7 @@ impl Core {
 
     /// When [`Self::handle_timeout`] wants to be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.ctx.timers.peek().map(|Reverse((t, _, _))| *t);
-        [timer, self.ctx.drain_deadline, self.ctx.next_flush].into_iter().flatten().min()
+        [self.ctx.timers.next(), self.ctx.drain_deadline, self.ctx.next_flush].into_iter().flatten().min()
     }
 
     /// Runs every deadline due at `now`, each once: a handler always moves its
@@ -449,18 +452,11 @@ impl Core {
             return;
         }
         let mut due = Vec::new();
-        while let Some(Reverse((at, key, id))) = self.ctx.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.ctx.timers.pop();
-            if self.conns.get(key).is_some_and(|c| c.id == id && c.scheduled == Some(at)) {
-                due.push(key);
-            }
+        while let Some(key) = self.ctx.timers.pop_due(now) {
+            due.push(key);
         }
         for key in due {
             let Some(conn) = self.conns.get_mut(key) else { continue };
-            conn.scheduled = None;
             if self.ctx.on_timeout(key, conn, now) {
                 self.remove(key);
             } else {
@@ -560,6 +556,7 @@ impl Core {
     /// [`Self::poll_closed`].
     pub fn remove(&mut self, key: usize) {
         let Some(conn) = self.conns.try_remove(key) else { return };
+        self.ctx.timers.set(key, None);
         for (pattern, sub) in conn.index_entries() {
             self.ctx.index.remove(pattern, SubRef { conn: key, sub });
             self.ctx.leave_presence(conn.id, pattern);
@@ -612,23 +609,31 @@ impl Core {
         self.conns.get(key)
     }
 
-    /// Puts the deadlines of the connections touched since the last call on the heap.
+    /// Entries in the timer queue (at most one per connection), for tests and the fuzz
+    /// target's invariants.
+    pub fn timer_entries(&self) -> usize {
+        self.ctx.timers.len()
+    }
+
+    /// Moves the deadlines of the connections touched since the last call in the timer
+    /// queue to what their state says now.
     fn rearm(&mut self) {
         let heartbeat = self.ctx.shared.config.heartbeat_interval();
         for key in std::mem::take(&mut self.ctx.touched) {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
-            if let Some(deadline) = conn.deadline(heartbeat)
-                && conn.scheduled.is_none_or(|s| deadline < s)
-            {
-                conn.scheduled = Some(deadline);
-                self.ctx.timers.push(Reverse((deadline, key, conn.id)));
-            }
+            let Some(conn) = self.conns.get(key) else { continue };
+            self.ctx.timers.set(key, conn.deadline(heartbeat));
         }
     }
 
     fn drain_control(&mut self, now: Instant) {
         let shared = self.ctx.shared.clone();
         let inbox = &shared.bus.inboxes()[self.ctx.id];
+        match inbox.lifecycle() {
+            Lifecycle::Running => {}
+            Lifecycle::Drain if self.ctx.drain_deadline.is_none() => self.begin_drain(now),
+            Lifecycle::Drain => {}
+            Lifecycle::Stop => self.ctx.stopping = true,
+        }
         while let Some(message) = inbox.control.pop() {
             match message {
                 Control::PublishDone(ticket) => {
@@ -660,19 +665,20 @@ impl Core {
                 Control::Collect(gather) => {
                     if gather.add(&self.ctx.latency) {
                         let shard = gather.reply_to.shard;
-                        shared.bus.inboxes()[shard].send(Control::StatsReady(gather));
+                        shared.bus.to_shard(shard, Control::StatsReady(gather));
                     }
                 }
                 Control::StatsReady(gather) => self.answer_stats(&gather, now),
                 Control::Presence(notice) => self.deliver_presence(&notice, now),
-                Control::Drain => self.begin_drain(now),
-                Control::Stop => self.ctx.stopping = true,
             }
         }
     }
 
     fn answer_stats(&mut self, gather: &Gather, now: Instant) {
         let ReplyTo { key, conn_id, .. } = gather.reply_to;
+        if gather.failed() {
+            return self.stats_overloaded(gather, now);
+        }
         let snapshot = self.ctx.shared.snapshot(gather.latency());
         match &gather.format {
             StatsFormat::Json => self.resume_http(key, conn_id, Response::json(200, &snapshot.to_json()), now),
@@ -709,6 +715,27 @@ impl Core {
                 ctx.touch(key);
                 ctx.want_transmit(conn, key);
             }
+        }
+    }
+
+    /// A stats read some shard could not take part in: `overloaded` (503), or no push.
+    fn stats_overloaded(&mut self, gather: &Gather, now: Instant) {
+        let ReplyTo { key, conn_id, .. } = gather.reply_to;
+        let rejection = routes::stats_overloaded();
+        match &gather.format {
+            StatsFormat::Json | StatsFormat::Prometheus => {
+                let response = Response::error(&routes::http_error_of(&rejection)).header("Retry-After", "1");
+                self.resume_http(key, conn_id, response, now);
+            }
+            StatsFormat::WsResponse(correlation) => {
+                let Core { conns, ctx } = self;
+                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { return };
+                ctx.send_error(key, conn, correlation.as_deref(), &rejection, now);
+                ctx.touch(key);
+                ctx.want_transmit(conn, key);
+            }
+            // The next push comes a second later.
+            StatsFormat::SsePush => {}
         }
     }
 
@@ -776,16 +803,16 @@ impl Core {
             // Counted once per event, not per delivery: a locked add per delivery showed in
             // a saturated shard's profile (about 3 % of its samples).
             counters.deliveries.fetch_add(queued as u64, Ordering::Relaxed);
-            ctx.fanned_out_through = event.seq;
-            let waited = now.saturating_duration_since(event.published_at);
-            oldest = oldest.max(Some(waited));
-            Latency::record(&mut ctx.latency.publish_to_queue, waited);
+            // Coalescing follows how long events wait here, on this node's clock; the
+            // histogram measures from the publisher's (another node's clock may be skewed).
+            oldest = oldest.max(Some(now.saturating_duration_since(event.received_at)));
+            Latency::record(&mut ctx.latency.publish_to_queue, now.saturating_duration_since(event.published_at));
             ctx.latency.event_bytes.saturating_record(event.json().len() as u64);
             ctx.latency.fanout.saturating_record(queued as u64);
             budget = budget.saturating_sub(event.ws_frame().len());
             let delivery = Delivery { event, ticket };
             if let Some(done) = delivery.report(queued) {
-                shared.bus.inboxes()[done.reply_to.shard].send(Control::PublishDone(done));
+                shared.bus.to_shard(done.reply_to.shard, Control::PublishDone(done));
             }
             if budget == 0 || ctx.dirty.len().saturating_sub(dirty_before) >= NEW_WRITES_PER_TURN {
                 more = !inbox.events.is_empty();
@@ -1065,7 +1092,8 @@ impl Ctx {
                 // A stats stream's pushes are its heartbeat.
                 if now >= sse.next_ping {
                     sse.next_ping = now + STATS_PUSH_EVERY;
-                    self.gather_stats(key, conn, StatsFormat::SsePush);
+                    // Refused (too many reads in flight): the next push comes a second later.
+                    let _ = self.gather_stats(key, conn, StatsFormat::SsePush);
                 }
                 false
             }

@@ -182,7 +182,7 @@ impl Ctx {
             "/sse" => self.start_sse(key, conn, request, now),
             "/history" => {
                 let response = match self.authorized_query(request) {
-                    Ok(query) => Response::with_body(200, "application/json", self.history(&query).into_bytes()),
+                    Ok(query) => Response::with_body(200, "application/json", self.history(&query, now).into_bytes()),
                     Err(response) => response,
                 };
                 self.respond(key, conn, request, response, now)
@@ -191,7 +191,7 @@ impl Ctx {
                 let response = self.http_presence(request, path == "/presence/stats");
                 self.respond(key, conn, request, response, now)
             }
-            "/dashboard" | "/stats/stream" => match self.operator(conn, request) {
+            "/dashboard" | "/stats/stream" => match self.operator_http(conn, request) {
                 Err(response) => self.respond(key, conn, request, response, now),
                 Ok(()) if path == "/dashboard" => {
                     let page = Response::with_body(200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes().to_vec())
@@ -221,19 +221,76 @@ impl Ctx {
                 self.respond(key, conn, request, response, now)
             }
             _ => {
+                if let Err(response) = self.operator_http(conn, request) {
+                    return Some(self.respond(key, conn, request, response, now));
+                }
                 let format = if path == "/stats" { StatsFormat::Json } else { StatsFormat::Prometheus };
-                self.gather_stats(key, conn, format);
-                return None;
+                match self.gather_stats(key, conn, format) {
+                    Ok(()) => return None,
+                    Err(rejection) => {
+                        let response = Response::error(&http_error_of(&rejection)).header("Retry-After", "1");
+                        self.respond(key, conn, request, response, now)
+                    }
+                }
             }
         })
     }
 
-    pub(super) fn gather_stats(&mut self, key: usize, conn: &Conn, format: StatsFormat) {
-        let inboxes = self.shared.bus.inboxes();
-        let gather = Arc::new(Gather::new(inboxes.len(), self.reply_to(key, conn), format));
-        for inbox in inboxes {
-            inbox.send(Control::Collect(gather.clone()));
+    /// Asks every shard for its histograms; the answer comes back as
+    /// [`Control::StatsReady`]. Refused `overloaded` when this connection has a read in
+    /// flight already, every place for one is taken, or every shard's queue is full.
+    pub(super) fn gather_stats(&mut self, key: usize, conn: &mut Conn, format: StatsFormat) -> Result<(), Rejection> {
+        let reply_to = self.reply_to(key, conn);
+        if let State::WebSocket(ws) = &conn.state
+            && ws.stats.as_ref().is_some_and(|g| g.strong_count() > 0)
+        {
+            return Err(stats_overloaded());
         }
+        let shared = &self.shared;
+        let shards = shared.bus.inboxes().len();
+        let gather = Gather::new(shards, reply_to, format, &shared.stats_gathers, super::MAX_STATS_GATHERS)
+            .ok_or_else(stats_overloaded)?;
+        let gather = Arc::new(gather);
+        if let State::WebSocket(ws) = &mut conn.state {
+            ws.stats = Some(Arc::downgrade(&gather));
+        }
+        let refused = shared.bus.to_every_shard(|| Control::Collect(gather.clone()));
+        // The shards that took it will answer (`overloaded`, since one could not); when
+        // none did, nobody will, so the answer is now.
+        if refused > 0 && gather.refused(refused) {
+            return Err(stats_overloaded());
+        }
+        Ok(())
+    }
+
+    /// The one rule for the operators' views (`/stats`, `/metrics`, `/dashboard`,
+    /// `/stats/stream`, and the WebSocket `stats` request): through `admin_listen` always
+    /// (the network is the gate); elsewhere only when no `admin_listen` is set, and then,
+    /// with auth on, for a token carrying the `admin` claim (`admin_claim`: the verified
+    /// token's claim; with auth off every grant carries it).
+    pub(super) fn operator(&self, conn: &Conn, admin_claim: Result<bool, &AuthError>) -> Result<(), Rejection> {
+        if conn.admin {
+            return Ok(());
+        }
+        if !self.config().admin_listen.is_empty() {
+            return Err(Rejection::new(ErrorCode::Forbidden, "the operators' views are served on admin_listen"));
+        }
+        match admin_claim {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Rejection::new(ErrorCode::Forbidden, "the token has no admin claim")),
+            Err(error) => Err(Rejection::new(ErrorCode::Unauthorized, error.to_string())),
+        }
+    }
+
+    /// [`Self::operator`] for an HTTP request, answered as HTTP.
+    fn operator_http(&self, conn: &Conn, request: &Request) -> Result<(), Response> {
+        let verified = self.shared.auth.verify(request.token().as_deref());
+        self.operator(conn, verified.as_ref().map(|grant| grant.admin)).map_err(|rejection| {
+            match (&verified, rejection.code) {
+                (Err(error), ErrorCode::Unauthorized) => unauthorized(error),
+                _ => Response::error(&http_error_of(&rejection)),
+            }
+        })
     }
 
     pub(super) fn http_publish(
@@ -269,7 +326,7 @@ impl Ctx {
         let wait = request.query_param("wait").is_some_and(|w| w == "1" || w == "true");
         let reply = Reply { to: self.reply_to(key, conn), wait, websocket: None };
         let count = requests.len();
-        match self.shared.bus.publish(requests, reply) {
+        match self.shared.bus.publish(requests, reply, now, self.shared.wall(now)) {
             Ok(Accepted::Later) => None,
             Ok(Accepted::Now(ids)) => Some(self.respond(key, conn, request, published_response(Ok(ids), count), now)),
             Err(error) => Some(self.respond(key, conn, request, published_response(Err(error), count), now)),
@@ -337,6 +394,7 @@ impl Ctx {
             next_ping: now + heartbeat,
             bucket: TokenBucket::new(config.rate_per_second, config.rate_burst, now),
             resume_read_at: None,
+            stats: None,
             auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
             grant: if echo { Some(Grant::everything()) } else { grant },
         });
@@ -367,14 +425,14 @@ impl Ctx {
     }
 
     /// A history document `{"events":[...],"recovered":bool}`, built from shared bytes.
-    pub(super) fn history(&self, query: &HistoryQuery) -> String {
+    pub(super) fn history(&self, query: &HistoryQuery, now: Instant) -> String {
         let filter = Filter::new(query.topics.clone(), query.sources.clone(), query.correlation_id.clone());
         let bus = &self.shared.bus;
         let (events, recovered) = match query.since.as_deref() {
-            None => (bus.newest(u64::MAX, query.limit, |e| filter.accepts(e)), true),
-            Some(since) => match bus.replay(since, u64::MAX, query.limit, |e| filter.accepts(e)) {
+            None => (bus.newest(query.limit, now, |e| filter.accepts(e)), true),
+            Some(since) => match bus.replay(since, query.limit, now, self.shared.wall(now), |e| filter.accepts(e)) {
                 Ok((_, events)) => (events, true),
-                Err(NotRecoverable) => (bus.newest(u64::MAX, query.limit, |e| filter.accepts(e)), false),
+                Err(NotRecoverable) => (bus.newest(query.limit, now, |e| filter.accepts(e)), false),
             },
         };
         let mut out = String::from("{\"events\":[");
@@ -415,19 +473,6 @@ impl Ctx {
         }
     }
 
-    /// Whether `request` may see the dashboard: on `admin_listen` always (the network is
-    /// the gate); on `listen` with auth off, or with a token carrying the `admin` claim.
-    fn operator(&self, conn: &Conn, request: &Request) -> Result<(), Response> {
-        if conn.admin {
-            return Ok(());
-        }
-        match self.shared.auth.verify(request.token().as_deref()) {
-            Ok(grant) if grant.admin => Ok(()),
-            Ok(_) => Err(Response::error(&HttpError::new(ErrorCode::Forbidden, "the token has no admin claim"))),
-            Err(error) => Err(unauthorized(&error)),
-        }
-    }
-
     /// `GET /stats/stream`: `/stats` as an SSE `event: stats` every second.
     fn start_stats_stream(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
         let streams = &self.shared.stats_streams;
@@ -448,7 +493,8 @@ impl Ctx {
             next_ping: now + super::STATS_PUSH_EVERY,
         }));
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 0);
-        self.gather_stats(key, conn, StatsFormat::SsePush);
+        // Refused (too many reads in flight): the first push comes a second later.
+        let _ = self.gather_stats(key, conn, StatsFormat::SsePush);
         Routed::Halt
     }
 
@@ -459,7 +505,7 @@ impl Ctx {
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
-        let (recovered, after, replay) = self.resume(since.as_deref());
+        let (recovered, after, replay) = self.resume(since.as_deref(), now);
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
         self.send(key, conn, head, now);
         for pattern in &filter.patterns {
@@ -488,7 +534,7 @@ impl Ctx {
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 1);
         if let State::Sse(sse) = &conn.state {
             let filter = sse.filter.clone();
-            self.replay_into(conn, replay, &filter);
+            self.replay_into(conn, SSE_SUB, replay, filter);
         }
         Routed::Halt
     }
@@ -514,13 +560,20 @@ pub(super) fn history_query_from(request: &Request) -> Result<HistoryQuery, Reje
             .unwrap_or_default()
     };
     let limit = request.query_param("limit").map(serde_json::Value::String);
-    Ok(HistoryQuery {
+    let query = HistoryQuery {
         topics: protocol::parse_patterns(&list("topics"))?,
         sources: list("sources"),
         correlation_id: request.query_param("correlation_id").filter(|c| !c.is_empty()),
         since: request.query_param("since").filter(|s| !s.is_empty()),
         limit: protocol::parse_limit(limit.as_ref())?,
-    })
+    };
+    let ids = [
+        ("correlation_id", query.correlation_id.as_deref()),
+        ("since", query.since.as_deref()),
+        ("Last-Event-ID", request.last_event_id.as_deref()),
+    ];
+    protocol::check_ids(&query.sources, ids)?;
+    Ok(query)
 }
 
 /// The answer to an HTTP publish; `count` events were asked for (names the field of a
@@ -536,12 +589,16 @@ pub(super) fn published_response(result: Result<Vec<Box<str>>, PublishError>, co
         } else {
             "data".into()
         }),
-        PublishError::Overloaded | PublishError::EngineUnavailable => {
-            HttpError::new(ErrorCode::EngineUnavailable, error.to_string())
-        }
+        PublishError::Overloaded => HttpError::new(ErrorCode::Overloaded, error.to_string()),
+        PublishError::EngineUnavailable => HttpError::new(ErrorCode::EngineUnavailable, error.to_string()),
     };
     let response = Response::error(&http_error);
     if http_error.status == 503 { response.header("Retry-After", "1") } else { response }
+}
+
+/// The answer to a stats read that cannot be made now.
+pub(super) fn stats_overloaded() -> Rejection {
+    Rejection::new(ErrorCode::Overloaded, "too many stats reads in flight; try again")
 }
 
 /// The HTTP form of a protocol rejection.

@@ -166,39 +166,60 @@ impl Ctx {
             let rejection = Rejection::new(ErrorCode::DuplicateSubscription, format!("subscription {id:?} exists"));
             return self.send_error(key, conn, correlation, &rejection, now);
         }
-        let info = grant.info.as_deref().or(args.presence_info.as_deref());
+        let info = grant.info.clone().or(args.presence_info);
         let info_max = self.config().presence_info_max_bytes;
-        if info.is_some_and(|i| i.get().len() > info_max) {
+        if info.as_ref().is_some_and(|i| i.get().len() > info_max) {
             let rejection = Rejection::new(ErrorCode::InvalidMessage, format!("presence info over {info_max} bytes"));
             return self.send_error(key, conn, correlation, &rejection, now);
         }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
-        let (recovered, after, replay) = self.resume(args.since.as_deref());
-        for pattern in &filter.patterns {
+        let (recovered, after, replay) = self.resume(args.since.as_deref(), now);
+        let sub = Subscription {
+            key: sub_key,
+            id,
+            filter,
+            after,
+            presence: args.presence,
+            presence_info_bytes: info.as_ref().map_or(0, |i| i.get().len()) as u32,
+        };
+        // The subscription, its presence entries and its replay cursor (its filter is kept
+        // twice while it replays) against the connection's state budget.
+        let replay_bytes = replay.as_ref().map_or(0, |c| c.retained_bytes() + sub.filter.state_bytes());
+        let budget = self.config().max_connection_state_bytes;
+        if conn.state_bytes() + sub.state_bytes() + replay_bytes > budget {
+            let rejection = Rejection::new(
+                ErrorCode::LimitExceeded,
+                format!("over max_connection_state_bytes ({budget}): unsubscribe something first"),
+            );
+            return self.send_error(key, conn, correlation, &rejection, now);
+        }
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        for pattern in &sub.filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
         }
-        let joiner = Joiner { conn_id: conn.id, user: grant.sub.as_deref(), info, transport: Transport::WebSocket };
-        self.join_presence(&joiner, &filter.patterns, now);
-        let replay_filter = replay.is_some().then(|| filter.clone());
+        let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
+        let joiner = Joiner { conn_id: conn.id, user, info: info.as_deref(), transport: Transport::WebSocket };
+        self.join_presence(&joiner, &sub.filter.patterns, now);
+        let replay_filter = replay.is_some().then(|| sub.filter.clone());
         if ws.subs.is_empty() {
             // Most connections hold one subscription: do not let the first take room for four.
             ws.subs.reserve_exact(1);
         }
-        ws.subs.push(Subscription { key: sub_key, id: id.clone(), filter, after, presence: args.presence });
+        let payload = json!({"subscription_id": sub.id, "status": "subscribed", "recovered": recovered});
+        ws.subs.push(sub);
         self.gauge(None, None, 1);
-        let payload = json!({"subscription_id": id, "status": "subscribed", "recovered": recovered});
         self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
         if let Some(filter) = replay_filter {
-            self.replay_into(conn, replay, &filter);
+            self.replay_into(conn, sub_key, replay, filter);
         }
     }
 
     /// For a subscription resuming after `since`: whether it can, the order key live
-    /// events must pass, and a cursor over the retained events to replay first (up to what
-    /// this shard has fanned out; everything later is still in its queue).
-    pub(super) fn resume(&self, since: Option<&str>) -> (bool, (u64, u64), Option<Cursor>) {
+    /// events must pass, and a cursor over the retained events to replay first (everything
+    /// the log holds after `since`; live delivery takes over after the last of them).
+    pub(super) fn resume(&self, since: Option<&str>, now: Instant) -> (bool, (u64, u64), Option<Cursor>) {
         let Some(since) = since else { return (true, (0, 0), None) };
-        match self.shared.bus.resume(since, self.fanned_out_through) {
+        match self.shared.bus.resume(since, now, self.shared.wall(now)) {
             Ok((after, cursor)) => (true, after, cursor),
             Err(NotRecoverable) => (false, (0, 0), None),
         }
@@ -206,9 +227,9 @@ impl Ctx {
 
     /// Puts a resume in the connection's backlog, from which its events are fed into the
     /// outbound queue as it drains (a resume larger than the bound is not a slow consumer).
-    pub(super) fn replay_into(&mut self, conn: &mut Conn, cursor: Option<Cursor>, filter: &Filter) {
-        let Some(cursor) = cursor.filter(|_| conn.closing.is_none()) else { return };
-        conn.push_replay(cursor, filter.clone());
+    pub(super) fn replay_into(&mut self, conn: &mut Conn, sub: u32, cursor: Option<Cursor>, filter: Filter) {
+        let Some(cursor) = cursor else { return };
+        conn.push_replay(sub, cursor, filter);
         let (_, replayed) = conn.refill();
         self.counters().deliveries.fetch_add(replayed as u64, Ordering::Relaxed);
     }
@@ -233,6 +254,10 @@ impl Ctx {
             self.leave_presence(conn.id, pattern);
         }
         self.gauge(None, None, -1);
+        // Nothing of it may follow the ack: its replay ends, and a batch already pending
+        // goes out before the ack.
+        conn.cancel_replay(sub.key);
+        super::write_batch(conn, self.shared.wall(now));
         let payload = json!({"subscription_id": sub.id, "status": "unsubscribed"});
         self.send_message(key, conn, "ack", correlation, &payload.to_string(), now);
     }
@@ -275,7 +300,7 @@ impl Ctx {
                     wait: false,
                     websocket: Some(correlation.map(str::to_string)),
                 };
-                match self.shared.bus.publish(vec![publish], reply) {
+                match self.shared.bus.publish(vec![publish], reply, now, self.shared.wall(now)) {
                     Ok(Accepted::Now(ids)) => json!({"message_id": ids.first()}).to_string(),
                     Ok(Accepted::Later) => return,
                     Err(error) => return self.send_error(key, conn, correlation, &publish_rejection(&error), now),
@@ -287,12 +312,20 @@ impl Ctx {
                     Ok(topics) => query.topics = topics,
                     Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
                 }
-                self.history(&query)
+                self.history(&query, now)
             }
             // Answered before the grant check, in `ws_auth`.
             protocol::Request::Auth { .. } => return,
             protocol::Request::Stats => {
-                return self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)));
+                // Authenticated before any request is routed here.
+                let admin_claim = ws.grant.as_ref().is_some_and(|g| g.admin);
+                let asked = self.operator(conn, Ok(admin_claim)).and_then(|()| {
+                    self.gather_stats(key, conn, StatsFormat::WsResponse(correlation.map(str::to_string)))
+                });
+                if let Err(rejection) = asked {
+                    self.send_error(key, conn, correlation, &rejection, now);
+                }
+                return;
             }
             protocol::Request::Presence { ref topic } | protocol::Request::PresenceStats { ref topic } => {
                 let stats = matches!(request, protocol::Request::PresenceStats { .. });
@@ -363,7 +396,7 @@ pub(super) fn readable_patterns(
 pub(super) fn publish_rejection(error: &PublishError) -> Rejection {
     let code = match error {
         PublishError::TooLarge(_) => ErrorCode::InvalidMessage,
-        PublishError::Overloaded => ErrorCode::RateLimited,
+        PublishError::Overloaded => ErrorCode::Overloaded,
         PublishError::EngineUnavailable => ErrorCode::EngineUnavailable,
     };
     Rejection::new(code, error.to_string())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{AfterWrite, Core, LINGER, Shared};
-use crate::bus::Control;
+use crate::bus::Lifecycle;
 use crate::config::Config;
 
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -153,7 +153,8 @@ impl Harness {
             wait: false,
             websocket: None,
         };
-        self.shared.bus.publish(requests, reply).expect("published");
+        let wall = self.shared.wall(self.now);
+        self.shared.bus.publish(requests, reply, self.now, wall).expect("published");
     }
 }
 
@@ -437,7 +438,7 @@ fn drain_closes_with_1001_and_stops_at_its_deadline() {
     let mut h = Harness::new(|c| c.drain_timeout_ms = 5_000);
     let key = h.websocket("/ws");
     let http = h.connect();
-    h.shared.bus.inboxes()[0].send(Control::Drain);
+    h.shared.bus.inboxes()[0].request(Lifecycle::Drain);
     h.turn();
     assert!(!h.core.accepting());
     assert_eq!(h.frames(key).last().and_then(Frame::close_code), Some(1001));
@@ -536,7 +537,7 @@ fn a_resume_larger_than_the_bound_is_fed_as_the_client_reads() {
     let mut h = Harness::new(|c| c.max_outbound_bytes = limit);
     h.publish("a", r#""first""#);
     h.turn();
-    let first = h.shared.bus.newest(u64::MAX, 1, |_| true)[0].id.to_string();
+    let first = h.shared.bus.newest(1, h.now, |_| true)[0].id.to_string();
     for i in 0..500 {
         h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
     }
@@ -609,4 +610,223 @@ fn a_closing_connection_is_shut_once_its_queue_is_written() {
     assert_eq!(h.core.write_to(key, &mut out, h.now), AfterWrite::Keep, "shut once");
     h.core.handle_eof(key, h.now);
     assert!(h.core.conn(key).is_none());
+}
+
+/// Everything the connection writes until it has nothing more (a reader keeping up).
+fn read_all(h: &mut Harness, key: usize) -> Vec<Frame> {
+    let mut got = Vec::new();
+    for _ in 0..1_000 {
+        let frames = h.frames(key);
+        if frames.is_empty() {
+            break;
+        }
+        got.extend(frames);
+    }
+    got
+}
+
+/// A harness with `n` retained events of about 400 bytes on topic `a`, and a WebSocket
+/// subscribed to `a` from before the first of them that has read nothing since (a replay
+/// far larger than one refill, mostly still in its backlog).
+fn resuming(n: usize) -> (Harness, usize) {
+    let mut h = Harness::new(|c| c.max_outbound_bytes = 32 * 1024);
+    h.publish("a", r#""first""#);
+    h.turn();
+    let first = h.shared.bus.newest(1, h.now, |_| true)[0].id.to_string();
+    for i in 0..n {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+    }
+    h.turn();
+    let key = h.websocket("/ws");
+    let subscribe =
+        format!(r#"{{"type":"subscribe","payload":{{"subscription_id":"s","topics":["a"],"since":"{first}"}}}}"#);
+    h.input(key, &text(&subscribe));
+    (h, key)
+}
+
+#[test]
+fn nothing_follows_a_close_frame_even_with_a_replay_pending() {
+    let (mut h, key) = resuming(500);
+    h.shared.bus.inboxes()[0].request(Lifecycle::Drain);
+    h.turn();
+    let rest = read_all(&mut h, key);
+    assert_eq!(rest[0].json()["payload"]["recovered"], true);
+    let close = rest.iter().position(|f| f.opcode == 8).expect("a close frame");
+    assert_eq!(rest[close].close_code(), Some(1001));
+    assert_eq!(rest.len(), close + 1, "frames after the close frame: {:?}", &rest[close + 1..]);
+}
+
+#[test]
+fn unsubscribe_ends_its_replay_before_the_ack() {
+    let (mut h, key) = resuming(500);
+    h.input(key, &text(r#"{"type":"unsubscribe","payload":{"subscription_id":"s"}}"#));
+    let rest = read_all(&mut h, key);
+    assert!(event_data(&rest).len() < 100, "most of the replay was still to come");
+    let ack = rest.iter().position(|f| f.json()["payload"]["status"] == "unsubscribed").expect("the ack");
+    let after: Vec<_> = rest[ack + 1..].iter().map(Frame::json).collect();
+    assert!(after.is_empty(), "after the unsubscribed ack: {after:?}");
+    assert!(h.core.conn(key).is_some_and(|c| c.state_bytes() == 0), "the replay cursor is released");
+}
+
+#[test]
+fn a_connection_keeps_one_timer_entry_however_often_it_pauses() {
+    let mut h = Harness::new(|c| {
+        c.rate_per_second = 10;
+        c.rate_burst = 1;
+    });
+    let key = h.websocket("/ws");
+    let ping = text(r#"{"type":"ping"}"#);
+    for _ in 0..50 {
+        h.input(key, &[ping.clone(), ping.clone()].concat());
+        h.core.budget_spent(key, h.now);
+        assert_eq!(h.core.timer_entries(), 1, "one deadline per connection, moved in place");
+        h.advance(super::LIMITED_READ_PAUSE);
+        assert_eq!(h.core.take_read_again(), [key]);
+    }
+    let frames = h.frames(key);
+    assert!(frames.iter().all(|f| f.opcode != 9), "no heartbeat ran early or twice: {frames:?}");
+}
+
+#[test]
+fn coalescing_follows_this_nodes_clock_not_the_publishers() {
+    let mut h = Harness::new(|c| c.write_coalescing_max_ms = 20);
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.frames(key);
+    // Entries stamped by a node whose clock runs five seconds ahead of... behind ours.
+    let skewed = std::time::SystemTime::now() - Duration::from_secs(5);
+    let mut timestamp = String::new();
+    crate::protocol::push_timestamp(&mut timestamp, skewed);
+    let raw = serde_json::value::RawValue::from_string(r#"{"topic":"a","data":1}"#.into()).unwrap();
+    let request = crate::protocol::PublishRequest::from_json(&raw, "").unwrap();
+    let entries: Vec<_> = (1..=20u64)
+        .map(|n| crate::bus::StreamEntry {
+            id: format!("1-{n}"),
+            key: (1, n),
+            timestamp: timestamp.clone(),
+            prepared: crate::bus::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
+        })
+        .collect();
+    h.shared.bus.ingest(entries, |_| None);
+    h.turn();
+    let window = h.shared.counters[0].coalescing_us.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(window, 0, "events that waited no time here do not open the coalescing window");
+    assert_eq!(event_data(&read_all(&mut h, key)).len(), 20);
+}
+
+/// The `error` codes of the frames.
+fn error_codes(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .map(Frame::json)
+        .filter(|m| m["type"] == "error")
+        .map(|m| m["payload"]["code"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn the_state_budget_refuses_what_would_go_over_it_and_frees_on_unsubscribe() {
+    let budget = 16 * 1024;
+    let mut h = Harness::new(|c| c.max_connection_state_bytes = budget);
+    let key = h.websocket("/ws");
+    let topics: Vec<String> = (0..32).map(|i| format!("\"room.{i:03}\"")).collect();
+    let mut refused_at = None;
+    for i in 0..20 {
+        let sub =
+            format!(r#"{{"type":"subscribe","payload":{{"subscription_id":"s{i}","topics":[{}]}}}}"#, topics.join(","));
+        h.input(key, &text(&sub));
+        let codes = error_codes(&h.frames(key));
+        assert!(h.core.conn(key).is_some_and(|c| c.state_bytes() <= budget), "never over the budget");
+        if codes == ["limit_exceeded"] {
+            refused_at = Some(i);
+            break;
+        }
+    }
+    let refused_at = refused_at.expect("the budget refused a subscription");
+    assert!(refused_at >= 1, "a subscription of 32 topics fits in 16 KiB");
+    let held = h.core.conn(key).map(|c| c.state_bytes()).unwrap();
+    h.input(key, &text(r#"{"type":"unsubscribe","payload":{"subscription_id":"s0"}}"#));
+    assert!(h.core.conn(key).map(|c| c.state_bytes()).unwrap() < held, "freed");
+    let again =
+        format!(r#"{{"type":"subscribe","payload":{{"subscription_id":"t","topics":[{}]}}}}"#, topics.join(","));
+    h.input(key, &text(&again));
+    assert!(error_codes(&h.frames(key)).is_empty(), "room again after an unsubscribe");
+}
+
+#[test]
+fn sources_and_ids_are_capped() {
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    let sources: Vec<String> = (0..65).map(|i| format!("\"s{i}\"")).collect();
+    let cases = [
+        format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"sources":[{}]}}}}"#, sources.join(",")),
+        format!(r#"{{"type":"subscribe","payload":{{"subscription_id":"{}","topics":["a"]}}}}"#, "i".repeat(129)),
+        format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"correlation_id":"{}"}}}}"#, "c".repeat(129)),
+        format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{}"}}}}"#, "9".repeat(129)),
+        format!(r#"{{"type":"ping","message_id":"{}"}}"#, "m".repeat(129)),
+        format!(r#"{{"type":"request","payload":{{"action":"history","sources":[{}]}}}}"#, sources.join(",")),
+    ];
+    for case in &cases {
+        h.input(key, &text(case));
+        assert_eq!(error_codes(&h.frames(key)), ["limit_exceeded"], "{case}");
+    }
+    let ok = format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"sources":[{}]}}}}"#, sources[..64].join(","));
+    h.input(key, &text(&ok));
+    assert!(error_codes(&h.frames(key)).is_empty(), "64 sources are allowed");
+}
+
+#[test]
+fn one_stats_read_in_flight_per_connection() {
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    let stats = text(r#"{"type":"request","message_id":"m","payload":{"action":"stats"}}"#);
+    // Two in one read: the first is still being gathered when the second arrives.
+    h.input(key, &[stats.clone(), stats.clone()].concat());
+    let frames = h.frames(key);
+    assert_eq!(error_codes(&frames), ["overloaded"], "the second waits for nothing");
+    h.turn();
+    let answered: Vec<_> = h.frames(key).iter().map(Frame::json).collect();
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0]["type"], "response");
+    assert!(answered[0]["payload"]["connections"].is_object());
+    h.input(key, &stats);
+    h.turn();
+    assert_eq!(h.frames(key).iter().filter(|f| f.json()["type"] == "response").count(), 1, "answered: room again");
+    assert_eq!(h.shared.stats_gathers.load(std::sync::atomic::Ordering::Acquire), 0, "every place given back");
+}
+
+#[test]
+fn a_full_control_queue_answers_overloaded_instead_of_buffering() {
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    let places = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reply_to = crate::bus::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 };
+    let filler = Arc::new(
+        crate::metrics::Gather::new(1, reply_to, crate::metrics::StatsFormat::Json, &places, 1).expect("a place"),
+    );
+    while h.shared.bus.inboxes()[0].send(crate::bus::Control::Collect(filler.clone())).is_ok() {}
+    assert_eq!(h.shared.bus.inboxes()[0].control.len(), crate::bus::CONTROL_CAPACITY, "bounded");
+    h.input(key, &text(r#"{"type":"request","payload":{"action":"stats"}}"#));
+    assert_eq!(error_codes(&h.frames(key)), ["overloaded"]);
+    let http = h.connect();
+    h.input(http, b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n");
+    let answer = String::from_utf8_lossy(&h.output(http)).to_string();
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable"), "{answer}");
+    assert!(answer.contains("\"overloaded\"") && answer.contains("Retry-After: 1"), "{answer}");
+}
+
+#[test]
+fn websocket_stats_follows_the_operators_rule() {
+    // With admin_listen set, the operators' views are served there only (which serves no
+    // WebSocket), so the public listener's `stats` request is refused.
+    let mut h = Harness::new(|c| c.admin_listen = "127.0.0.1:0".into());
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"request","payload":{"action":"stats"}}"#));
+    assert_eq!(error_codes(&h.frames(key)), ["forbidden"], "served on admin_listen only");
+    // Without it (and auth off) anyone may read them.
+    let mut h = Harness::new(|_| {});
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"request","payload":{"action":"stats"}}"#));
+    h.turn();
+    assert!(h.frames(key).iter().any(|f| f.json()["type"] == "response"));
 }
