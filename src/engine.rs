@@ -109,7 +109,7 @@ const BLOCK_MS: u64 = 1000;
 /// Longest any Redis reply may take. The slowest command is `XREAD BLOCK`, answered
 /// within [`BLOCK_MS`]; a reply later than this means Redis is stopped or the path to it
 /// is gone, and without a timeout the thread would wait for it forever.
-pub const IO_TIMEOUT: Duration = Duration::from_millis(BLOCK_MS + 1000);
+const IO_TIMEOUT: Duration = Duration::from_millis(BLOCK_MS + 1000);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
