@@ -513,6 +513,12 @@ impl Bus {
         self.lock().caught_up
     }
 
+    /// The engine's log no longer holds the events this node missed before `first`, the
+    /// oldest it still retains: positions before `first` cannot be resumed any more.
+    pub fn mark_gap(&self, first: (u64, u64)) {
+        self.lock().history.mark_gap(first);
+    }
+
     fn append_entry(
         &self,
         entry: &StreamEntry,

@@ -6,14 +6,16 @@
 //! reader thread `XREAD BLOCK`s the stream from its last id and feeds every event, in
 //! stream order and with the stream id as its event id, into the bus. Shards never block
 //! on Redis: they hand over a publish and get the answer through their inbox. This module
-//! owns those two threads, reconnection with backoff, and the engine's health; it does not
-//! touch connections or encode anything beyond the stream entry's fields.
+//! owns those two threads, the tickets of `?wait=1` publishes between them, the engine's
+//! health, and [`Connector`]: how every Redis thread (these two and the presence
+//! mirror's) connects, times out and reconnects. It does not touch connections or encode
+//! anything beyond the stream entry's fields.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 use serde_json::value::RawValue;
@@ -22,14 +24,49 @@ use crate::bus::{Bus, Control, Prepared, PublishError, PublishTicket, Reply, Str
 use crate::protocol::{self, PublishRequest};
 
 /// Health of a cluster engine, shown by `/health` and `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EngineStatus {
-    /// Both threads are connected.
+    /// Both threads are connected (the writer counts as connected until a write fails).
     pub up: AtomicBool,
-    /// Reconnections after a failure.
+    /// Reconnections after a failure, of every Redis connection.
     pub reconnects: AtomicU64,
     /// Age of the newest event read, at the time it was read, in microseconds.
     pub lag_us: AtomicU64,
+    /// Which threads are down, as [`Part`] bits. A lock rather than two flags: `up` is
+    /// written from both threads, and two racing read-then-store updates of separate
+    /// flags could leave a stale `up`.
+    down: Mutex<u8>,
+}
+
+impl Default for EngineStatus {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            lag_us: AtomicU64::new(0),
+            // The reader has not connected yet; the writer connects on the first publish.
+            down: Mutex::new(Part::Reader as u8),
+        }
+    }
+}
+
+/// A thread whose connection makes up the engine's health.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Writer = 1,
+    Reader = 2,
+}
+
+impl EngineStatus {
+    fn set(&self, part: Part, up: bool) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            *down &= !(part as u8);
+        } else {
+            *down |= part as u8;
+        }
+        self.up.store(*down == 0, Ordering::Release);
+    }
 }
 
 /// A publish on its way to Redis.
@@ -38,9 +75,6 @@ struct Submission {
     reply: Reply,
 }
 
-/// Tickets of `?wait=1` publishes, by stream id, until the reader meets their events.
-type Waits = Arc<Mutex<HashMap<String, (Arc<PublishTicket>, usize)>>>;
-
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -48,10 +82,15 @@ pub struct RedisSettings {
     pub url: String,
     /// Stream key.
     pub stream: String,
-    /// Approximate stream length kept (`MAXLEN ~`): the history retention.
+    /// Approximate stream length kept (`MAXLEN ~`): the history retention. Also the most
+    /// events of `?wait=1` publishes waiting to be read: more than the stream keeps
+    /// would be trimmed before the reader met them.
     pub max_len: usize,
     /// Publishes waiting for the writer before new ones are refused.
     pub queue: usize,
+    /// How long a shard waits for a publish's answer (`http_request_timeout_ms`): a
+    /// `?wait=1` ticket older than this was answered 504 already and is dropped.
+    pub request_timeout: Duration,
 }
 
 /// The Redis engine before its threads start: the bus's submit function is made first,
@@ -60,7 +99,6 @@ pub struct Redis {
     settings: RedisSettings,
     client: redis::Client,
     receiver: Receiver<Submission>,
-    waits: Waits,
     /// Health, shared with the reactor.
     pub status: Arc<EngineStatus>,
 }
@@ -68,8 +106,15 @@ pub struct Redis {
 const BATCH: usize = 256;
 const READ_COUNT: usize = 512;
 const BLOCK_MS: u64 = 1000;
+/// Longest any Redis reply may take. The slowest command is `XREAD BLOCK`, answered
+/// within [`BLOCK_MS`]; a reply later than this means Redis is stopped or the path to it
+/// is gone, and without a timeout the thread would wait for it forever.
+const IO_TIMEOUT: Duration = Duration::from_millis(BLOCK_MS + 1000);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Expired tickets are looked for at most this often.
+const SWEEP_EVERY: Duration = Duration::from_millis(BLOCK_MS);
 
 impl Redis {
     /// Checks the URL and returns the engine and the submit function for the bus.
@@ -78,22 +123,24 @@ impl Redis {
         let (sender, receiver) = std::sync::mpsc::sync_channel(settings.queue);
         let status = Arc::new(EngineStatus::default());
         let submit = submitter(sender);
-        let engine = Self { settings, client, receiver, waits: Arc::default(), status };
+        let engine = Self { settings, client, receiver, status };
         Ok((engine, submit))
     }
 
     /// Starts the writer and reader threads feeding `bus`.
     pub fn start(self, bus: Arc<Bus>) -> std::io::Result<()> {
-        let Redis { settings, client, receiver, waits, status } = self;
+        let Redis { settings, client, receiver, status } = self;
+        let waits = Arc::new(Waits::new(settings.request_timeout, settings.max_len));
         let writer = Writer {
-            client: client.clone(),
+            connector: Connector::new(client.clone(), "engine writer", status.clone()),
             settings: settings.clone(),
             bus: bus.clone(),
             waits: waits.clone(),
             status: status.clone(),
         };
         std::thread::Builder::new().name("volley-redis-writer".into()).spawn(move || writer.run(receiver))?;
-        let reader = Reader { client, settings, bus, waits, status };
+        let reader =
+            Reader { connector: Connector::new(client, "engine reader", status.clone()), settings, bus, waits, status };
         std::thread::Builder::new().name("volley-redis-reader".into()).spawn(move || reader.run())?;
         Ok(())
     }
@@ -107,18 +154,251 @@ fn submitter(sender: SyncSender<Submission>) -> Submit {
     })
 }
 
-struct Writer {
+/// Why no connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The last attempt failed and its backoff has not passed.
+    #[error("waiting to reconnect")]
+    Backoff,
+    /// Connecting, or the first round trip, failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
+/// How one thread connects to Redis: every connection has read and write timeouts
+/// ([`IO_TIMEOUT`]) and has answered a `PING`; failed attempts back off exponentially
+/// from 50 ms to 2 s; an outage is logged once, and each reconnection counted.
+pub struct Connector {
     client: redis::Client,
+    /// The thread, for the log.
+    name: &'static str,
+    status: Arc<EngineStatus>,
+    backoff: Duration,
+    /// No attempt before this.
+    retry_at: Option<Instant>,
+    /// When the current connection was made; `None` before the first.
+    connected_at: Option<Instant>,
+    /// This outage was logged.
+    logged: bool,
+}
+
+impl Connector {
+    /// A connector counting its reconnections in `status`.
+    pub fn new(client: redis::Client, name: &'static str, status: Arc<EngineStatus>) -> Self {
+        Self { client, name, status, backoff: FIRST_BACKOFF, retry_at: None, connected_at: None, logged: false }
+    }
+
+    /// One attempt, or at once [`ConnectError::Backoff`] while the last failure's backoff
+    /// has not passed (for a thread that must not sleep).
+    pub fn try_connect(&mut self) -> Result<redis::Connection, ConnectError> {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Err(ConnectError::Backoff);
+        }
+        match self.attempt() {
+            Ok(conn) => {
+                if self.connected_at.is_some() {
+                    self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.logged {
+                    tracing::info!(thread = self.name, "redis: reconnected");
+                }
+                self.connected_at = Some(Instant::now());
+                self.retry_at = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                self.failed(&e);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Attempts until one succeeds, sleeping out the backoff between them.
+    pub fn connect(&mut self) -> redis::Connection {
+        loop {
+            match self.try_connect() {
+                Ok(conn) => return conn,
+                Err(_) => {
+                    let wait = self.retry_at.map_or(FIRST_BACKOFF, |at| at.saturating_duration_since(Instant::now()));
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// The current connection failed (a timeout included): the caller drops it.
+    pub fn lost(&mut self, error: &redis::RedisError) {
+        // A connection that held a while ends the outage: this failure is news, and
+        // reconnecting starts from the first backoff. One that failed at once (Redis
+        // accepting connections but failing commands) keeps backing off.
+        if self.connected_at.is_some_and(|at| at.elapsed() > MAX_BACKOFF) {
+            self.backoff = FIRST_BACKOFF;
+            self.logged = false;
+        }
+        self.failed(error);
+    }
+
+    fn failed(&mut self, error: &redis::RedisError) {
+        if !self.logged {
+            tracing::warn!(thread = self.name, error = %error, "redis: connection lost, reconnecting");
+            self.logged = true;
+        }
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn attempt(&self) -> redis::RedisResult<redis::Connection> {
+        let mut conn = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        conn.set_write_timeout(Some(IO_TIMEOUT))?;
+        // A stopped Redis still completes TCP handshakes (the kernel does): only a reply
+        // shows that it is there.
+        redis::cmd("PING").query::<()>(&mut conn)?;
+        Ok(conn)
+    }
+}
+
+/// Tickets of `?wait=1` publishes, by stream id, until the reader meets their events.
+///
+/// The writer learns an event's id only from the `XADD` reply, and the reader may read
+/// the event from the stream before that reply is back, so a ticket can be late. Holding
+/// the lock across the writer's round trip (as once done) kept the reader out, but also
+/// made the reader wait on Redis with the lock held. Instead the writer counts each write
+/// carrying tickets before sending it (`sent`) and again once its tickets are in
+/// (`done`); the reader, having read a batch, waits (lock released, on a condition
+/// variable) until every write sent before it looked is done. A write whose events are
+/// in the batch was executed before the `XREAD` reply was made, so it was sent, and
+/// counted, before the reader looked: its tickets are in when the reader takes them. The
+/// wait is bounded by the writer's own [`IO_TIMEOUT`]; past it the reader goes on, and
+/// such a publish is answered 504 by its shard, which is what a ticket never found means.
+struct Waits {
+    state: Mutex<WaitState>,
+    done: Condvar,
+    /// A ticket older than this was answered already (504) by its shard.
+    expiry: Duration,
+    /// Most events with a ticket.
+    bound: usize,
+}
+
+#[derive(Default)]
+struct WaitState {
+    tickets: HashMap<Box<str>, Waiting>,
+    sent: u64,
+    done: u64,
+    swept: Option<Instant>,
+}
+
+struct Waiting {
+    ticket: Arc<PublishTicket>,
+    index: usize,
+    since: Instant,
+}
+
+/// A ticket and its event's index in it, as the bus takes it.
+type Ticket = (Arc<PublishTicket>, usize);
+
+impl Waits {
+    fn new(expiry: Duration, bound: usize) -> Self {
+        Self { state: Mutex::default(), done: Condvar::new(), expiry, bound: bound.max(1) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WaitState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Splits `batch` into what may be written and the `?wait=1` publishes refused
+    /// because their tickets would exceed the bound. Only the reader removes tickets
+    /// between this and [`Waits::written`], so the bound holds.
+    fn admit(&self, batch: Vec<Submission>) -> (Vec<Submission>, Vec<Submission>) {
+        let mut room = self.bound.saturating_sub(self.lock().tickets.len());
+        batch.into_iter().partition(|submission| {
+            let count = submission.prepared.len();
+            if !submission.reply.wait {
+                return true;
+            }
+            let fits = count <= room;
+            if fits {
+                room -= count;
+            }
+            fits
+        })
+    }
+
+    /// A write carrying tickets is about to be sent: returns its number for
+    /// [`Waits::written`].
+    fn sending(&self) -> u64 {
+        let mut state = self.lock();
+        state.sent += 1;
+        state.sent
+    }
+
+    /// Write `number` is answered (or failed, then with no tickets).
+    fn written(&self, number: u64, tickets: Vec<(Box<str>, Ticket)>) {
+        let mut state = self.lock();
+        let since = Instant::now();
+        for (id, (ticket, index)) in tickets {
+            state.tickets.insert(id, Waiting { ticket, index, since });
+        }
+        state.done = state.done.max(number);
+        drop(state);
+        self.done.notify_all();
+    }
+
+    /// The tickets of events just read, out of the map: the caller ingests without the
+    /// lock.
+    fn take<'a>(&self, ids: impl Iterator<Item = &'a str>) -> HashMap<Box<str>, Ticket> {
+        let state = self.lock();
+        let target = state.sent;
+        let (mut state, _) = self
+            .done
+            .wait_timeout_while(state, IO_TIMEOUT + CONNECT_TIMEOUT, |s| s.done < target)
+            .unwrap_or_else(|p| p.into_inner());
+        self.sweep_locked(&mut state);
+        ids.filter_map(|id| state.tickets.remove(id).map(|w| (id.into(), (w.ticket, w.index)))).collect()
+    }
+
+    /// Drops tickets whose publishes were answered by their deadline already: their
+    /// events were loaded at start-up, trimmed, or are still far ahead of this node.
+    fn sweep(&self) {
+        self.sweep_locked(&mut self.lock());
+    }
+
+    fn sweep_locked(&self, state: &mut WaitState) {
+        let now = Instant::now();
+        if state.swept.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY) {
+            return;
+        }
+        state.swept = Some(now);
+        state.tickets.retain(|_, w| now.saturating_duration_since(w.since) < self.expiry);
+    }
+}
+
+struct Writer {
+    connector: Connector,
     settings: RedisSettings,
     bus: Arc<Bus>,
-    waits: Waits,
+    waits: Arc<Waits>,
     status: Arc<EngineStatus>,
 }
 
 impl Writer {
-    fn run(self, receiver: Receiver<Submission>) {
+    fn run(mut self, receiver: Receiver<Submission>) {
         let mut connection: Option<redis::Connection> = None;
-        while let Ok(first) = receiver.recv() {
+        loop {
+            let first = match receiver.recv_timeout(Duration::from_millis(BLOCK_MS)) {
+                Ok(first) => first,
+                // Idle and down: reconnect anyway, so health comes back without a publish.
+                Err(RecvTimeoutError::Timeout) => {
+                    if connection.is_none() && !self.status.up.load(Ordering::Acquire) {
+                        connection = self.connector.try_connect().ok();
+                        if connection.is_some() {
+                            self.status.set(Part::Writer, true);
+                        }
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             let mut batch = vec![first];
             while batch.len() < BATCH {
                 match receiver.try_recv() {
@@ -126,18 +406,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let (batch, refused) = self.waits.admit(batch);
+            for submission in refused {
+                self.answer(submission.reply, Err(PublishError::Overloaded));
+            }
+            if batch.is_empty() {
+                continue;
+            }
             if connection.is_none() {
-                connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT).ok();
+                connection = self.connector.try_connect().ok();
             }
             let result = match connection.as_mut() {
-                Some(conn) => self.write(conn, &batch),
-                None => Err(PublishError::EngineUnavailable),
+                Some(conn) => self.write(conn, &batch).map_err(|e| self.connector.lost(&e)),
+                None => Err(()),
             };
-            if result.is_ok() {
-                self.status.up.store(true, Ordering::Release);
-            } else {
+            self.status.set(Part::Writer, result.is_ok());
+            if result.is_err() {
                 connection = None;
-                self.status.up.store(false, Ordering::Release);
                 for submission in batch {
                     self.answer(submission.reply, Err(PublishError::EngineUnavailable));
                 }
@@ -146,7 +431,7 @@ impl Writer {
     }
 
     /// One transaction for the batch: every event of it is in the stream, or none is.
-    fn write(&self, conn: &mut redis::Connection, batch: &[Submission]) -> Result<(), PublishError> {
+    fn write(&self, conn: &mut redis::Connection, batch: &[Submission]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let mut timestamp = String::new();
@@ -174,25 +459,29 @@ impl Writer {
                 }
             }
         }
-        // Held from before the XADDs until the tickets are in: the reader cannot meet
-        // these events before their tickets.
-        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
-        let ids: Vec<String> = pipe.query(conn).map_err(|_| PublishError::EngineUnavailable)?;
-        let mut ids = ids.into_iter();
-        let shards = self.bus.inboxes().len();
+        let number = batch.iter().any(|s| s.reply.wait).then(|| self.waits.sending());
+        let result: redis::RedisResult<Vec<String>> = pipe.query(conn);
+        let mut tickets = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
-        for submission in batch {
-            let mine: Vec<Box<str>> = ids.by_ref().take(submission.prepared.len()).map(Into::into).collect();
-            if submission.reply.wait {
-                let ticket = PublishTicket::new(submission.reply.to, mine.clone(), shards);
-                for (index, id) in mine.iter().enumerate() {
-                    waits.insert(id.to_string(), (ticket.clone(), index));
+        if let Ok(ids) = &result {
+            let mut ids = ids.iter();
+            let shards = self.bus.inboxes().len();
+            for submission in batch {
+                let mine: Vec<Box<str>> =
+                    ids.by_ref().take(submission.prepared.len()).map(|id| id.as_str().into()).collect();
+                if submission.reply.wait {
+                    let ticket = PublishTicket::new(submission.reply.to, mine.clone(), shards);
+                    tickets.extend(mine.into_iter().enumerate().map(|(index, id)| (id, (ticket.clone(), index))));
+                } else {
+                    answers.push((submission.reply.clone(), mine));
                 }
-            } else {
-                answers.push((submission.reply.clone(), mine));
             }
         }
-        drop(waits);
+        // Even after a failure: the reader must not wait for a write that is over.
+        if let Some(number) = number {
+            self.waits.written(number, tickets);
+        }
+        result?;
         for (reply, ids) in answers {
             self.answer(reply, Ok(ids));
         }
@@ -206,52 +495,58 @@ impl Writer {
 }
 
 struct Reader {
-    client: redis::Client,
+    connector: Connector,
     settings: RedisSettings,
     bus: Arc<Bus>,
-    waits: Waits,
+    waits: Arc<Waits>,
     status: Arc<EngineStatus>,
 }
 
 impl Reader {
-    fn run(self) {
+    fn run(mut self) {
         let mut last: Option<String> = None;
-        let mut backoff = Duration::from_millis(50);
         loop {
-            let connected = self.client.get_connection_with_timeout(CONNECT_TIMEOUT);
-            let Ok(mut conn) = connected else {
-                self.status.up.store(false, Ordering::Release);
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            };
-            backoff = Duration::from_millis(50);
-            if last.is_some() {
-                self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-            }
+            let mut conn = self.connector.connect();
             if let Err(e) = self.follow(&mut conn, &mut last) {
-                tracing::warn!(error = %e, "redis engine: reconnecting");
-                self.status.up.store(false, Ordering::Release);
+                self.status.set(Part::Reader, false);
+                self.connector.lost(&e);
             }
         }
     }
 
-    /// Catches up on first connect, then reads the stream in order until an error.
+    /// Catches up on first connect (or checks for a gap on a reconnect), then reads the
+    /// stream in order until an error; a timeout is one.
     fn follow(&self, conn: &mut redis::Connection, last: &mut Option<String>) -> redis::RedisResult<()> {
-        if last.is_none() {
-            let newest_first: Value = redis::cmd("XREVRANGE")
-                .arg(&self.settings.stream)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(self.settings.max_len)
-                .query(conn)?;
-            let mut entries = parse_entries(&newest_first);
-            entries.reverse();
-            *last = Some(entries.last().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
-            self.bus.preload(entries);
+        match last.as_deref().and_then(parse_stream_id) {
+            None => {
+                let newest_first: Value = redis::cmd("XREVRANGE")
+                    .arg(&self.settings.stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(self.settings.max_len)
+                    .query(conn)?;
+                let Parsed { mut entries, newest } = parse_entries(&newest_first);
+                entries.reverse();
+                *last = Some(newest.unwrap_or_else(|| "0-0".to_string()));
+                self.bus.preload(entries);
+            }
+            Some(read) => {
+                let oldest: Value = redis::cmd("XRANGE")
+                    .arg(&self.settings.stream)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(conn)?;
+                let first = parse_ids(&oldest).next().and_then(|id| parse_stream_id(&id));
+                if let Some(first) = gap(read, first) {
+                    tracing::warn!(after = ?read, first = ?first, "redis engine: events were trimmed while away");
+                    self.bus.mark_gap(first);
+                }
+            }
         }
-        self.status.up.store(true, Ordering::Release);
+        self.status.set(Part::Reader, true);
         loop {
             let from = last.clone().unwrap_or_else(|| "0-0".into());
             let reply: Value = redis::cmd("XREAD")
@@ -263,27 +558,55 @@ impl Reader {
                 .arg(&self.settings.stream)
                 .arg(&from)
                 .query(conn)?;
-            let entries = match &reply {
-                Value::Array(streams) => streams.first().map(stream_entries).unwrap_or_default(),
-                Value::Map(streams) => streams.first().map(|(_, v)| parse_entries(v)).unwrap_or_default(),
-                _ => Vec::new(),
+            let Parsed { entries, newest } = read_reply(&reply);
+            // Past every entry read, volley's or not: a batch of foreign entries would
+            // otherwise be read again forever.
+            if let Some(newest) = newest {
+                *last = Some(newest);
+            }
+            let Some(newest) = entries.last() else {
+                self.waits.sweep();
+                continue;
             };
-            let Some(newest) = entries.last() else { continue };
-            *last = Some(newest.id.clone());
             let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             self.status.lag_us.store(now_ms.saturating_sub(newest.key.0) * 1000, Ordering::Relaxed);
-            let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
-            self.bus.ingest(entries, |id| waits.remove(id));
+            let mut tickets = self.waits.take(entries.iter().map(|e| e.id.as_str()));
+            self.bus.ingest(entries, |id| tickets.remove(id));
         }
     }
 }
 
-/// `[key, [entry...]]` of an `XREAD` reply.
-fn stream_entries(stream: &Value) -> Vec<StreamEntry> {
-    match stream {
-        Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
-        _ => Vec::new(),
-    }
+/// The first id this node can still read after `read`, when the stream no longer holds
+/// everything after it: its oldest entry is past the id right after `read`. Trimming
+/// (`MAXLEN ~`) drops the oldest entries, so while `read` is retained nothing after it
+/// is lost. Once `read` is gone too, ids between it and `first` may have existed or not
+/// (ids follow the clock); this assumes they did: resumes from before them are refused
+/// (`recovered: false`) rather than answered with a hole.
+fn gap(read: (u64, u64), first: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    let next = match read.1.checked_add(1) {
+        Some(n) => (read.0, n),
+        None => (read.0.saturating_add(1), 0),
+    };
+    first.filter(|first| *first > next)
+}
+
+/// Entries of a reply, and the newest id read (parsed into an entry or not).
+struct Parsed {
+    entries: Vec<StreamEntry>,
+    newest: Option<String>,
+}
+
+/// An `XREAD` reply: `[[key, [entry...]]]`, or a map of key to entries (RESP3).
+fn read_reply(reply: &Value) -> Parsed {
+    let entries = match reply {
+        Value::Array(streams) => streams.first().and_then(|stream| match stream {
+            Value::Array(pair) if pair.len() == 2 => Some(&pair[1]),
+            _ => None,
+        }),
+        Value::Map(streams) => streams.first().map(|(_, v)| v),
+        _ => None,
+    };
+    entries.map_or(Parsed { entries: Vec::new(), newest: None }, parse_entries)
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -294,11 +617,24 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// The ids of `[[id, fields], ...]`, in reply order.
+fn parse_ids(value: &Value) -> impl Iterator<Item = String> + '_ {
+    let items = match value {
+        Value::Array(items) => items.as_slice(),
+        _ => &[],
+    };
+    items.iter().filter_map(|item| match item {
+        Value::Array(pair) => text(pair.first()?),
+        _ => None,
+    })
+}
+
 /// `[[id, [field, value, ...]], ...]` into entries; malformed ones are skipped (they
-/// were not written by volley).
-fn parse_entries(value: &Value) -> Vec<StreamEntry> {
-    let Value::Array(items) = value else { return Vec::new() };
-    items
+/// were not written by volley), but their ids still count for `newest`.
+fn parse_entries(value: &Value) -> Parsed {
+    let newest = parse_ids(value).filter_map(|id| Some((parse_stream_id(&id)?, id))).max().map(|(_, id)| id);
+    let Value::Array(items) = value else { return Parsed { entries: Vec::new(), newest } };
+    let entries = items
         .iter()
         .filter_map(|item| {
             let Value::Array(pair) = item else { return None };
@@ -320,7 +656,8 @@ fn parse_entries(value: &Value) -> Vec<StreamEntry> {
             let tail = request.encoded_tail();
             Some(StreamEntry { id, key, timestamp: fields.get("ts")?.clone(), prepared: Prepared { request, tail } })
         })
-        .collect()
+        .collect();
+    Parsed { entries, newest }
 }
 
 /// `<ms>-<n>`.
@@ -332,25 +669,160 @@ pub fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{Inbox, ReplyTo, Sequencer};
+    use crate::history::Retention;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[&str]) -> Value {
+        Value::Array(vec![bulk(id), Value::Array(fields.iter().map(|f| bulk(f)).collect())])
+    }
+
+    fn volley_entry(id: &str) -> Value {
+        entry(
+            id,
+            &["ts", "2026-01-01T00:00:00.000000Z", "topic", "a.b", "source", "s", "data", "{\"x\":1}", "cid", "c"],
+        )
+    }
 
     #[test]
     fn parses_stream_entries_and_skips_foreign_ones() {
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let entry = |id: &str, fields: &[&str]| {
-            Value::Array(vec![bulk(id), Value::Array(fields.iter().map(|f| bulk(f)).collect())])
-        };
         let value = Value::Array(vec![
-            entry(
-                "5-1",
-                &["ts", "2026-01-01T00:00:00.000000Z", "topic", "a.b", "source", "s", "data", "{\"x\":1}", "cid", "c"],
-            ),
+            volley_entry("5-1"),
             entry("5-2", &["unrelated", "field"]),
             entry("bad", &["ts", "t", "topic", "a", "data", "1"]),
         ]);
-        let entries = parse_entries(&value);
+        let Parsed { entries, newest } = parse_entries(&value);
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].key, (5, 1));
         assert_eq!(entries[0].prepared.request.correlation_id.as_deref(), Some("c"));
         assert_eq!(entries[0].prepared.request.data.get(), "{\"x\":1}");
+        assert_eq!(newest.as_deref(), Some("5-2"), "the foreign entry is read too");
+    }
+
+    /// Review item 5: `last` only moved on parsed entries, so a batch of foreign ones was
+    /// read again forever.
+    #[test]
+    fn an_xread_batch_of_only_foreign_entries_still_moves_past_them() {
+        let foreign = Value::Array(vec![entry("7-1", &["other", "app"]), entry("7-3", &["other", "app"])]);
+        let reply = Value::Array(vec![Value::Array(vec![bulk("stream"), foreign.clone()])]);
+        let Parsed { entries, newest } = read_reply(&reply);
+        assert!(entries.is_empty());
+        assert_eq!(newest.as_deref(), Some("7-3"));
+        let resp3 = Value::Map(vec![(bulk("stream"), foreign)]);
+        assert_eq!(read_reply(&resp3).newest.as_deref(), Some("7-3"));
+        // XREVRANGE (newest first) during the catch-up.
+        let reversed = Value::Array(vec![volley_entry("9-2"), volley_entry("9-1")]);
+        assert_eq!(parse_entries(&reversed).newest.as_deref(), Some("9-2"));
+    }
+
+    #[test]
+    fn a_gap_is_a_first_retained_id_past_the_next_one() {
+        assert_eq!(gap((5, 1), None), None, "empty stream");
+        assert_eq!(gap((5, 1), Some((3, 0))), None, "what was read is still retained");
+        assert_eq!(gap((5, 1), Some((5, 1))), None);
+        assert_eq!(gap((5, 1), Some((5, 2))), None, "the very next id: nothing can be missing");
+        assert_eq!(gap((5, 1), Some((5, 3))), Some((5, 3)));
+        assert_eq!(gap((5, 1), Some((9, 0))), Some((9, 0)));
+        assert_eq!(gap((5, u64::MAX), Some((6, 0))), None);
+    }
+
+    fn engine_bus() -> (Bus, mio::Poll) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        // The entries' timestamps are fixed, so any age is fine.
+        let retention = Retention { max_events: 100, max_age: Duration::MAX, max_bytes: usize::MAX };
+        let submit: Submit = Box::new(|_, _| Ok(()));
+        (Bus::with_sequencer(vec![Inbox::new(waker, 64)], retention, 1 << 16, Sequencer::Engine(submit)), poll)
+    }
+
+    fn stream_entries(ids: &[&str]) -> Vec<StreamEntry> {
+        parse_entries(&Value::Array(ids.iter().map(|id| volley_entry(id)).collect())).entries
+    }
+
+    /// Review item 6: after events were trimmed while the reader was away, a resume from
+    /// before them was answered `recovered: true` with a hole.
+    #[test]
+    fn a_gap_makes_resumes_from_before_it_unrecoverable() {
+        let (bus, _poll) = engine_bus();
+        bus.ingest(stream_entries(&["5-1", "5-2"]), |_| None);
+        assert!(bus.resume("5-1", u64::MAX).is_ok());
+        bus.mark_gap((9, 0));
+        assert!(bus.resume("5-2", u64::MAX).is_err(), "the newest read event is before the gap");
+        bus.ingest(stream_entries(&["9-0", "9-1"]), |_| None);
+        assert_eq!(bus.last_seq(), 4, "the first event after the gap is taken");
+        assert!(bus.resume("7-0", u64::MAX).is_err(), "an id inside the gap");
+        assert!(bus.resume("8-99", u64::MAX).is_err(), "an id inside the gap");
+        assert!(bus.resume("9-0", u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn the_engine_is_up_only_while_both_threads_are() {
+        let status = EngineStatus::default();
+        assert!(!status.up.load(Ordering::Acquire), "the reader has not connected");
+        status.set(Part::Reader, true);
+        assert!(status.up.load(Ordering::Acquire));
+        status.set(Part::Writer, false);
+        status.set(Part::Reader, true);
+        assert!(!status.up.load(Ordering::Acquire), "the writer's failure stands");
+        status.set(Part::Writer, true);
+        assert!(status.up.load(Ordering::Acquire));
+    }
+
+    fn submission(wait: bool, events: usize) -> Submission {
+        let request = || PublishRequest {
+            topic: "a".into(),
+            source: String::new(),
+            correlation_id: None,
+            data: RawValue::from_string("1".into()).unwrap(),
+        };
+        let prepared = Prepared::all((0..events).map(|_| request()).collect(), 1 << 16).unwrap();
+        let to = ReplyTo { shard: 0, key: 0, conn_id: 0 };
+        Submission { prepared, reply: Reply { to, wait, websocket: None } }
+    }
+
+    fn tickets(ids: &[&str]) -> Vec<(Box<str>, Ticket)> {
+        let to = ReplyTo { shard: 0, key: 0, conn_id: 0 };
+        let ticket = PublishTicket::new(to, ids.iter().map(|&id| id.into()).collect(), 1);
+        ids.iter().enumerate().map(|(i, &id)| (id.into(), (ticket.clone(), i))).collect()
+    }
+
+    /// Review item 3: the reader may read an event before the writer has its id. It waits
+    /// for the write, without any lock held across the writer's round trip.
+    #[test]
+    fn the_reader_waits_for_tickets_of_a_write_in_flight() {
+        let waits = Arc::new(Waits::new(Duration::from_secs(10), 100));
+        let number = waits.sending();
+        let writer = {
+            let waits = waits.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                // The lock is free while the write is in flight.
+                assert_eq!(waits.admit(vec![submission(true, 1)]).1.len(), 0);
+                waits.written(number, tickets(&["1-1"]));
+            })
+        };
+        let taken = waits.take(["1-1", "1-2"].into_iter());
+        assert_eq!(taken.keys().map(|k| &**k).collect::<Vec<_>>(), ["1-1"]);
+        writer.join().unwrap();
+    }
+
+    /// Review item 4: tickets of events never read stayed forever, and nothing bounded them.
+    #[test]
+    fn tickets_expire_and_are_bounded() {
+        let waits = Waits::new(Duration::from_millis(50), 3);
+        let (admitted, refused) =
+            waits.admit(vec![submission(true, 2), submission(false, 5), submission(true, 2), submission(true, 1)]);
+        assert_eq!(admitted.iter().map(|s| s.prepared.len()).collect::<Vec<_>>(), [2, 5, 1]);
+        assert_eq!(refused.len(), 1, "past the bound: answered overloaded");
+        let number = waits.sending();
+        waits.written(number, tickets(&["1-1", "1-2", "1-3"]));
+        assert_eq!(waits.admit(vec![submission(true, 1)]).1.len(), 1, "full");
+        std::thread::sleep(Duration::from_millis(80));
+        waits.sweep();
+        assert_eq!(waits.lock().tickets.len(), 0, "expired");
+        assert_eq!(waits.admit(vec![submission(true, 1)]).1.len(), 0);
     }
 }

@@ -218,6 +218,18 @@ impl History {
         }
     }
 
+    /// Marks every position before `first` as unrecoverable: events before it were lost to
+    /// this log (an engine trimmed them while this node was away). The floor becomes the
+    /// key just before `first`, so a client that saw exactly that key still resumes, and
+    /// `first` itself, newer than the floor, is still taken.
+    pub fn mark_gap(&mut self, first: (u64, u64)) {
+        let before = match first.1.checked_sub(1) {
+            Some(n) => (first.0, n),
+            None => (first.0.saturating_sub(1), u64::MAX),
+        };
+        self.floor = Some(self.floor.map_or(before, |f| f.max(before)));
+    }
+
     /// The retained event with exactly `key`: a binary search, cheap enough to run under
     /// the lock.
     pub fn find(&self, key: (u64, u64)) -> Option<&Arc<Event>> {

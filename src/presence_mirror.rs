@@ -8,30 +8,29 @@
 //! the hash's expiry, so a node that dies loses its entries when the hash expires; every
 //! quarter of `presence_ttl_ms` it reads every node's hash and reconciles the local mirror
 //! (a dead node's members leave, anything a lost message missed is caught up). The
-//! subscriber applies other nodes' joins and leaves as they are published. Both hand the
+//! subscriber applies other nodes' joins and leaves as they are published. Both change
+//! the local registry through one [`Mirror`], which orders their changes, and hand the
 //! resulting notices to the shards' inboxes, so members everywhere hear of them, and a
-//! presence read on any node is answered from its own registry. It does not touch
-//! connections or the event stream.
+//! presence read on any node is answered from its own registry. Both connect through the
+//! engine's [`Connector`] (timeouts, backoff). It does not touch connections or the event
+//! stream.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use redis::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::bus::Control;
 use crate::core::Shared;
-use crate::presence::{Entry, Notice, Transport};
+use crate::engine::Connector;
+use crate::presence::{Entry, Notice, Presence, Transport};
 
 /// How often queued joins and leaves go out.
 pub const TICK: Duration = Duration::from_millis(50);
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Waits between reconnects while Redis is away (logged once per outage).
-const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// An entry as stored in a node's hash and told to other nodes.
 #[derive(Serialize, Deserialize)]
@@ -82,9 +81,18 @@ impl Settings {
 /// Starts the writer and subscriber threads.
 pub fn start(settings: Settings, shared: Arc<Shared>) -> std::io::Result<()> {
     let client = redis::Client::open(settings.url.as_str()).map_err(std::io::Error::other)?;
-    let writer = Writer { client: client.clone(), settings: settings.clone(), shared: shared.clone() };
+    // Reconnections count with the engine's: the mirror's connections are the engine's too.
+    let status = shared.engine.clone().unwrap_or_default();
+    let mirror = Arc::new(Mirror::default());
+    let writer = Writer {
+        connector: Connector::new(client.clone(), "presence writer", status.clone()),
+        settings: settings.clone(),
+        shared: shared.clone(),
+        mirror: mirror.clone(),
+    };
     std::thread::Builder::new().name("volley-presence-writer".into()).spawn(move || writer.run())?;
-    let subscriber = Subscriber { client, settings, shared };
+    let subscriber =
+        Subscriber { connector: Connector::new(client, "presence subscriber", status), settings, shared, mirror };
     std::thread::Builder::new().name("volley-presence-subscriber".into()).spawn(move || subscriber.run())?;
     Ok(())
 }
@@ -116,30 +124,107 @@ fn deliver(shared: &Shared, notices: impl IntoIterator<Item = Notice>) {
     }
 }
 
+/// One member of another node: (topic, node, connection).
+type Member = (Box<str>, u64, u64);
+
+/// A member as a reconcile read it from its node's hash.
+struct Read {
+    member: Member,
+    stored: Stored,
+}
+
+/// The local registry's mirror of other nodes, changed by two threads: the subscriber
+/// applies joins and leaves as they are told, the writer's reconcile what the hashes said
+/// when it read them. A reconcile reads over many round trips, so its snapshot can be
+/// older than a notice: a join told after it read that node's hash was undone by its
+/// removals, a leave told after the read by its upserts (each until the next reconcile,
+/// with notices to members both ways). So both apply under one lock, and a reconcile
+/// leaves alone every member the subscriber changed since it began reading: the notice
+/// is at least as new as the snapshot, and whatever a lost notice missed, the next
+/// reconcile catches. The notices are handed to the shards under that lock too, so
+/// members hear them in the order they were applied (a push and a wake, no I/O).
+#[derive(Default)]
+struct Mirror {
+    /// While a reconcile reads: the members the subscriber changed since it began. A
+    /// reconcile that failed half-way leaves it set until the next one begins.
+    touched: Mutex<Option<HashSet<Member>>>,
+}
+
+impl Mirror {
+    fn lock(&self) -> MutexGuard<'_, Option<HashSet<Member>>> {
+        self.touched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies joins and leaves `node` told.
+    fn apply_told(&self, presence: &Presence, node: u64, told: Vec<Told>, deliver: impl FnOnce(Vec<Notice>)) {
+        let mut touched = self.lock();
+        let mut notices = Vec::new();
+        for told in told {
+            let Ok(conn_id) = u64::from_str_radix(&told.conn, 16) else { continue };
+            if let Some(touched) = touched.as_mut() {
+                touched.insert((told.topic.clone(), node, conn_id));
+            }
+            let notice = match told.entry {
+                Some(stored) if told.joined => presence.upsert(&told.topic, entry_of(node, conn_id, stored)),
+                _ => presence.remove(&told.topic, (node, conn_id)),
+            };
+            notices.extend(notice);
+        }
+        deliver(notices);
+    }
+
+    /// A reconcile starts reading the hashes.
+    fn begin_reconcile(&self) {
+        *self.lock() = Some(HashSet::new());
+    }
+
+    /// Makes other nodes' members (all but `own`'s) what the hashes said, except those
+    /// the subscriber changed while they were read.
+    fn finish_reconcile(&self, presence: &Presence, own: u64, read: Vec<Read>, deliver: impl FnOnce(Vec<Notice>)) {
+        let mut touched = self.lock();
+        let changed = touched.take().unwrap_or_default();
+        let mut notices = Vec::new();
+        let mut present = HashSet::new();
+        for Read { member, stored } in read {
+            if !changed.contains(&member) {
+                let (topic, node, conn_id) = &member;
+                notices.extend(presence.upsert(topic, entry_of(*node, *conn_id, stored)));
+            }
+            present.insert(member);
+        }
+        for (topic, entry) in presence.members(|n| n != own) {
+            let member = (topic, entry.node, entry.conn_id);
+            if !present.contains(&member) && !changed.contains(&member) {
+                notices.extend(presence.remove(&member.0, (member.1, member.2)));
+            }
+        }
+        deliver(notices);
+    }
+}
+
 struct Writer {
-    client: redis::Client,
+    connector: Connector,
     settings: Settings,
     shared: Arc<Shared>,
+    mirror: Arc<Mirror>,
 }
 
 impl Writer {
-    fn run(self) {
+    fn run(mut self) {
         let node = self.shared.node;
         let mut connection: Option<redis::Connection> = None;
         let mut last_reconcile: Option<Instant> = None;
-        let mut backoff = TICK;
         loop {
-            std::thread::sleep(backoff);
+            std::thread::sleep(TICK);
             if connection.is_none() {
-                connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT).ok();
-                // Whatever was queued while away is in the registry: write it whole.
-                self.shared.presence_resync.store(true, Ordering::Release);
+                // Returns at once while backing off: queued joins and leaves wait.
+                connection = self.connector.try_connect().ok();
+                if connection.is_some() {
+                    // Whatever was queued while away is in the registry: write it whole.
+                    self.shared.presence_resync.store(true, Ordering::Release);
+                }
             }
-            let Some(conn) = connection.as_mut() else {
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            };
-            backoff = TICK;
+            let Some(conn) = connection.as_mut() else { continue };
             let mut result = self.flush(conn, node);
             let reconcile_every = self.settings.ttl / 4;
             if result.is_ok() && last_reconcile.is_none_or(|at| at.elapsed() >= reconcile_every) {
@@ -147,9 +232,8 @@ impl Writer {
                 last_reconcile = Some(Instant::now());
             }
             if let Err(e) = result {
-                tracing::warn!(error = %e, "presence mirror: reconnecting");
+                self.connector.lost(&e);
                 connection = None;
-                backoff = FIRST_BACKOFF;
             }
         }
     }
@@ -194,12 +278,12 @@ impl Writer {
 
     /// Makes the mirror of other nodes what their hashes say.
     fn reconcile(&self, conn: &mut redis::Connection, node: u64) -> redis::RedisResult<()> {
+        self.mirror.begin_reconcile();
         let pattern = format!("{}:presence:*", self.settings.prefix);
         // SCAN, not KEYS: it does not hold Redis up while it walks the keyspace.
         let keys: Vec<String> = redis::Commands::scan_match::<_, String>(conn, &pattern)?.collect::<Result<_, _>>()?;
         let own = self.settings.hash_of(node);
-        let mut present = HashSet::new();
-        let mut notices = Vec::new();
+        let mut read = Vec::new();
         for key in keys.iter().filter(|k| **k != own) {
             let Some(other) = key.rsplit(':').next().and_then(|n| u64::from_str_radix(n, 16).ok()) else { continue };
             let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(conn)?;
@@ -210,68 +294,114 @@ impl Writer {
                 else {
                     continue;
                 };
-                present.insert((topic.to_string(), other, conn_id));
-                notices.extend(self.shared.presence.upsert(topic, entry_of(other, conn_id, value)));
+                read.push(Read { member: (topic.into(), other, conn_id), stored: value });
             }
         }
-        for (topic, entry) in self.shared.presence.members(|n| n != node) {
-            if !present.contains(&(topic.to_string(), entry.node, entry.conn_id)) {
-                notices.extend(self.shared.presence.remove(&topic, (entry.node, entry.conn_id)));
-            }
-        }
-        deliver(&self.shared, notices);
+        self.mirror.finish_reconcile(&self.shared.presence, node, read, |notices| deliver(&self.shared, notices));
         Ok(())
     }
 }
 
 struct Subscriber {
-    client: redis::Client,
+    connector: Connector,
     settings: Settings,
     shared: Arc<Shared>,
+    mirror: Arc<Mirror>,
 }
 
 impl Subscriber {
-    fn run(self) {
-        let mut backoff = FIRST_BACKOFF;
+    fn run(mut self) {
         loop {
-            let started = Instant::now();
-            if let Err(e) = self.follow() {
-                // Once a connection held a while, the next failure is news again.
-                if started.elapsed() > MAX_BACKOFF {
-                    backoff = FIRST_BACKOFF;
-                }
-                if backoff == FIRST_BACKOFF {
-                    tracing::warn!(error = %e, "presence subscriber: reconnecting");
-                }
+            let mut conn = self.connector.connect();
+            if let Err(e) = self.follow(&mut conn) {
+                self.connector.lost(&e);
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    fn follow(&self) -> redis::RedisResult<()> {
-        let mut conn = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    fn follow(&self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut pubsub = conn.as_pubsub();
         pubsub.subscribe(self.settings.channel())?;
         loop {
-            let message = pubsub.get_message()?;
+            let message = match pubsub.get_message() {
+                Ok(message) => message,
+                // Nothing told for a read timeout: a quiet channel answers a PING, a
+                // stopped Redis or a dead path does not.
+                Err(e) if e.is_timeout() => {
+                    pubsub.ping::<Value>()?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Ok(batch) = serde_json::from_slice::<Batch>(message.get_payload_bytes()) else { continue };
             let Ok(node) = u64::from_str_radix(&batch.node, 16) else { continue };
             if node == self.shared.node {
                 continue;
             }
-            let mut notices = Vec::new();
-            for told in batch.told {
-                let Ok(conn_id) = u64::from_str_radix(&told.conn, 16) else { continue };
-                let notice = match told.entry {
-                    Some(stored) if told.joined => {
-                        self.shared.presence.upsert(&told.topic, entry_of(node, conn_id, stored))
-                    }
-                    _ => self.shared.presence.remove(&told.topic, (node, conn_id)),
-                };
-                notices.extend(notice);
-            }
-            deliver(&self.shared, notices);
+            self.mirror.apply_told(&self.shared.presence, node, batch.told, |notices| deliver(&self.shared, notices));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: u64 = 1;
+    const OTHER: u64 = 2;
+
+    fn stored() -> Stored {
+        Stored { user: None, info: None, transport: Transport::WebSocket, since_ms: 0 }
+    }
+
+    fn told(joined: bool, conn: u64) -> Vec<Told> {
+        vec![Told { joined, topic: "room".into(), conn: format!("{conn:x}"), entry: joined.then(stored) }]
+    }
+
+    fn read(conn: u64) -> Read {
+        Read { member: ("room".into(), OTHER, conn), stored: stored() }
+    }
+
+    fn listed(presence: &Presence) -> Vec<u64> {
+        let mut conns: Vec<u64> = presence.entries("room", 100).0.iter().map(|e| e.conn_id).collect();
+        conns.sort();
+        conns
+    }
+
+    /// Review item 7: a join told while a reconcile was reading (after it read the
+    /// joining node's hash) was removed again by the reconcile, with a leave notice.
+    #[test]
+    fn a_reconcile_does_not_undo_a_join_told_while_it_read() {
+        let (presence, mirror) = (Presence::default(), Mirror::default());
+        mirror.apply_told(&presence, OTHER, told(true, 7), |_| {});
+        mirror.begin_reconcile();
+        // The hash as read: member 7 only; 8 joins after the read.
+        let snapshot = vec![read(7)];
+        mirror.apply_told(&presence, OTHER, told(true, 8), |_| {});
+        let mut notices = Vec::new();
+        mirror.finish_reconcile(&presence, OWN, snapshot, |n| notices = n);
+        assert_eq!(listed(&presence), [7, 8]);
+        assert!(notices.is_empty(), "no leave for the member that joined");
+    }
+
+    #[test]
+    fn a_reconcile_does_not_undo_a_leave_told_while_it_read() {
+        let (presence, mirror) = (Presence::default(), Mirror::default());
+        mirror.begin_reconcile();
+        // Read while 9 was a member; 9 leaves before the reconcile applies.
+        let snapshot = vec![read(9)];
+        mirror.apply_told(&presence, OTHER, told(true, 9), |_| {});
+        mirror.apply_told(&presence, OTHER, told(false, 9), |_| {});
+        mirror.finish_reconcile(&presence, OWN, snapshot, |_| {});
+        assert!(listed(&presence).is_empty());
+    }
+
+    #[test]
+    fn a_reconcile_still_drops_members_gone_from_the_hashes_and_adds_missed_ones() {
+        let (presence, mirror) = (Presence::default(), Mirror::default());
+        mirror.apply_told(&presence, OTHER, told(true, 3), |_| {});
+        mirror.begin_reconcile();
+        mirror.finish_reconcile(&presence, OWN, vec![read(4)], |_| {});
+        assert_eq!(listed(&presence), [4]);
     }
 }

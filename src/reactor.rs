@@ -82,6 +82,7 @@ impl Server {
                 stream: config.redis_stream.clone(),
                 max_len: config.history_max_events,
                 queue: config.shard_queue_capacity,
+                request_timeout: std::time::Duration::from_millis(config.http_request_timeout_ms),
             };
             let (redis, submit) = Redis::new(settings).map_err(|e| io::Error::other(format!("engine: {e}")))?;
             let bus = Bus::with_sequencer(inboxes, retention, config.max_message_bytes, Sequencer::Engine(submit));

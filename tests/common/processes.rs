@@ -1,5 +1,5 @@
 //! Child processes for tests: a free port, waiting for a listener, a process killed on
-//! drop, and a real redis-server in a temporary directory.
+//! drop, and a real redis-server in a temporary directory (which can be paused).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -59,6 +59,24 @@ impl RedisServer {
 
     pub fn kill(&mut self) {
         self.process = None;
+    }
+
+    /// Stops redis-server (SIGSTOP): its connections stay open and nothing is answered,
+    /// as with a hung server or a dead network path.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Continues a paused redis-server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(process) = &self.process {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(process.0.id() as i32, signal) };
+        }
     }
 
     pub fn url(&self) -> String {
