@@ -1,4 +1,4 @@
-//! `volley bench`: a load generator for any server that speaks PROTOCOL.md.
+//! `volley bench`: a load generator for any server that speaks docs/protocol.md.
 //!
 //! Owns the benchmark client: subscriber connections driven by a few mio event loops (the
 //! same reactor design as the broker: no thread per connection), publisher connections

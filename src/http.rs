@@ -2,14 +2,14 @@
 //!
 //! Owns parsing of a request head from buffered bytes with httparse (an incomplete head
 //! is [`Parsed::Partial`], not an error), the head-size limit, query strings, and the
-//! byte layout of responses and of PROTOCOL.md's JSON error body. Pure: it does not read
+//! byte layout of responses and of docs/protocol.md's JSON error body. Pure: it does not read
 //! sockets, route requests or know the bus.
 
 use serde_json::json;
 
 use crate::protocol::ErrorCode;
 
-/// Largest request head (PROTOCOL.md: over it, `431`).
+/// Largest request head (docs/protocol.md: over it, `431`).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
@@ -64,7 +64,7 @@ pub enum Parsed {
 pub struct HttpError {
     /// HTTP status: the code's own, unless a caller picked a sibling.
     pub status: u16,
-    /// PROTOCOL.md error code.
+    /// docs/protocol.md error code.
     pub code: ErrorCode,
     /// For humans.
     pub message: String,
@@ -230,7 +230,7 @@ impl Response {
         Self { status, headers: Vec::new(), body, content_type }
     }
 
-    /// A PROTOCOL.md error response.
+    /// A docs/protocol.md error response.
     pub fn error(error: &HttpError) -> Self {
         Self { status: error.status, headers: Vec::new(), body: error.body(), content_type: "application/json" }
     }

@@ -3,7 +3,7 @@
 //! A publish enters the [`bus`] once, is encoded once, and reaches every shard through
 //! lock-free queues; each [`shard`] matches it against its subscription index and writes
 //! it to WebSocket ([`ws`]) and SSE connections. See README.md for the user's view and
-//! `../shared/PROTOCOL.md` for the wire contract.
+//! `docs/protocol.md` for the wire contract.
 
 #![deny(missing_docs)]
 #![deny(dead_code)]

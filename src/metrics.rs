@@ -130,7 +130,7 @@ impl Latency {
     }
 }
 
-/// Percentiles of a histogram as PROTOCOL.md's `/stats` shows them (all 0 when empty).
+/// Percentiles of a histogram as docs/protocol.md's `/stats` shows them (all 0 when empty).
 pub fn percentiles(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
         return json!({"count": 0, "p50": 0, "p90": 0, "p99": 0, "p999": 0, "max": 0});

@@ -1,4 +1,4 @@
-//! The JSON wire protocol of PROTOCOL.md: what clients send and what the server says.
+//! The JSON wire protocol of docs/protocol.md: what clients send and what the server says.
 //!
 //! Owns parsing of client envelopes and their payloads, validation of events to publish
 //! (with the offending field named), and the byte layout of every server message,
@@ -81,7 +81,7 @@ impl ErrorCode {
         }
     }
 
-    /// The code in HTTP's vocabulary (PROTOCOL.md's HTTP list): message-level codes of the
+    /// The code in HTTP's vocabulary (docs/protocol.md's HTTP list): message-level codes of the
     /// WebSocket protocol become `invalid_event` (a publish body) or `bad_request`.
     pub fn for_http(self) -> Self {
         match self {

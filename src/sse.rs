@@ -1,7 +1,7 @@
 //! Server-Sent Events on the wire: the stream's head, an event's framing, heartbeats and
 //! where a reconnecting stream resumes.
 //!
-//! Owns the bytes of the SSE format PROTOCOL.md fixes (headers, `retry:`, `id:`/`data:`
+//! Owns the bytes of the SSE format docs/protocol.md fixes (headers, `retry:`, `id:`/`data:`
 //! with no `event:` line so `onmessage` fires, `: ping`, `event: recovery_failed`, and
 //! named events without ids such as `event: presence`) and the
 //! rule that `Last-Event-ID` wins over `since=`. It does not decide what a stream receives

@@ -1,6 +1,6 @@
 //! Topics, patterns and the per-shard subscription index.
 //!
-//! Owns the grammar of topics and patterns from PROTOCOL.md (validation and matching) and
+//! Owns the grammar of topics and patterns from docs/protocol.md (validation and matching) and
 //! the [`Index`] a shard uses to find the subscriptions an event's topic matches: exact
 //! topics by hash, patterns by a trie over segments, so a lookup costs what matches, not
 //! what is subscribed. Each topic's or pattern's subscribers are a [`KeyList`], so a

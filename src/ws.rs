@@ -17,7 +17,7 @@ use crate::deflate::{Agreement, Inflater};
 use crate::http::{HttpError, Request, Response};
 use crate::protocol::ErrorCode;
 
-/// Close codes volley sends (PROTOCOL.md).
+/// Close codes volley sends (docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {
     /// 1000.

@@ -1,4 +1,4 @@
-//! The WebSocket JSON protocol of PROTOCOL.md, one behaviour per test, with a real client.
+//! The WebSocket JSON protocol of docs/protocol.md, one behaviour per test, with a real client.
 
 mod common;
 
