@@ -432,8 +432,7 @@ impl Bus {
     /// Sends a control message made by `message` to every shard; how many shards' full
     /// queues refused it (counted).
     pub fn to_every_shard(&self, message: impl Fn() -> Control) -> usize {
-        let refused = (0..self.inboxes.len()).filter(|&shard| !self.to_shard(shard, message())).count();
-        refused
+        (0..self.inboxes.len()).filter(|&shard| !self.to_shard(shard, message())).count()
     }
 
     fn lock(&self) -> MutexGuard<'_, Ordered> {

@@ -323,8 +323,10 @@ impl<'a> View<'a> {
         self.get(0)
     }
 
+    /// The newest key the log has passed: its newest event's, or the floor when that is
+    /// newer (everything evicted, or a gap marked after the newest event).
     fn last_key(&self) -> Option<(u64, u64)> {
-        self.len().checked_sub(1).and_then(|i| self.get(i)).map(|e| e.key).or(self.floor)
+        self.len().checked_sub(1).and_then(|i| self.get(i)).map(|e| e.key).max(self.floor)
     }
 
     /// Retained events from index `i` on, oldest first; reversible.

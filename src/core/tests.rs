@@ -830,3 +830,180 @@ fn websocket_stats_follows_the_operators_rule() {
     h.turn();
     assert!(h.frames(key).iter().any(|f| f.json()["type"] == "response"));
 }
+
+/// A reader that takes at most `room` bytes per write call into `got`, then blocks.
+struct Slow<'a> {
+    got: &'a mut Vec<u8>,
+    room: usize,
+}
+
+impl std::io::Write for Slow<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(self.room - n);
+            self.got.extend_from_slice(&b[..take]);
+            n += take;
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One resuming client of the model test: its bytes so far and what it must receive.
+struct Resumer {
+    key: usize,
+    bytes: Vec<u8>,
+    pattern: &'static str,
+    /// `Some(i)`: resumed after event `i` of this run; `None`: must say `recovered:false`.
+    after: Option<usize>,
+    /// Events of this run when it subscribed.
+    subscribed_at: usize,
+}
+
+/// Resume is exact by construction, as a property: random schedules of publishes,
+/// restarts (a new process: a new bus and epoch, the old history gone), resumes from any
+/// id ever published (this run's, an earlier run's, evicted ones) read slowly while more
+/// is published. Every resume yields exactly the retained matching events after its id,
+/// in order, then the live ones; or `recovered:false` and only live events. Never
+/// `recovered:true` with a gap.
+#[test]
+fn resume_model_random_schedules() {
+    const RETAINED: usize = 40;
+    const TOPICS: [&str; 3] = ["a.x", "a.y", "b.x"];
+    const PATTERNS: [&str; 3] = ["a.*", ">", "a.x"];
+    let matches = |pattern: &str, topic: &str| match pattern {
+        ">" => true,
+        "a.*" => topic.starts_with("a."),
+        exact => exact == topic,
+    };
+    let mut seed: u64 = std::env::var("VOLLEY_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    let mut random = move |n: usize| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    let config = |c: &mut Config| {
+        c.history_max_events = RETAINED;
+        c.max_outbound_bytes = 32 * 1024;
+    };
+    let mut h = Harness::new(config);
+    // This run's events (id, topic); ids of earlier runs.
+    let mut run: Vec<(String, &str)> = Vec::new();
+    let mut earlier: Vec<String> = Vec::new();
+    let mut resumers: Vec<Resumer> = Vec::new();
+    let mut checked = (0, 0);
+    for step in 0..3_000 {
+        match random(20) {
+            0..=9 => {
+                let topic = TOPICS[random(TOPICS.len())];
+                h.publish(topic, &step.to_string());
+                let id = h.shared.bus.newest(1, h.now, |_| true)[0].id.to_string();
+                run.push((id, topic));
+                h.turn();
+            }
+            10..=13 => {
+                let since = match random(4) {
+                    0 if !earlier.is_empty() => Some(earlier[random(earlier.len())].clone()),
+                    1 => Some("garbage".to_string()),
+                    _ if !run.is_empty() => Some(run[random(run.len())].0.clone()),
+                    _ => None,
+                };
+                let Some(since) = since else { continue };
+                let after = run.iter().position(|(id, _)| *id == since).filter(|&i| i + 1 + RETAINED >= run.len());
+                let pattern = PATTERNS[random(PATTERNS.len())];
+                let key = h.websocket("/ws");
+                h.frames(key);
+                let subscribe =
+                    format!(r#"{{"type":"subscribe","payload":{{"topics":["{pattern}"],"since":"{since}"}}}}"#);
+                h.input(key, &text(&subscribe));
+                resumers.push(Resumer { key, bytes: Vec::new(), pattern, after, subscribed_at: run.len() });
+            }
+            14..=17 if !resumers.is_empty() => {
+                // A slow read by one resuming client.
+                let r = random(resumers.len());
+                let room = 1 + random(4096);
+                h.ready.extend(h.core.poll_transmit(h.now));
+                if h.ready.remove(&resumers[r].key) {
+                    let Resumer { key, bytes, .. } = &mut resumers[r];
+                    let _ = h.core.write_to(*key, &mut Slow { got: bytes, room }, h.now);
+                    h.ready.insert(*key);
+                }
+            }
+            18 => {
+                // Restart: what a client saw of the old run can no longer be resumed.
+                let finished = std::mem::take(&mut resumers);
+                checked = check_resumers(&mut h, finished, &run, matches, checked);
+                earlier.extend(run.drain(..).map(|(id, _)| id));
+                std::thread::sleep(Duration::from_millis(2)); // a new epoch (milliseconds)
+                h = Harness::new(config);
+            }
+            _ => h.advance(Duration::from_millis(1)),
+        }
+    }
+    let finished = std::mem::take(&mut resumers);
+    let (exact, unrecovered) = check_resumers(&mut h, finished, &run, matches, checked);
+    assert!(exact > 50 && unrecovered > 20, "the schedule exercised both outcomes: {exact} exact, {unrecovered} not");
+}
+
+/// Reads every resumer to the end and checks it against the model; (exact, unrecovered)
+/// counts so far.
+fn check_resumers(
+    h: &mut Harness,
+    resumers: Vec<Resumer>,
+    run: &[(String, &str)],
+    matches: impl Fn(&str, &str) -> bool,
+    (mut exact, mut unrecovered): (usize, usize),
+) -> (usize, usize) {
+    for mut r in resumers {
+        h.turn();
+        loop {
+            let mut more = Vec::new();
+            h.ready.extend(h.core.poll_transmit(h.now));
+            h.ready.remove(&r.key);
+            let _ = h.core.write_to(r.key, &mut Slow { got: &mut more, room: usize::MAX }, h.now);
+            if more.is_empty() {
+                break;
+            }
+            r.bytes.extend(more);
+        }
+        let messages: Vec<Value> = frames(&r.bytes).iter().map(Frame::json).collect();
+        let ack = messages.iter().find(|m| m["type"] == "ack").expect("a subscribe ack");
+        let got: Vec<&str> =
+            messages.iter().filter(|m| m["type"] == "event").filter_map(|m| m["message_id"].as_str()).collect();
+        let live = run[r.subscribed_at..].iter().filter(|(_, t)| matches(r.pattern, t));
+        let want: Vec<&str> = match r.after {
+            Some(i) => {
+                assert_eq!(ack["payload"]["recovered"], true, "{ack}");
+                exact += 1;
+                run[i + 1..r.subscribed_at]
+                    .iter()
+                    .filter(|(_, t)| matches(r.pattern, t))
+                    .chain(live)
+                    .map(|(id, _)| id.as_str())
+                    .collect()
+            }
+            None => {
+                assert_eq!(ack["payload"]["recovered"], false, "{ack}");
+                unrecovered += 1;
+                live.map(|(id, _)| id.as_str()).collect()
+            }
+        };
+        let slow_consumer = frames(&r.bytes).iter().any(|f| f.close_code() == Some(1013));
+        if slow_consumer {
+            // Dropped for falling behind (it resumes again): what it got is a prefix.
+            assert_eq!(got, want[..got.len()], "resumed {:?} on {}, then dropped", r.after, r.pattern);
+        } else {
+            assert_eq!(got, want, "resumed {:?} on {}", r.after, r.pattern);
+        }
+    }
+    (exact, unrecovered)
+}

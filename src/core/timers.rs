@@ -129,7 +129,7 @@ mod tests {
         for _ in 0..5_000 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let key = (seed >> 33) as usize % model.len();
-            let deadline = ((seed >> 20) % 4 != 0).then(|| at((seed >> 40) % 1_000));
+            let deadline = (!(seed >> 20).is_multiple_of(4)).then(|| at((seed >> 40) % 1_000));
             timers.set(key, deadline);
             model[key] = deadline;
             assert_eq!(timers.len(), model.iter().flatten().count());
