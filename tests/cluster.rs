@@ -336,3 +336,106 @@ fn presence_is_cluster_wide_and_a_killed_nodes_members_expire() {
     }
     assert!(killed_at.elapsed() <= Duration::from_millis(2500), "gone within the TTL: {:?}", killed_at.elapsed());
 }
+
+/// Subscribes to `pattern` after `since`; the ack's `recovered`.
+fn resume_on(port: u16, pattern: &str, since: &str) -> (Ws, bool) {
+    let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    assert!(ws.read().unwrap().to_text().unwrap().contains("connected"));
+    let subscribe = json!({"type": "subscribe", "payload": {"topics": [pattern], "since": since}});
+    ws.send(Message::text(subscribe.to_string())).unwrap();
+    let ack: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(ack["payload"]["status"], "subscribed", "{ack}");
+    let recovered = ack["payload"]["recovered"].as_bool().unwrap();
+    (ws, recovered)
+}
+
+/// Reads `count` events, then checks nothing more comes within a moment.
+fn exactly(ws: &mut Ws, count: usize) -> Vec<String> {
+    let got: Vec<String> = (0..count).map_while(|_| next_id(ws)).collect();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
+    let extra = next_id(ws);
+    assert_eq!(extra, None, "more than the {count} events owed");
+    got
+}
+
+#[test]
+fn a_node_started_after_the_publishes_replays_them_on_its_first_resume() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let events: Vec<Value> = (0..100).map(|i| json!({"topic": "k.r", "data": i})).collect();
+    let ids = publish(a.port, &Value::from(events)).expect("published");
+    let b = node(&redis);
+    let (mut ws, recovered) = resume_on(b.port, "k.*", &ids[9]);
+    assert!(recovered, "the node has the stream's history from its start");
+    assert_eq!(exactly(&mut ws, 90), ids[10..], "90 of 90, in order");
+}
+
+/// The resume property over real processes: random schedules of publishes through any node,
+/// kill -9 and restarts, and resumes on any node from any id ever acknowledged. Each resume
+/// is `recovered:true` (the stream retains everything here) with exactly the matching events
+/// after its id, in stream order, and nothing more.
+#[test]
+fn resume_model_three_nodes_with_kills_and_restarts() {
+    let redis = RedisServer::start();
+    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node(&redis))).collect();
+    let mut seed: u64 = std::env::var("VOLLEY_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xc1a5);
+    let mut random = move |n: usize| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    let topics = ["k.a", "k.b"];
+    let patterns = ["k.*", "k.a", "k.b"];
+    let mut published: Vec<(String, &str)> = Vec::new();
+    let publish_on = |port: u16, topic: &'static str, n: usize, published: &mut Vec<(String, &str)>| {
+        let events: Vec<Value> = (0..n).map(|i| json!({"topic": topic, "data": i})).collect();
+        let ids = publish(port, &Value::from(events)).expect("publish accepted");
+        published.extend(ids.into_iter().map(|id| (id, topic)));
+    };
+    let check = |port: u16, since: usize, pattern: &str, published: &[(String, &str)]| {
+        let (mut ws, recovered) = resume_on(port, pattern, &published[since].0);
+        assert!(recovered, "resume from {} on {port}", published[since].0);
+        let want: Vec<String> = published[since + 1..]
+            .iter()
+            .filter(|(_, t)| pattern == "k.*" || pattern == *t)
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(exactly(&mut ws, want.len()), want, "resume from {} on {pattern}", published[since].0);
+    };
+    // The operator's case first: publish while a node is down, restart it, resume on it
+    // before anything new is published.
+    publish_on(nodes[0].as_ref().unwrap().port, "k.a", 5, &mut published);
+    nodes[2] = None;
+    publish_on(nodes[1].as_ref().unwrap().port, "k.b", 20, &mut published);
+    nodes[2] = Some(node(&redis));
+    check(nodes[2].as_ref().unwrap().port, 2, "k.*", &published);
+    for _ in 0..40 {
+        let live: Vec<usize> = (0..3).filter(|&i| nodes[i].is_some()).collect();
+        let any_live = live[random(live.len())];
+        match random(10) {
+            0..=4 => {
+                let topic = topics[random(2)];
+                publish_on(nodes[any_live].as_ref().unwrap().port, topic, 1 + random(5), &mut published);
+            }
+            5 if live.len() > 1 => {
+                // kill -9: no drain, no goodbye.
+                let mut killed = nodes[any_live].take().unwrap();
+                killed.process.0.kill().unwrap();
+                let _ = killed.process.0.wait();
+            }
+            6 => {
+                if let Some(dead) = (0..3).find(|&i| nodes[i].is_none()) {
+                    nodes[dead] = Some(node(&redis));
+                }
+            }
+            _ => {
+                let since = random(published.len());
+                check(nodes[any_live].as_ref().unwrap().port, since, patterns[random(3)], &published);
+            }
+        }
+    }
+}
