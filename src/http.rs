@@ -266,6 +266,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_status_volley_sends_has_its_reason_phrase() {
+        for (status, phrase) in [(504, "Gateway Timeout"), (503, "Service Unavailable"), (413, "Payload Too Large")] {
+            let head = Response::with_body(status, "text/plain", Vec::new()).encode(true);
+            let head = String::from_utf8(head).unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} {phrase}\r\n")), "{head}");
+        }
+    }
+
+    #[test]
     fn partial_then_complete() {
         let head =
             b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\nrest";

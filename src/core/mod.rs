@@ -179,6 +179,15 @@ const FANOUT_BYTES_PER_TURN: usize = 256 * 1024;
 /// the next turn found an even larger backlog, a cycle that kept a many-topic load's
 /// median latency near 50 ms. Events for connections already dirty cost no new write, so
 /// a busy topic's backlog is still fanned out in one turn.
+///
+/// That is the bound while the shard keeps up. Once it is behind (a turn stops at the
+/// bound with events waiting longer than [`Coalescing::BEHIND`]), the bound doubles per
+/// such turn, and returns to this once a turn empties the inbox: on a machine without
+/// headroom a fixed bound cut every turn of a 100-topic load to about ten events, so each
+/// connection got one event per write however far behind the shard was; the cost per
+/// delivery grew with the backlog and throughput fell as offered load rose (a collapse).
+/// Behind, wider turns put several events in each connection's write, so the cost per
+/// delivery falls as load rises.
 const NEW_WRITES_PER_TURN: usize = 1024;
 
 /// Queued bytes that are written at once, coalescing or not: one write of this size
@@ -251,6 +260,8 @@ struct Ctx {
     /// Connections whose deadlines may have moved since the last re-arm.
     touched: Vec<usize>,
     next_conn: u64,
+    /// Connections the next fan-out turn may make newly dirty (see [`NEW_WRITES_PER_TURN`]).
+    new_writes_limit: usize,
     /// When draining: the time the shard stops regardless.
     drain_deadline: Option<Instant>,
     stopping: bool,
@@ -302,6 +313,7 @@ impl Core {
                 closed: Vec::new(),
                 touched: Vec::new(),
                 next_conn: (id as u64) << 48,
+                new_writes_limit: NEW_WRITES_PER_TURN,
                 drain_deadline: None,
                 stopping: false,
             },
@@ -756,8 +768,8 @@ impl Core {
     }
 
     /// Fans out events from the inbox until it is empty, a turn's worth of bytes went or
-    /// [`NEW_WRITES_PER_TURN`] connections have new events;
-    /// true when more wait.
+    /// the turn's limit of connections have new events ([`NEW_WRITES_PER_TURN`], wider
+    /// while the shard is behind); true when more wait.
     fn drain_events(&mut self, now: Instant) -> bool {
         let Core { conns, ctx } = self;
         let shared = ctx.shared.clone();
@@ -814,10 +826,20 @@ impl Core {
             if let Some(done) = delivery.report(queued) {
                 shared.bus.to_shard(done.reply_to.shard, Control::PublishDone(done));
             }
-            if budget == 0 || ctx.dirty.len().saturating_sub(dirty_before) >= NEW_WRITES_PER_TURN {
+            if budget == 0 {
                 more = !inbox.events.is_empty();
                 break;
             }
+            if ctx.dirty.len().saturating_sub(dirty_before) >= ctx.new_writes_limit {
+                more = !inbox.events.is_empty();
+                if more && oldest.is_some_and(|waited| waited > Coalescing::BEHIND) {
+                    ctx.new_writes_limit = ctx.new_writes_limit.saturating_mul(2);
+                }
+                break;
+            }
+        }
+        if !more {
+            ctx.new_writes_limit = NEW_WRITES_PER_TURN;
         }
         if let Some(oldest) = oldest {
             ctx.coalescing.observe(oldest);

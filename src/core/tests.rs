@@ -434,6 +434,41 @@ fn a_turn_stops_fanning_out_once_it_leaves_enough_writes_behind() {
 }
 
 #[test]
+fn a_shard_behind_widens_its_turns_and_narrows_them_once_caught_up() {
+    // Six topics of NEW_WRITES_PER_TURN / 2 + 8 subscribers: a bounded turn takes two.
+    let mut h = Harness::new(|_| {});
+    let per_topic = super::NEW_WRITES_PER_TURN / 2 + 8;
+    let mut keys = Vec::new();
+    for i in 0..6 * per_topic {
+        let key = h.websocket("/ws");
+        h.input(key, &text(&format!(r#"{{"type":"subscribe","payload":{{"topics":["t{}"]}}}}"#, i % 6)));
+        h.output(key);
+        keys.push(key);
+    }
+    let written = |h: &mut Harness| keys.iter().filter(|&&k| !event_data(&h.frames(k)).is_empty()).count();
+    let publish_all = |h: &mut Harness| (0..6).for_each(|t| h.publish(&format!("t{t}"), "1"));
+    // Events that waited 10 ms in the inbox: the shard is behind.
+    publish_all(&mut h);
+    h.now += Duration::from_millis(10);
+    assert!(h.core.handle_inbox(h.now));
+    assert_eq!(written(&mut h), 2 * per_topic, "the first turn stops at the bound");
+    assert!(!h.core.handle_inbox(h.now), "the next turn, twice as wide, takes the other four topics");
+    assert_eq!(written(&mut h), 4 * per_topic);
+    // Caught up (the inbox emptied): the bound is back, even for events that waited.
+    publish_all(&mut h);
+    h.now += Duration::from_millis(10);
+    assert!(h.core.handle_inbox(h.now));
+    assert_eq!(written(&mut h), 2 * per_topic);
+    // Events that did not wait keep the bound: a burst while keeping up is cut into turns.
+    while h.core.handle_inbox(h.now) {}
+    written(&mut h);
+    publish_all(&mut h);
+    assert!(h.core.handle_inbox(h.now));
+    assert!(h.core.handle_inbox(h.now), "not behind: every turn stays at the bound");
+    assert!(!h.core.handle_inbox(h.now));
+}
+
+#[test]
 fn drain_closes_with_1001_and_stops_at_its_deadline() {
     let mut h = Harness::new(|c| c.drain_timeout_ms = 5_000);
     let key = h.websocket("/ws");
