@@ -16,8 +16,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::bus::Event;
 use crate::deflate::{Agreement, Window};
+use crate::event::Event;
 use crate::limits::TokenBucket;
 use crate::topic::Pattern;
 use crate::ws::Codec;

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::Value;
 use serde_json::value::RawValue;
 
-use crate::bus::{Bus, Control, Prepared, PublishError, PublishTicket, Reply, StreamEntry, Submit};
+use crate::bus::{Bus, Control, PublishTicket, Reply, Submit};
+use crate::event::{Prepared, PublishError, StreamEntry};
 use crate::protocol::{self, PublishRequest};
 
 /// Health of a cluster engine, shown by `/health` and `/metrics`.

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod core;
 pub mod deflate;
 pub mod engine;
+pub mod event;
 pub mod history;
 pub mod http;
 pub mod limits;

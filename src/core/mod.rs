@@ -24,11 +24,12 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::Auth;
-use crate::bus::{self, Bus, Control, Delivery, Event, Lifecycle, ReplyTo};
+use crate::bus::{Bus, Control, Delivery, Lifecycle, ReplyTo};
 use crate::config::Config;
 use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, SSE_SUB, State, Transport};
 use crate::deflate::Joiner;
 use crate::engine::EngineStatus;
+use crate::event::{self, Event};
 use crate::http::{HttpError, Response};
 use crate::limits::{Admission, IpRates, Refusal};
 use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
@@ -918,7 +919,7 @@ fn write_batch(conn: &mut Conn, wall: SystemTime) -> usize {
             joiner.literal(tail.as_bytes());
             let payload = joiner.finish();
             let mut frame = Vec::with_capacity(payload.len() + 10);
-            bus::push_ws_header(&mut frame, bus::WS_DEFLATED_TEXT, payload.len());
+            event::push_ws_header(&mut frame, event::WS_DEFLATED_TEXT, payload.len(), None);
             frame.extend_from_slice(&payload);
             frame
         }

@@ -700,11 +700,11 @@ fn coalescing_follows_this_nodes_clock_not_the_publishers() {
     let raw = serde_json::value::RawValue::from_string(r#"{"topic":"a","data":1}"#.into()).unwrap();
     let request = crate::protocol::PublishRequest::from_json(&raw, "").unwrap();
     let entries: Vec<_> = (1..=20u64)
-        .map(|n| crate::bus::StreamEntry {
+        .map(|n| crate::event::StreamEntry {
             id: format!("1-{n}"),
             key: (1, n),
             timestamp: timestamp.clone(),
-            prepared: crate::bus::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
+            prepared: crate::event::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
         })
         .collect();
     h.shared.bus.ingest(entries, |_| None);

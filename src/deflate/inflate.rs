@@ -227,20 +227,7 @@ fn inflate_into(
 
 /// Appends a frame tungstenite accepts from a client: masked, with a zero key.
 fn push_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8]) {
-    out.push(if fin { 0x80 } else { 0 } | opcode);
-    let len = payload.len();
-    match len {
-        0..=125 => out.push(0x80 | len as u8),
-        126..=65_535 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0; 4]);
+    crate::event::push_ws_header(out, if fin { 0x80 } else { 0 } | opcode, payload.len(), Some([0; 4]));
     out.extend_from_slice(payload);
 }
 

@@ -190,16 +190,6 @@ pub fn compress(window: Window, payload: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// A whole unmasked frame (FIN, RSV1, `opcode`) carrying `payload` compressed, or `None`
-/// when compressing does not make it smaller.
-pub fn compressed_frame(window: Window, opcode: u8, payload: &[u8]) -> Option<Vec<u8>> {
-    let compressed = compress(window, payload)?;
-    let mut frame = Vec::with_capacity(crate::bus::ws_header_len(compressed.len()) + compressed.len());
-    crate::bus::push_ws_header(&mut frame, 0x80 | RSV1 | opcode, compressed.len());
-    frame.extend_from_slice(&compressed);
-    Some(frame)
-}
-
 /// The frame header bit that marks a compressed message (RFC 7692 §6).
 pub const RSV1: u8 = 0x40;
 
