@@ -10,11 +10,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use volley::bus::{Bus, Inbox, Reply, ReplyTo};
+use volley::bus::Bus;
 use volley::config::Config;
 use volley::core::Core;
 use volley::history::Retention;
 use volley::http::{Parsed, parse_head};
+use volley::mailbox::{Inbox, Reply, ReplyTo};
 use volley::protocol::{parse_client_message, parse_publish_body};
 use volley::topic::{Pattern, validate_topic};
 use volley::ws::{Codec, Received};

@@ -12,195 +12,26 @@
 //! ids. Readers of the history (resume, `/history`, acks) never run inside it for longer
 //! than a snapshot or a binary search takes: they copy a [`Snapshot`] under the lock and
 //! search, filter and clone events outside it, so a resuming subscriber never holds up a
-//! publish. The bus owns event ids, order keys and the shard inboxes; it never touches
+//! publish. The bus owns event ids, order keys and the shards' [`Mailboxes`]; it never touches
 //! sockets or connections.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_queue::ArrayQueue;
-use mio::Waker;
-
 use crate::event::{Event, OrderKey, Prepared, PublishError, StreamEntry, TIMESTAMP_LEN, encode};
 use crate::history::{Cursor, History, NotRecoverable, Retention, Snapshot};
+use crate::mailbox::{Delivery, Inbox, Mailboxes, PublishTicket, Reply, ReplyTo};
 use crate::protocol::{self, PublishRequest};
-
-/// Where a reply is owed when a publish with `?wait=1` has been queued everywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyTo {
-    /// The shard holding the connection.
-    pub shard: usize,
-    /// The connection's slab key.
-    pub key: usize,
-    /// The connection's unique id (slab keys are reused).
-    pub conn_id: u64,
-}
-
-/// Counts, for a `?wait=1` publish, how many connections each event was queued to.
-#[derive(Debug)]
-pub struct PublishTicket {
-    remaining: AtomicUsize,
-    delivered: Box<[AtomicUsize]>,
-    /// Who to tell when every shard has queued every event.
-    pub reply_to: ReplyTo,
-    /// The ids, in request order.
-    pub ids: Vec<Box<str>>,
-}
-
-impl PublishTicket {
-    /// A ticket for `ids` that `shards` shards report on.
-    pub fn new(reply_to: ReplyTo, ids: Vec<Box<str>>, shards: usize) -> Arc<Self> {
-        Arc::new(Self {
-            remaining: AtomicUsize::new(ids.len() * shards),
-            delivered: (0..ids.len()).map(|_| AtomicUsize::new(0)).collect(),
-            reply_to,
-            ids,
-        })
-    }
-
-    /// Per event, the connections it was queued to.
-    pub fn delivered(&self) -> Vec<usize> {
-        self.delivered.iter().map(|d| d.load(Ordering::Acquire)).collect()
-    }
-}
-
-/// An event on its way to one shard.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The shared event.
-    pub event: Arc<Event>,
-    /// For `?wait=1`: the ticket and this event's index in it.
-    pub ticket: Option<(Arc<PublishTicket>, usize)>,
-}
-
-impl Delivery {
-    /// Records that this shard queued the event to `count` connections; returns the
-    /// ticket when this was the last shard and event to report.
-    pub fn report(&self, count: usize) -> Option<Arc<PublishTicket>> {
-        let (ticket, index) = self.ticket.as_ref()?;
-        ticket.delivered[*index].fetch_add(count, Ordering::AcqRel);
-        (ticket.remaining.fetch_sub(1, Ordering::AcqRel) == 1).then(|| ticket.clone())
-    }
-}
-
-/// Messages between shards other than events. The queue that carries them is bounded
-/// ([`CONTROL_CAPACITY`]): a sender that finds it full answers its requester `overloaded`
-/// (or counts a dropped notice) instead of buffering.
-#[derive(Debug)]
-pub enum Control {
-    /// Every shard has queued a `?wait=1` publish.
-    PublishDone(Arc<PublishTicket>),
-    /// An engine has answered a publish.
-    Published(Reply, Result<Vec<Box<str>>, PublishError>),
-    /// Add this shard's histograms to a stats read.
-    Collect(Arc<crate::metrics::Gather>),
-    /// Every shard has added to a stats read this shard asked for.
-    StatsReady(Arc<crate::metrics::Gather>),
-    /// Someone joined or left a topic: tell the members who asked.
-    Presence(Arc<crate::presence::Notice>),
-}
-
-/// Control messages a shard's queue holds. Replies are bounded by the requests waiting
-/// for them (one per HTTP connection, a connection's state budget for WebSocket ones), so
-/// this is room for bursts, not a promise: past it the sender answers `overloaded`.
-pub const CONTROL_CAPACITY: usize = 16_384;
-
-/// What the operator asked every shard to do: flags, not queued messages, so a full control
-/// queue can never swallow a drain or a stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Lifecycle {
-    /// Serving.
-    Running = 0,
-    /// Begin a graceful drain.
-    Drain = 1,
-    /// Stop now.
-    Stop = 2,
-}
-
-/// One shard's inbound side: the event queue, the control queue and its waker.
-#[derive(Debug)]
-pub struct Inbox {
-    /// Events in publish order.
-    pub events: ArrayQueue<Delivery>,
-    /// Control messages, at most [`CONTROL_CAPACITY`].
-    pub control: ArrayQueue<Control>,
-    /// The operator's request ([`Lifecycle`]), only ever raised.
-    lifecycle: AtomicU8,
-    waker: Waker,
-    wake_pending: AtomicBool,
-}
-
-impl Inbox {
-    /// An inbox woken through `waker`, holding at most `capacity` events.
-    pub fn new(waker: Waker, capacity: usize) -> Self {
-        Self {
-            events: ArrayQueue::new(capacity),
-            control: ArrayQueue::new(CONTROL_CAPACITY),
-            lifecycle: AtomicU8::new(Lifecycle::Running as u8),
-            waker,
-            wake_pending: AtomicBool::new(false),
-        }
-    }
-
-    /// Wakes the shard unless a wake-up is already pending.
-    pub fn wake(&self) {
-        // SeqCst here and in `clear_wake`: a pusher's push-then-check and the shard's
-        // clear-then-pop must not both miss each other (a store-load pair, which weaker
-        // orderings let reorder).
-        if !self.wake_pending.swap(true, Ordering::SeqCst) {
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// Called by the shard before it drains, so later pushes wake it again.
-    pub fn clear_wake(&self) {
-        self.wake_pending.swap(false, Ordering::SeqCst);
-    }
-
-    /// Sends a control message and wakes the shard; gives the message back when the
-    /// queue is full (the caller answers `overloaded` or counts a drop).
-    pub fn send(&self, message: Control) -> Result<(), Control> {
-        self.control.push(message)?;
-        self.wake();
-        Ok(())
-    }
-
-    /// Asks the shard to drain or stop (a later request never lowers an earlier one).
-    pub fn request(&self, lifecycle: Lifecycle) {
-        self.lifecycle.fetch_max(lifecycle as u8, Ordering::SeqCst);
-        self.wake();
-    }
-
-    /// What the operator asked for so far.
-    pub fn lifecycle(&self) -> Lifecycle {
-        match self.lifecycle.load(Ordering::SeqCst) {
-            0 => Lifecycle::Running,
-            1 => Lifecycle::Drain,
-            _ => Lifecycle::Stop,
-        }
-    }
-}
 
 /// How a publish was taken.
 #[derive(Debug)]
 pub enum Accepted {
     /// Published; these are the ids.
     Now(Vec<Box<str>>),
-    /// The answer reaches the publisher's shard later, as [`Control::Published`] or
-    /// [`Control::PublishDone`].
+    /// The answer reaches the publisher's shard later, as [`crate::mailbox::Control::Published`]
+    /// or [`crate::mailbox::Control::PublishDone`].
     Later,
-}
-
-/// Who asked for a publish and how they want the answer.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    /// The connection.
-    pub to: ReplyTo,
-    /// `?wait=1`: answer once every shard has queued the events.
-    pub wait: bool,
-    /// For a WebSocket `request`: the reply's `correlation_id`; `None` for HTTP.
-    pub websocket: Option<Option<String>>,
 }
 
 struct Ordered {
@@ -218,9 +49,6 @@ pub struct BusCounters {
     pub published: AtomicU64,
     /// Publishes refused because a shard queue was full.
     pub refused_overloaded: AtomicU64,
-    /// Control messages a full control queue refused (a notice dropped, a request
-    /// answered `overloaded`, a reply lost to its requester's timeout).
-    pub control_refused: AtomicU64,
 }
 
 /// Hands prepared events to a cluster engine, which answers through the publisher's
@@ -241,7 +69,8 @@ pub enum Sequencer {
 /// The publish entry point shared by all shards.
 pub struct Bus {
     ordered: Mutex<Ordered>,
-    inboxes: Vec<Inbox>,
+    /// The shards' inboxes, through which control messages are sent too.
+    pub mailboxes: Mailboxes,
     sequencer: Sequencer,
     max_message_bytes: usize,
     /// Counters.
@@ -265,7 +94,7 @@ impl Bus {
         let caught_up = matches!(sequencer, Sequencer::Local { .. });
         Self {
             ordered: Mutex::new(Ordered { history: History::new(retention), caught_up }),
-            inboxes,
+            mailboxes: Mailboxes::new(inboxes),
             sequencer,
             max_message_bytes,
             counters: BusCounters::default(),
@@ -274,22 +103,7 @@ impl Bus {
 
     /// The shard inboxes.
     pub fn inboxes(&self) -> &[Inbox] {
-        &self.inboxes
-    }
-
-    /// Sends a control message to `shard`; false (and counted) when its queue is full.
-    pub fn to_shard(&self, shard: usize, message: Control) -> bool {
-        let sent = self.inboxes.get(shard).is_some_and(|inbox| inbox.send(message).is_ok());
-        if !sent {
-            self.counters.control_refused.fetch_add(1, Ordering::Relaxed);
-        }
-        sent
-    }
-
-    /// Sends a control message made by `message` to every shard; how many shards' full
-    /// queues refused it (counted).
-    pub fn to_every_shard(&self, message: impl Fn() -> Control) -> usize {
-        (0..self.inboxes.len()).filter(|&shard| !self.to_shard(shard, message())).count()
+        self.mailboxes.inboxes()
     }
 
     fn lock(&self) -> MutexGuard<'_, Ordered> {
@@ -385,19 +199,19 @@ impl Bus {
         if ordered.history.last_key().is_some_and(|last| entry.key <= last) {
             return Ok(()); // read again after a reconnect
         }
-        if self.inboxes.iter().any(|inbox| inbox.events.is_full()) {
+        if self.inboxes().iter().any(|inbox| inbox.events.is_full()) {
             return Err(PublishError::Overloaded);
         }
         let seq = ordered.history.last_seq() + 1;
         let now = Instant::now();
         let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, published_at, now));
         ordered.history.push(event.clone(), now);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             let _ = inbox.events.push(Delivery { event: event.clone(), ticket: ticket.clone() });
         }
         drop(ordered);
         self.counters.published.fetch_add(1, Ordering::Relaxed);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             inbox.wake();
         }
         Ok(())
@@ -413,7 +227,7 @@ impl Bus {
         let count = prepared.len();
         let ids = {
             let mut ordered = self.lock();
-            if self.inboxes.iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < count) {
+            if self.inboxes().iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < count) {
                 self.counters.refused_overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(PublishError::Overloaded);
             }
@@ -428,8 +242,8 @@ impl Bus {
                 })
                 .collect();
             let ids: Vec<Box<str>> = events.iter().map(|e| e.id.clone()).collect();
-            let ticket = ticket_to.map(|reply_to| PublishTicket::new(reply_to, ids.clone(), self.inboxes.len()));
-            for inbox in &self.inboxes {
+            let ticket = ticket_to.map(|reply_to| PublishTicket::new(reply_to, ids.clone(), self.inboxes().len()));
+            for inbox in self.inboxes() {
                 for (index, event) in events.iter().enumerate() {
                     let delivery = Delivery { event: event.clone(), ticket: ticket.clone().map(|t| (t, index)) };
                     // Capacity was checked under this lock and only publishers push.
@@ -439,7 +253,7 @@ impl Bus {
             ids
         };
         self.counters.published.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             inbox.wake();
         }
         Ok(ids)
@@ -567,6 +381,7 @@ fn published_instant(timestamp: &str, wall_now: SystemTime, now: Instant) -> Ins
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mio::Waker;
     use std::time::Duration;
 
     fn bus(shards: usize, capacity: usize) -> (Bus, Vec<mio::Poll>) {

@@ -463,7 +463,7 @@ pub struct WsConn {
     pub auth_deadline: Option<Instant>,
     /// Its `stats` request in flight, if one (at most one at a time): alive while the
     /// shards gather it, gone once answered or lost.
-    pub stats: Option<std::sync::Weak<crate::metrics::Gather>>,
+    pub stats: Option<std::sync::Weak<crate::mailbox::StatsRead>>,
 }
 
 impl WsConn {

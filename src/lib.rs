@@ -20,6 +20,7 @@ pub mod event;
 pub mod history;
 pub mod http;
 pub mod limits;
+pub mod mailbox;
 pub mod metrics;
 pub mod presence;
 pub mod presence_mirror;
