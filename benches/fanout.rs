@@ -6,9 +6,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
-use volley::bus::{Accepted, Bus, Inbox, Reply, ReplyTo};
+use volley::bus::{Accepted, Bus};
 use volley::conn::{Chunk, LocalEvent, Outbound};
 use volley::history::Retention;
+use volley::mailbox::{Inbox, Reply, ReplyTo};
 use volley::protocol::PublishRequest;
 use volley::topic::{Index, Pattern};
 

@@ -4,7 +4,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use volley::bus::push_ws_text_header;
+use volley::event::push_ws_text_header;
 use volley::http::parse_head;
 use volley::protocol::{parse_client_message, parse_publish_body};
 use volley::topic::{Index, Pattern};

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use serde_json::value::RawValue;
-use volley::bus::{Accepted, Bus, Inbox, Reply, ReplyTo};
+use volley::bus::{Accepted, Bus};
 use volley::conn::Filter;
 use volley::history::Retention;
+use volley::mailbox::{Inbox, Reply, ReplyTo};
 use volley::protocol::PublishRequest;
 use volley::topic::Pattern;
 

@@ -10,11 +10,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use volley::bus::{Bus, Inbox, Reply, ReplyTo};
+use volley::bus::Bus;
 use volley::config::Config;
 use volley::core::Core;
 use volley::history::Retention;
 use volley::http::{Parsed, parse_head};
+use volley::mailbox::{Inbox, Reply, ReplyTo};
 use volley::protocol::{parse_client_message, parse_publish_body};
 use volley::topic::{Pattern, validate_topic};
 use volley::ws::{Codec, Received};
@@ -105,21 +106,8 @@ pub fn ws_inflate(data: &[u8]) {
 
 fn push_client_frame(out: &mut Vec<u8>, first: u8, masked: bool, payload: &[u8]) {
     let mask = [0x12u8, 0x34, 0x56, 0x78];
-    out.push(first);
-    let bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(bit | n as u8),
-        n if n < 65536 => {
-            out.push(bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    volley::event::push_ws_header(out, first, payload.len(), masked.then_some(mask));
     if masked {
-        out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     } else {
         out.extend_from_slice(payload);

@@ -294,19 +294,7 @@ pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
 
 /// Appends a final client (masked) frame with `opcode` carrying `payload`.
 pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65_536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
+    crate::event::push_ws_header(out, 0x80 | opcode, payload.len(), Some(MASK));
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
 }
 
@@ -637,7 +625,6 @@ fn process(
         return at;
     }
     while let Some((first, payload, used)) = next_frame(&data[at..]) {
-        let len = payload.len();
         match first & 0x0f {
             0x1 => match sub.phase {
                 Phase::Ready => {
@@ -659,10 +646,7 @@ fn process(
             },
             0x9 => {
                 // Answer pings so heartbeats do not drop idle benchmark connections.
-                sub.out.push(0x8a);
-                sub.out.push(0x80 | len as u8);
-                sub.out.extend_from_slice(&MASK);
-                sub.out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+                masked_frame(0xA, payload, &mut sub.out);
             }
             0x8 => {
                 sub.phase = Phase::Dead;

@@ -12,333 +12,26 @@
 //! ids. Readers of the history (resume, `/history`, acks) never run inside it for longer
 //! than a snapshot or a binary search takes: they copy a [`Snapshot`] under the lock and
 //! search, filter and clone events outside it, so a resuming subscriber never holds up a
-//! publish. The bus owns event ids, order keys and the shard inboxes; it never touches
+//! publish. The bus owns event ids, order keys and the shards' [`Mailboxes`]; it never touches
 //! sockets or connections.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_queue::ArrayQueue;
-use mio::Waker;
-
-use crate::deflate::{self, Window};
+use crate::event::{Event, OrderKey, Prepared, PublishError, StreamEntry, TIMESTAMP_LEN, encode};
 use crate::history::{Cursor, History, NotRecoverable, Retention, Snapshot};
-use crate::protocol::{self, EVENT_HEAD, EVENT_MID, PublishRequest};
-
-/// A position in the engine's order: (epoch, seq) locally, (ms, n) for a Redis stream id.
-pub type OrderKey = (u64, u64);
-
-/// One published event, encoded once and shared by every receiver and the history.
-#[derive(Debug)]
-pub struct Event {
-    /// Position in this node's order (1-based, contiguous).
-    pub seq: u64,
-    /// Position in the engine's order, comparable across nodes: (epoch, seq) for the
-    /// memory engine, the stream id (ms, n) for Redis.
-    pub key: (u64, u64),
-    /// The opaque id clients see.
-    pub id: Box<str>,
-    /// Concrete topic.
-    pub topic: Box<str>,
-    /// Source, `""` when none.
-    pub source: Box<str>,
-    /// Correlation id, if any.
-    pub correlation_id: Option<Box<str>>,
-    /// When the publisher's node accepted it, on this node's clock (for latency
-    /// histograms): for an event read from the engine, derived from the publisher's wall
-    /// clock, so it carries that node's clock skew.
-    pub published_at: Instant,
-    /// When this node's bus took it. Decisions (history age, write coalescing) use this
-    /// one: a skewed clock on another node must not steer them.
-    pub received_at: Instant,
-    /// The WebSocket text frame: header then the event JSON.
-    ws_frame: Box<[u8]>,
-    json_start: usize,
-    /// `id: <id>\ndata: ` — the SSE frame is this, the JSON, and `\n\n`.
-    sse_head: Box<[u8]>,
-    /// The compressed WebSocket frame per deflate window, made by the first connection that
-    /// needs it and shared by all the others (`None` inside: not worth compressing).
-    deflated: [OnceLock<Option<Box<[u8]>>>; 2],
-}
-
-impl Event {
-    /// The event message JSON, as every receiver gets it.
-    pub fn json(&self) -> &[u8] {
-        &self.ws_frame[self.json_start..]
-    }
-
-    /// The complete unmasked WebSocket text frame.
-    pub fn ws_frame(&self) -> &[u8] {
-        &self.ws_frame
-    }
-
-    /// The SSE frame's head; write it, then [`Self::json`], then `\n\n`.
-    pub fn sse_head(&self) -> &[u8] {
-        &self.sse_head
-    }
-
-    /// Makes the event's compressed WebSocket frame (RSV1 set) for `window` unless made
-    /// already, on whichever shard asks first, for every connection to share; false when
-    /// compressing does not make it smaller.
-    pub fn deflate(&self, window: Window) -> bool {
-        self.deflated[window.index()]
-            .get_or_init(|| deflate::compressed_frame(window, WS_OPCODE_TEXT, self.json()).map(Vec::into_boxed_slice))
-            .is_some()
-    }
-
-    /// The compressed frame [`Self::deflate`] made, if it did and it is smaller.
-    pub fn deflated_frame(&self, window: Window) -> Option<&[u8]> {
-        self.deflated[window.index()].get()?.as_deref()
-    }
-
-    /// The payload of [`Self::deflated_frame`].
-    pub fn deflated_payload(&self, window: Window) -> Option<&[u8]> {
-        let frame = self.deflated_frame(window)?;
-        let header = match frame[1] {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
-        Some(&frame[header..])
-    }
-
-    /// Bytes this event holds, as counted against the history bound.
-    pub fn retained_bytes(&self) -> usize {
-        self.ws_frame.len() + self.sse_head.len() + self.id.len() + self.topic.len() + self.source.len()
-    }
-}
-
-/// Where a reply is owed when a publish with `?wait=1` has been queued everywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyTo {
-    /// The shard holding the connection.
-    pub shard: usize,
-    /// The connection's slab key.
-    pub key: usize,
-    /// The connection's unique id (slab keys are reused).
-    pub conn_id: u64,
-}
-
-/// Counts, for a `?wait=1` publish, how many connections each event was queued to.
-#[derive(Debug)]
-pub struct PublishTicket {
-    remaining: AtomicUsize,
-    delivered: Box<[AtomicUsize]>,
-    /// Who to tell when every shard has queued every event.
-    pub reply_to: ReplyTo,
-    /// The ids, in request order.
-    pub ids: Vec<Box<str>>,
-}
-
-impl PublishTicket {
-    /// A ticket for `ids` that `shards` shards report on.
-    pub fn new(reply_to: ReplyTo, ids: Vec<Box<str>>, shards: usize) -> Arc<Self> {
-        Arc::new(Self {
-            remaining: AtomicUsize::new(ids.len() * shards),
-            delivered: (0..ids.len()).map(|_| AtomicUsize::new(0)).collect(),
-            reply_to,
-            ids,
-        })
-    }
-
-    /// Per event, the connections it was queued to.
-    pub fn delivered(&self) -> Vec<usize> {
-        self.delivered.iter().map(|d| d.load(Ordering::Acquire)).collect()
-    }
-}
-
-/// An event on its way to one shard.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The shared event.
-    pub event: Arc<Event>,
-    /// For `?wait=1`: the ticket and this event's index in it.
-    pub ticket: Option<(Arc<PublishTicket>, usize)>,
-}
-
-impl Delivery {
-    /// Records that this shard queued the event to `count` connections; returns the
-    /// ticket when this was the last shard and event to report.
-    pub fn report(&self, count: usize) -> Option<Arc<PublishTicket>> {
-        let (ticket, index) = self.ticket.as_ref()?;
-        ticket.delivered[*index].fetch_add(count, Ordering::AcqRel);
-        (ticket.remaining.fetch_sub(1, Ordering::AcqRel) == 1).then(|| ticket.clone())
-    }
-}
-
-/// Messages between shards other than events. The queue that carries them is bounded
-/// ([`CONTROL_CAPACITY`]): a sender that finds it full answers its requester `overloaded`
-/// (or counts a dropped notice) instead of buffering.
-#[derive(Debug)]
-pub enum Control {
-    /// Every shard has queued a `?wait=1` publish.
-    PublishDone(Arc<PublishTicket>),
-    /// An engine has answered a publish.
-    Published(Reply, Result<Vec<Box<str>>, PublishError>),
-    /// Add this shard's histograms to a stats read.
-    Collect(Arc<crate::metrics::Gather>),
-    /// Every shard has added to a stats read this shard asked for.
-    StatsReady(Arc<crate::metrics::Gather>),
-    /// Someone joined or left a topic: tell the members who asked.
-    Presence(Arc<crate::presence::Notice>),
-}
-
-/// Control messages a shard's queue holds. Replies are bounded by the requests waiting
-/// for them (one per HTTP connection, a connection's state budget for WebSocket ones), so
-/// this is room for bursts, not a promise: past it the sender answers `overloaded`.
-pub const CONTROL_CAPACITY: usize = 16_384;
-
-/// What the operator asked every shard to do: flags, not queued messages, so a full control
-/// queue can never swallow a drain or a stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Lifecycle {
-    /// Serving.
-    Running = 0,
-    /// Begin a graceful drain.
-    Drain = 1,
-    /// Stop now.
-    Stop = 2,
-}
-
-/// One shard's inbound side: the event queue, the control queue and its waker.
-#[derive(Debug)]
-pub struct Inbox {
-    /// Events in publish order.
-    pub events: ArrayQueue<Delivery>,
-    /// Control messages, at most [`CONTROL_CAPACITY`].
-    pub control: ArrayQueue<Control>,
-    /// The operator's request ([`Lifecycle`]), only ever raised.
-    lifecycle: AtomicU8,
-    waker: Waker,
-    wake_pending: AtomicBool,
-}
-
-impl Inbox {
-    /// An inbox woken through `waker`, holding at most `capacity` events.
-    pub fn new(waker: Waker, capacity: usize) -> Self {
-        Self {
-            events: ArrayQueue::new(capacity),
-            control: ArrayQueue::new(CONTROL_CAPACITY),
-            lifecycle: AtomicU8::new(Lifecycle::Running as u8),
-            waker,
-            wake_pending: AtomicBool::new(false),
-        }
-    }
-
-    /// Wakes the shard unless a wake-up is already pending.
-    pub fn wake(&self) {
-        // SeqCst here and in `clear_wake`: a pusher's push-then-check and the shard's
-        // clear-then-pop must not both miss each other (a store-load pair, which weaker
-        // orderings let reorder).
-        if !self.wake_pending.swap(true, Ordering::SeqCst) {
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// Called by the shard before it drains, so later pushes wake it again.
-    pub fn clear_wake(&self) {
-        self.wake_pending.swap(false, Ordering::SeqCst);
-    }
-
-    /// Sends a control message and wakes the shard; gives the message back when the
-    /// queue is full (the caller answers `overloaded` or counts a drop).
-    pub fn send(&self, message: Control) -> Result<(), Control> {
-        self.control.push(message)?;
-        self.wake();
-        Ok(())
-    }
-
-    /// Asks the shard to drain or stop (a later request never lowers an earlier one).
-    pub fn request(&self, lifecycle: Lifecycle) {
-        self.lifecycle.fetch_max(lifecycle as u8, Ordering::SeqCst);
-        self.wake();
-    }
-
-    /// What the operator asked for so far.
-    pub fn lifecycle(&self) -> Lifecycle {
-        match self.lifecycle.load(Ordering::SeqCst) {
-            0 => Lifecycle::Running,
-            1 => Lifecycle::Drain,
-            _ => Lifecycle::Stop,
-        }
-    }
-}
-
-/// Why a publish was refused; nothing of it was published.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PublishError {
-    /// Event at this index would encode over `max_message_bytes`.
-    #[error("event {0} is over max_message_bytes")]
-    TooLarge(usize),
-    /// A shard's inbound queue is full: the broker is overloaded.
-    #[error("broker overloaded: shard queues are full")]
-    Overloaded,
-    /// The cluster engine cannot take publishes now.
-    #[error("the engine is unavailable")]
-    EngineUnavailable,
-}
+use crate::mailbox::{Delivery, Inbox, Mailboxes, PublishTicket, Reply, ReplyTo};
+use crate::protocol::{self, PublishRequest};
 
 /// How a publish was taken.
 #[derive(Debug)]
 pub enum Accepted {
     /// Published; these are the ids.
     Now(Vec<Box<str>>),
-    /// The answer reaches the publisher's shard later, as [`Control::Published`] or
-    /// [`Control::PublishDone`].
+    /// The answer reaches the publisher's shard later, as [`crate::mailbox::Control::Published`]
+    /// or [`crate::mailbox::Control::PublishDone`].
     Later,
-}
-
-/// Who asked for a publish and how they want the answer.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    /// The connection.
-    pub to: ReplyTo,
-    /// `?wait=1`: answer once every shard has queued the events.
-    pub wait: bool,
-    /// For a WebSocket `request`: the reply's `correlation_id`; `None` for HTTP.
-    pub websocket: Option<Option<String>>,
-}
-
-/// One event as it enters the order, with everything but its position.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    /// The validated request.
-    pub request: PublishRequest,
-    /// Its encoded tail ([`PublishRequest::encoded_tail`]).
-    pub tail: String,
-}
-
-impl Prepared {
-    /// Prepares `requests`, refusing (by index) any that would encode over `max_bytes`.
-    pub fn all(requests: Vec<PublishRequest>, max_bytes: usize) -> Result<Vec<Prepared>, PublishError> {
-        let overhead = EVENT_HEAD.len() + MAX_ID_LEN + EVENT_MID.len() + TIMESTAMP_LEN;
-        requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, request)| {
-                let tail = request.encoded_tail();
-                if tail.len() + overhead > max_bytes {
-                    Err(PublishError::TooLarge(i))
-                } else {
-                    Ok(Prepared { request, tail })
-                }
-            })
-            .collect()
-    }
-}
-
-/// An event whose place in the order an engine has decided (a Redis stream entry).
-#[derive(Debug, Clone)]
-pub struct StreamEntry {
-    /// The engine's id (the stream id).
-    pub id: String,
-    /// The id as a comparable key.
-    pub key: (u64, u64),
-    /// Publish time as the publishing node wrote it.
-    pub timestamp: String,
-    /// The event.
-    pub prepared: Prepared,
 }
 
 struct Ordered {
@@ -356,9 +49,6 @@ pub struct BusCounters {
     pub published: AtomicU64,
     /// Publishes refused because a shard queue was full.
     pub refused_overloaded: AtomicU64,
-    /// Control messages a full control queue refused (a notice dropped, a request
-    /// answered `overloaded`, a reply lost to its requester's timeout).
-    pub control_refused: AtomicU64,
 }
 
 /// Hands prepared events to a cluster engine, which answers through the publisher's
@@ -379,17 +69,13 @@ pub enum Sequencer {
 /// The publish entry point shared by all shards.
 pub struct Bus {
     ordered: Mutex<Ordered>,
-    inboxes: Vec<Inbox>,
+    /// The shards' inboxes, through which control messages are sent too.
+    pub mailboxes: Mailboxes,
     sequencer: Sequencer,
     max_message_bytes: usize,
     /// Counters.
     pub counters: BusCounters,
 }
-
-/// Longest id: 20 decimal digits, `-`, 20 decimal digits.
-const MAX_ID_LEN: usize = 41;
-/// `2026-11-23T12:00:00.123456Z`.
-const TIMESTAMP_LEN: usize = 27;
 
 impl Bus {
     /// A bus with the local sequencer feeding `inboxes`, one per shard.
@@ -408,7 +94,7 @@ impl Bus {
         let caught_up = matches!(sequencer, Sequencer::Local { .. });
         Self {
             ordered: Mutex::new(Ordered { history: History::new(retention), caught_up }),
-            inboxes,
+            mailboxes: Mailboxes::new(inboxes),
             sequencer,
             max_message_bytes,
             counters: BusCounters::default(),
@@ -417,22 +103,7 @@ impl Bus {
 
     /// The shard inboxes.
     pub fn inboxes(&self) -> &[Inbox] {
-        &self.inboxes
-    }
-
-    /// Sends a control message to `shard`; false (and counted) when its queue is full.
-    pub fn to_shard(&self, shard: usize, message: Control) -> bool {
-        let sent = self.inboxes.get(shard).is_some_and(|inbox| inbox.send(message).is_ok());
-        if !sent {
-            self.counters.control_refused.fetch_add(1, Ordering::Relaxed);
-        }
-        sent
-    }
-
-    /// Sends a control message made by `message` to every shard; how many shards' full
-    /// queues refused it (counted).
-    pub fn to_every_shard(&self, message: impl Fn() -> Control) -> usize {
-        (0..self.inboxes.len()).filter(|&shard| !self.to_shard(shard, message())).count()
+        self.mailboxes.inboxes()
     }
 
     fn lock(&self) -> MutexGuard<'_, Ordered> {
@@ -528,19 +199,19 @@ impl Bus {
         if ordered.history.last_key().is_some_and(|last| entry.key <= last) {
             return Ok(()); // read again after a reconnect
         }
-        if self.inboxes.iter().any(|inbox| inbox.events.is_full()) {
+        if self.inboxes().iter().any(|inbox| inbox.events.is_full()) {
             return Err(PublishError::Overloaded);
         }
         let seq = ordered.history.last_seq() + 1;
         let now = Instant::now();
         let event = Arc::new(encode(seq, entry.key, &entry.id, &entry.prepared, &entry.timestamp, published_at, now));
         ordered.history.push(event.clone(), now);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             let _ = inbox.events.push(Delivery { event: event.clone(), ticket: ticket.clone() });
         }
         drop(ordered);
         self.counters.published.fetch_add(1, Ordering::Relaxed);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             inbox.wake();
         }
         Ok(())
@@ -556,7 +227,7 @@ impl Bus {
         let count = prepared.len();
         let ids = {
             let mut ordered = self.lock();
-            if self.inboxes.iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < count) {
+            if self.inboxes().iter().any(|inbox| inbox.events.capacity() - inbox.events.len() < count) {
                 self.counters.refused_overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(PublishError::Overloaded);
             }
@@ -571,8 +242,8 @@ impl Bus {
                 })
                 .collect();
             let ids: Vec<Box<str>> = events.iter().map(|e| e.id.clone()).collect();
-            let ticket = ticket_to.map(|reply_to| PublishTicket::new(reply_to, ids.clone(), self.inboxes.len()));
-            for inbox in &self.inboxes {
+            let ticket = ticket_to.map(|reply_to| PublishTicket::new(reply_to, ids.clone(), self.inboxes().len()));
+            for inbox in self.inboxes() {
                 for (index, event) in events.iter().enumerate() {
                     let delivery = Delivery { event: event.clone(), ticket: ticket.clone().map(|t| (t, index)) };
                     // Capacity was checked under this lock and only publishers push.
@@ -582,7 +253,7 @@ impl Bus {
             ids
         };
         self.counters.published.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        for inbox in &self.inboxes {
+        for inbox in self.inboxes() {
             inbox.wake();
         }
         Ok(ids)
@@ -694,58 +365,6 @@ impl Bus {
     }
 }
 
-/// An event for the history's unit tests, which cannot build one (its bytes are private).
-#[cfg(test)]
-pub(crate) fn test_event(seq: u64, key: (u64, u64), published_at: Instant) -> Arc<Event> {
-    let raw = serde_json::value::RawValue::from_string(format!(r#"{{"topic":"t","data":{seq}}}"#))
-        .expect("test JSON is valid");
-    let request = PublishRequest::from_json(&raw, "").expect("test request is valid");
-    let prepared = Prepared { tail: request.encoded_tail(), request };
-    Arc::new(encode(
-        seq,
-        key,
-        &format!("{}-{}", key.0, key.1),
-        &prepared,
-        "2026-01-01T00:00:00Z",
-        published_at,
-        published_at,
-    ))
-}
-
-/// Lays out an event's bytes once: the WebSocket frame (header + JSON) and the SSE head.
-fn encode(
-    seq: u64,
-    key: (u64, u64),
-    id: &str,
-    prepared: &Prepared,
-    timestamp: &str,
-    published_at: Instant,
-    received_at: Instant,
-) -> Event {
-    let json_len = EVENT_HEAD.len() + id.len() + EVENT_MID.len() + timestamp.len() + prepared.tail.len();
-    let header_len = ws_header_len(json_len);
-    let mut frame = Vec::with_capacity(header_len + json_len);
-    push_ws_text_header(&mut frame, json_len);
-    for part in [EVENT_HEAD, id, EVENT_MID, timestamp, &prepared.tail] {
-        frame.extend_from_slice(part.as_bytes());
-    }
-    let request = &prepared.request;
-    Event {
-        seq,
-        key,
-        id: id.into(),
-        topic: request.topic.as_str().into(),
-        source: request.source.as_str().into(),
-        correlation_id: request.correlation_id.as_deref().map(Into::into),
-        published_at,
-        received_at,
-        ws_frame: frame.into_boxed_slice(),
-        json_start: header_len,
-        sse_head: crate::sse::event_head(id).into_boxed_slice(),
-        deflated: Default::default(),
-    }
-}
-
 /// The local instant matching a publish timestamp written by (possibly) another node, so
 /// latency histograms measure from the publisher's clock.
 fn published_instant(timestamp: &str, wall_now: SystemTime, now: Instant) -> Instant {
@@ -759,61 +378,11 @@ fn published_instant(timestamp: &str, wall_now: SystemTime, now: Instant) -> Ins
     }
 }
 
-/// Bytes of an unmasked frame header for a payload of `len`.
-pub fn ws_header_len(len: usize) -> usize {
-    match len {
-        0..=125 => 2,
-        126..=65_535 => 4,
-        _ => 10,
-    }
-}
-
-/// The text frame opcode.
-pub const WS_OPCODE_TEXT: u8 = 0x1;
-/// First byte of a final text frame.
-pub const WS_TEXT: u8 = 0x80 | WS_OPCODE_TEXT;
-/// First byte of a final text frame compressed with permessage-deflate (RSV1).
-pub const WS_DEFLATED_TEXT: u8 = WS_TEXT | deflate::RSV1;
-
-/// Appends the header of a final, unmasked text frame of `len` payload bytes (RFC 6455 §5.2).
-pub fn push_ws_text_header(out: &mut Vec<u8>, len: usize) {
-    push_ws_header(out, WS_TEXT, len);
-}
-
-/// Appends an unmasked frame header: `first` (FIN, RSV, opcode), then the length.
-pub fn push_ws_header(out: &mut Vec<u8>, first: u8, len: usize) {
-    out.push(first);
-    match len {
-        0..=125 => out.push(len as u8),
-        126..=65_535 => {
-            out.push(126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mio::Waker;
     use std::time::Duration;
-    use tungstenite::protocol::frame::FrameHeader;
-
-    #[test]
-    fn ws_header_agrees_with_tungstenite() {
-        for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
-            let mut ours = Vec::new();
-            push_ws_text_header(&mut ours, len);
-            assert_eq!(ours.len(), ws_header_len(len));
-            let mut cursor = std::io::Cursor::new(ours);
-            let (header, parsed_len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
-            assert!(header.is_final && header.mask.is_none());
-            assert_eq!(parsed_len, len as u64);
-        }
-    }
 
     fn bus(shards: usize, capacity: usize) -> (Bus, Vec<mio::Poll>) {
         let polls: Vec<_> = (0..shards).map(|_| mio::Poll::new().unwrap()).collect();

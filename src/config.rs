@@ -106,6 +106,8 @@ pub struct Config {
     pub echo_path: String,
     /// `tracing` filter, e.g. `info` or `volley=debug`.
     pub log_level: String,
+    /// How log lines are written to stderr.
+    pub log_format: LogFormat,
 }
 
 impl Default for Config {
@@ -154,8 +156,19 @@ impl Default for Config {
             allowed_origins: vec!["*".into()],
             echo_path: String::new(),
             log_level: "info".into(),
+            log_format: LogFormat::Human,
         }
     }
+}
+
+/// How log lines are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text for people to read; coloured when stderr is a terminal.
+    Human,
+    /// One JSON object per line, for a log collector.
+    Json,
 }
 
 /// One listening address and what it serves.
@@ -441,6 +454,15 @@ mod tests {
         assert!(err.to_string().contains("max_message_bytes"), "{err}");
         let err = Config::load(None, env(&[("VOLLEY_HEARTBEAT_INTERVAL_MS", "0")])).unwrap_err();
         assert!(err.to_string().contains("heartbeat_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn log_format_is_human_or_json() {
+        assert_eq!(Config::load(None, env(&[])).unwrap().log_format, LogFormat::Human);
+        let c = Config::load(None, env(&[("VOLLEY_LOG_FORMAT", "json")])).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        let err = Config::load(None, env(&[("VOLLEY_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("log_format"), "{err}");
     }
 
     #[test]

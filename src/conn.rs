@@ -16,8 +16,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::bus::Event;
 use crate::deflate::{Agreement, Window};
+use crate::event::Event;
 use crate::limits::TokenBucket;
 use crate::topic::Pattern;
 use crate::ws::Codec;
@@ -463,7 +463,7 @@ pub struct WsConn {
     pub auth_deadline: Option<Instant>,
     /// Its `stats` request in flight, if one (at most one at a time): alive while the
     /// shards gather it, gone once answered or lost.
-    pub stats: Option<std::sync::Weak<crate::metrics::Gather>>,
+    pub stats: Option<std::sync::Weak<crate::mailbox::StatsRead>>,
 }
 
 impl WsConn {

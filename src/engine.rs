@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::Value;
 use serde_json::value::RawValue;
 
-use crate::bus::{Bus, Control, Prepared, PublishError, PublishTicket, Reply, StreamEntry, Submit};
+use crate::bus::{Bus, Submit};
+use crate::event::{Prepared, PublishError, StreamEntry};
+use crate::mailbox::{Control, PublishTicket, Reply};
 use crate::protocol::{self, PublishRequest};
 
 /// Health of a cluster engine, shown by `/health` and `/metrics`.
@@ -490,7 +492,7 @@ impl Writer {
 
     fn answer(&self, reply: Reply, result: Result<Vec<Box<str>>, PublishError>) {
         // A full control queue loses the answer: an HTTP publisher gets 504 at its timeout.
-        self.bus.to_shard(reply.to.shard, Control::Published(reply, result));
+        self.bus.mailboxes.to_shard(reply.to.shard, Control::Published(reply, result));
     }
 }
 
@@ -669,8 +671,9 @@ pub fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::{Inbox, ReplyTo, Sequencer};
+    use crate::bus::Sequencer;
     use crate::history::Retention;
+    use crate::mailbox::{Inbox, ReplyTo};
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bus::Event;
+use crate::event::Event;
 
 /// Events per sealed chunk. Large enough that a snapshot of 10,000 retained events is a
 /// few dozen reference counts, small enough that copying the open tail (at most
@@ -385,7 +385,7 @@ impl<'a> View<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::test_event;
+    use crate::event::test_event;
 
     const EPOCH: u64 = 7;
 

@@ -77,22 +77,17 @@ impl Admission {
 /// kernel's `nr_open` when privileged, then the soft limit to the hard one. A broker (or
 /// a benchmark client) holds one descriptor per connection.
 pub fn raise_fd_limit() {
+    use rlimit::Resource;
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(1 << 20)
         .min(1 << 20);
-    // SAFETY: get/setrlimit on our own process with a valid, initialized struct.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let raised = libc::rlimit { rlim_cur: nr_open.max(limit.rlim_max), rlim_max: nr_open.max(limit.rlim_max) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    let Ok((_, hard)) = rlimit::getrlimit(Resource::NOFILE) else { return };
+    let raised = nr_open.max(hard);
+    if rlimit::setrlimit(Resource::NOFILE, raised, raised).is_err() {
+        // Unprivileged: the hard limit cannot rise, but the soft one may reach it.
+        let _ = rlimit::setrlimit(Resource::NOFILE, hard, hard);
     }
 }
 
@@ -214,12 +209,7 @@ mod tests {
     }
 
     fn nofile() -> (u64, u64) {
-        // SAFETY: getrlimit fills the struct we pass.
-        unsafe {
-            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-            (limit.rlim_cur, limit.rlim_max)
-        }
+        rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit")
     }
 
     #[test]

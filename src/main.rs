@@ -1,10 +1,11 @@
 //! The `volley` command line: parses arguments and hands over to the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use volley::config::Config;
+use volley::config::{Config, LogFormat};
 
 /// volley: a real-time message broker (WebSocket, SSE and HTTP on one port).
 #[derive(Parser)]
@@ -276,7 +277,14 @@ fn main() -> ExitCode {
             }
             let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            // Colour codes only for a terminal (NO_COLOR still wins): a file or a journal
+            // would keep them as noise.
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
+            match config.log_format {
+                LogFormat::Human => logs.init(),
+                LogFormat::Json => logs.json().init(),
+            }
             match volley::reactor::serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

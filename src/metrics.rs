@@ -418,31 +418,19 @@ pub struct Gather {
     latency: std::sync::Mutex<Latency>,
     /// Gathers in flight in the process, one of which this is until dropped.
     in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// Where the answer goes.
-    pub reply_to: crate::bus::ReplyTo,
-    /// How to render it.
-    pub format: StatsFormat,
 }
 
 impl Gather {
     /// A read that `shards` shards must answer, taking one of `max` places in `in_flight`
     /// (each gather merges its own copy of the histograms, about 1 MB); `None` when every
     /// place is taken.
-    pub fn new(
-        shards: usize,
-        reply_to: crate::bus::ReplyTo,
-        format: StatsFormat,
-        in_flight: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-        max: usize,
-    ) -> Option<Self> {
+    pub fn new(shards: usize, in_flight: &std::sync::Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
         in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
         Some(Self {
             remaining: std::sync::atomic::AtomicUsize::new(shards),
             failed: Default::default(),
             latency: std::sync::Mutex::new(Latency::default()),
             in_flight: in_flight.clone(),
-            reply_to,
-            format,
         })
     }
 

@@ -24,9 +24,9 @@ use redis::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::bus::Control;
 use crate::core::Shared;
 use crate::engine::Connector;
+use crate::mailbox::Control;
 use crate::presence::{Entry, Notice, Presence, Transport};
 
 /// How often queued joins and leaves go out.
@@ -120,7 +120,7 @@ fn entry_of(node: u64, conn: u64, stored: Stored) -> Entry {
 fn deliver(shared: &Shared, notices: impl IntoIterator<Item = Notice>) {
     for notice in notices {
         let notice = Arc::new(notice);
-        shared.bus.to_every_shard(|| Control::Presence(notice.clone()));
+        shared.bus.mailboxes.to_every_shard(|| Control::Presence(notice.clone()));
     }
 }
 

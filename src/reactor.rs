@@ -15,10 +15,11 @@ use std::thread::JoinHandle;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::bus::{Bus, Inbox, Lifecycle, Sequencer};
+use crate::bus::{Bus, Sequencer};
 use crate::config::Config;
 use crate::core::Shared;
 use crate::engine::{Redis, RedisSettings};
+use crate::mailbox::{Inbox, Lifecycle};
 use crate::shard::{Listener, Shard, WAKER};
 use crate::tls::{Certificates, TlsError};
 

@@ -280,10 +280,10 @@ fn every_error_code_is_documented_with_its_status() {
     );
 }
 
-/// Every close code the code defines: the arms of `Close::code` in src/ws.rs, and any
+/// Every close code the code defines: the arms of `Close::code` in src/ws/mod.rs, and any
 /// literal `CloseCode::from(N)` anywhere in src/.
 fn close_codes() -> BTreeSet<u16> {
-    let source = read(&root().join("src/ws.rs"));
+    let source = read(&root().join("src/ws/mod.rs"));
     let mut codes = BTreeSet::new();
     if let Some(body) = block_after(&source, "impl Close").and_then(|b| block_after(b, "fn code")) {
         for line in body.lines() {

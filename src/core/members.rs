@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, UNIX_EPOCH};
 
 use super::{Core, Ctx, SSE_SUB};
-use crate::bus::Control;
 use crate::conn::{Filter, State};
+use crate::mailbox::Control;
 use crate::presence::{Entry, Notice, Transport};
 use crate::protocol::{ErrorCode, Rejection};
 use crate::sse;
@@ -69,7 +69,7 @@ impl Ctx {
         let notice = Arc::new(notice);
         // A shard whose control queue is full misses the notice (counted); its members'
         // lists stay right, only the notice is lost.
-        self.shared.bus.to_every_shard(|| Control::Presence(notice.clone()));
+        self.shared.bus.mailboxes.to_every_shard(|| Control::Presence(notice.clone()));
         if self.shared.engine.is_some() && self.shared.presence_outbox.push(notice).is_err() {
             self.shared.presence_resync.store(true, Ordering::Release);
         }

@@ -24,14 +24,16 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::Auth;
-use crate::bus::{self, Bus, Control, Delivery, Event, Lifecycle, ReplyTo};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, SSE_SUB, State, Transport};
 use crate::deflate::Joiner;
 use crate::engine::EngineStatus;
+use crate::event::{self, Event};
 use crate::http::{HttpError, Response};
 use crate::limits::{Admission, IpRates, Refusal};
-use crate::metrics::{Gather, Latency, ShardCounters, Snapshot, StatsFormat};
+use crate::mailbox::{Control, Delivery, Lifecycle, ReplyTo, StatsRead};
+use crate::metrics::{Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol;
 use crate::protocol::ErrorCode;
 use crate::sse;
@@ -134,7 +136,7 @@ impl Shared {
         }
         snapshot.published = self.bus.counters.published.load(Ordering::Relaxed);
         snapshot.refused_overloaded = self.bus.counters.refused_overloaded.load(Ordering::Relaxed);
-        snapshot.control_refused = self.bus.counters.control_refused.load(Ordering::Relaxed);
+        snapshot.control_refused = self.bus.mailboxes.control_refused.load(Ordering::Relaxed);
         snapshot.history = self.bus.history_size();
         snapshot.latency = latency;
         snapshot.engine = self.engine.as_ref().map(|e| {
@@ -605,7 +607,7 @@ impl Core {
     pub fn standalone(config: Config, epoch: (Instant, SystemTime)) -> io::Result<(Self, Arc<Shared>, mio::Poll)> {
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), mio::Token(0))?;
-        let inbox = crate::bus::Inbox::new(waker, config.shard_queue_capacity);
+        let inbox = crate::mailbox::Inbox::new(waker, config.shard_queue_capacity);
         let bus = Bus::new(vec![inbox], config.retention(), config.max_message_bytes);
         let shared = Arc::new(Shared::new(config, Arc::new(bus), None, 1, epoch));
         Ok((Self::new(0, shared.clone()), shared, poll))
@@ -674,25 +676,25 @@ impl Core {
                         }
                     }
                 }
-                Control::Collect(gather) => {
-                    if gather.add(&self.ctx.latency) {
-                        let shard = gather.reply_to.shard;
-                        shared.bus.to_shard(shard, Control::StatsReady(gather));
+                Control::Collect(read) => {
+                    if read.gather.add(&self.ctx.latency) {
+                        let shard = read.reply_to.shard;
+                        shared.bus.mailboxes.to_shard(shard, Control::StatsReady(read));
                     }
                 }
-                Control::StatsReady(gather) => self.answer_stats(&gather, now),
+                Control::StatsReady(read) => self.answer_stats(&read, now),
                 Control::Presence(notice) => self.deliver_presence(&notice, now),
             }
         }
     }
 
-    fn answer_stats(&mut self, gather: &Gather, now: Instant) {
-        let ReplyTo { key, conn_id, .. } = gather.reply_to;
-        if gather.failed() {
-            return self.stats_overloaded(gather, now);
+    fn answer_stats(&mut self, read: &StatsRead, now: Instant) {
+        let ReplyTo { key, conn_id, .. } = read.reply_to;
+        if read.gather.failed() {
+            return self.stats_overloaded(read, now);
         }
-        let snapshot = self.ctx.shared.snapshot(gather.latency());
-        match &gather.format {
+        let snapshot = self.ctx.shared.snapshot(read.gather.latency());
+        match &read.format {
             StatsFormat::Json => self.resume_http(key, conn_id, Response::json(200, &snapshot.to_json()), now),
             StatsFormat::Prometheus => self.resume_http(
                 key,
@@ -707,7 +709,7 @@ impl Core {
                 let Some(previous) = sse.stats.as_mut() else { return };
                 // Percentiles of the last interval beside the cumulative ones: a plot of the
                 // last minutes must not be flattened by the whole run.
-                let latest = gather.latency();
+                let latest = read.gather.latency();
                 let interval = latest.since(previous);
                 **previous = latest;
                 let mut document = snapshot.to_json();
@@ -731,10 +733,10 @@ impl Core {
     }
 
     /// A stats read some shard could not take part in: `overloaded` (503), or no push.
-    fn stats_overloaded(&mut self, gather: &Gather, now: Instant) {
-        let ReplyTo { key, conn_id, .. } = gather.reply_to;
+    fn stats_overloaded(&mut self, read: &StatsRead, now: Instant) {
+        let ReplyTo { key, conn_id, .. } = read.reply_to;
         let rejection = routes::stats_overloaded();
-        match &gather.format {
+        match &read.format {
             StatsFormat::Json | StatsFormat::Prometheus => {
                 let response = Response::error(&routes::http_error_of(&rejection)).header("Retry-After", "1");
                 self.resume_http(key, conn_id, response, now);
@@ -824,7 +826,7 @@ impl Core {
             budget = budget.saturating_sub(event.ws_frame().len());
             let delivery = Delivery { event, ticket };
             if let Some(done) = delivery.report(queued) {
-                shared.bus.to_shard(done.reply_to.shard, Control::PublishDone(done));
+                shared.bus.mailboxes.to_shard(done.reply_to.shard, Control::PublishDone(done));
             }
             if budget == 0 {
                 more = !inbox.events.is_empty();
@@ -940,7 +942,7 @@ fn write_batch(conn: &mut Conn, wall: SystemTime) -> usize {
             joiner.literal(tail.as_bytes());
             let payload = joiner.finish();
             let mut frame = Vec::with_capacity(payload.len() + 10);
-            bus::push_ws_header(&mut frame, bus::WS_DEFLATED_TEXT, payload.len());
+            event::push_ws_header(&mut frame, event::WS_DEFLATED_TEXT, payload.len(), None);
             frame.extend_from_slice(&payload);
             frame
         }

@@ -16,12 +16,14 @@ use super::members::Joiner;
 use super::session::readable_patterns;
 use super::{Ctx, LINGER, Routed, SSE_SUB, SubRef};
 use crate::auth::{AuthError, Grant};
-use crate::bus::{Accepted, Control, PublishError, Reply};
+use crate::bus::Accepted;
 use crate::conn::{Conn, Filter, SseConn, State, Transport, WsConn};
 use crate::deflate;
+use crate::event::PublishError;
 use crate::history::NotRecoverable;
 use crate::http::{self, HttpError, Parsed, Request, Response};
 use crate::limits::TokenBucket;
+use crate::mailbox::{Control, Reply, StatsRead};
 use crate::metrics::{Gather, ShardCounters, StatsFormat};
 use crate::protocol::{self, ErrorCode, HistoryQuery, Rejection};
 use crate::sse;
@@ -248,16 +250,16 @@ impl Ctx {
         }
         let shared = &self.shared;
         let shards = shared.bus.inboxes().len();
-        let gather = Gather::new(shards, reply_to, format, &shared.stats_gathers, super::MAX_STATS_GATHERS)
-            .ok_or_else(stats_overloaded)?;
-        let gather = Arc::new(gather);
+        let gather =
+            Gather::new(shards, &shared.stats_gathers, super::MAX_STATS_GATHERS).ok_or_else(stats_overloaded)?;
+        let read = Arc::new(StatsRead { gather, reply_to, format });
         if let State::WebSocket(ws) = &mut conn.state {
-            ws.stats = Some(Arc::downgrade(&gather));
+            ws.stats = Some(Arc::downgrade(&read));
         }
-        let refused = shared.bus.to_every_shard(|| Control::Collect(gather.clone()));
+        let refused = shared.bus.mailboxes.to_every_shard(|| Control::Collect(read.clone()));
         // The shards that took it will answer (`overloaded`, since one could not); when
         // none did, nobody will, so the answer is now.
-        if refused > 0 && gather.refused(refused) {
+        if refused > 0 && read.gather.refused(refused) {
             return Err(stats_overloaded());
         }
         Ok(())

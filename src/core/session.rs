@@ -13,11 +13,12 @@ use serde_json::json;
 use super::members::Joiner;
 use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
-use crate::bus::{Accepted, PublishError, Reply, ReplyTo};
+use crate::bus::Accepted;
 use crate::conn::{Conn, Filter, State, Subscription, WsConn};
-use crate::deflate;
+use crate::event::{self, PublishError};
 use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
+use crate::mailbox::{Reply, ReplyTo};
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
 use crate::presence::Transport;
 use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
@@ -417,7 +418,7 @@ fn echo(ws: &mut WsConn, message: Echo) -> Vec<u8> {
     };
     if let Some(agreement) = ws.deflate.filter(|a| a.worth(bytes.len()))
         && ws.codec.can_write()
-        && let Some(frame) = deflate::compressed_frame(agreement.window, opcode, bytes)
+        && let Some(frame) = event::compressed_frame(agreement.window, opcode, bytes)
     {
         return frame;
     }

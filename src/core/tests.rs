@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{AfterWrite, Core, LINGER, Shared};
-use crate::bus::Lifecycle;
 use crate::config::Config;
+use crate::mailbox::Lifecycle;
 
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -148,8 +148,8 @@ impl Harness {
     pub fn publish_from(&mut self, topic: &str, source: &str, data: &str) {
         let body = format!(r#"{{"topic":"{topic}","source":"{source}","data":{data}}}"#);
         let requests = crate::protocol::parse_publish_body(body.as_bytes(), 1).expect("valid publish");
-        let reply = crate::bus::Reply {
-            to: crate::bus::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 },
+        let reply = crate::mailbox::Reply {
+            to: crate::mailbox::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 },
             wait: false,
             websocket: None,
         };
@@ -735,11 +735,11 @@ fn coalescing_follows_this_nodes_clock_not_the_publishers() {
     let raw = serde_json::value::RawValue::from_string(r#"{"topic":"a","data":1}"#.into()).unwrap();
     let request = crate::protocol::PublishRequest::from_json(&raw, "").unwrap();
     let entries: Vec<_> = (1..=20u64)
-        .map(|n| crate::bus::StreamEntry {
+        .map(|n| crate::event::StreamEntry {
             id: format!("1-{n}"),
             key: (1, n),
             timestamp: timestamp.clone(),
-            prepared: crate::bus::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
+            prepared: crate::event::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
         })
         .collect();
     h.shared.bus.ingest(entries, |_| None);
@@ -835,12 +835,14 @@ fn a_full_control_queue_answers_overloaded_instead_of_buffering() {
     let mut h = Harness::new(|_| {});
     let key = h.websocket("/ws");
     let places = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let reply_to = crate::bus::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 };
-    let filler = Arc::new(
-        crate::metrics::Gather::new(1, reply_to, crate::metrics::StatsFormat::Json, &places, 1).expect("a place"),
-    );
-    while h.shared.bus.inboxes()[0].send(crate::bus::Control::Collect(filler.clone())).is_ok() {}
-    assert_eq!(h.shared.bus.inboxes()[0].control.len(), crate::bus::CONTROL_CAPACITY, "bounded");
+    let reply_to = crate::mailbox::ReplyTo { shard: 0, key: usize::MAX, conn_id: 0 };
+    let filler = Arc::new(crate::mailbox::StatsRead {
+        gather: crate::metrics::Gather::new(1, &places, 1).expect("a place"),
+        reply_to,
+        format: crate::metrics::StatsFormat::Json,
+    });
+    while h.shared.bus.inboxes()[0].send(crate::mailbox::Control::Collect(filler.clone())).is_ok() {}
+    assert_eq!(h.shared.bus.inboxes()[0].control.len(), crate::mailbox::CONTROL_CAPACITY, "bounded");
     h.input(key, &text(r#"{"type":"request","payload":{"action":"stats"}}"#));
     assert_eq!(error_codes(&h.frames(key)), ["overloaded"]);
     let http = h.connect();

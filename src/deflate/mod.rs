@@ -5,9 +5,8 @@
 //! shard's compressors ([`compress`]; one per window size per thread, so the first shard
 //! that needs an event's compressed frame builds it for every connection on every shard),
 //! [`Joiner`], which joins independently compressed events and literal bytes into one
-//! message (batch mode), and [`Inflater`], a sans-IO layer in front of tungstenite that turns
-//! compressed client frames into plain ones. It does not touch sockets, connections or the
-//! bus.
+//! message (batch mode). Inflating what clients send is [`crate::ws`]'s (its `inflate`
+//! layer). It does not touch sockets, connections, frames or the bus.
 //!
 //! Every agreement is without context takeover in both directions: the server's messages
 //! must not depend on what else a connection received, or one compressed frame could not
@@ -15,13 +14,9 @@
 //! (`client_no_context_takeover`, which RFC 7692 §7.1.1.2 lets a server require even when
 //! not offered), so no connection keeps a 32 KiB inflate window while idle.
 
-mod inflate;
-
 use std::cell::RefCell;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
-
-pub use inflate::Inflater;
 
 /// The empty stored block a sync flush ends with; RFC 7692 §7.2.1 has the sender remove it
 /// from every message and the receiver put it back.
@@ -188,16 +183,6 @@ pub fn compress(window: Window, payload: &[u8]) -> Option<Vec<u8>> {
         out.truncate(out.len() - SYNC_TAIL.len());
         (out.len() < payload.len()).then_some(out)
     })
-}
-
-/// A whole unmasked frame (FIN, RSV1, `opcode`) carrying `payload` compressed, or `None`
-/// when compressing does not make it smaller.
-pub fn compressed_frame(window: Window, opcode: u8, payload: &[u8]) -> Option<Vec<u8>> {
-    let compressed = compress(window, payload)?;
-    let mut frame = Vec::with_capacity(crate::bus::ws_header_len(compressed.len()) + compressed.len());
-    crate::bus::push_ws_header(&mut frame, 0x80 | RSV1 | opcode, compressed.len());
-    frame.extend_from_slice(&compressed);
-    Some(frame)
 }
 
 /// The frame header bit that marks a compressed message (RFC 7692 §6).

@@ -5,7 +5,10 @@
 //! UTF-8, the close handshake) over in-memory bytes: bytes read go in, messages and bytes
 //! to write come out. The shard writes the shared event frames itself, between whole
 //! frames of the codec's output, so encode-once holds and a pong never lands inside a
-//! half-written frame. It does not touch sockets, subscriptions or the bus.
+//! half-written frame. Its `inflate` layer undoes permessage-deflate on what clients send
+//! before tungstenite sees it. It does not touch sockets, subscriptions or the bus.
+
+mod inflate;
 
 use std::io::{self, Read, Write};
 
@@ -13,9 +16,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error, Message};
 
-use crate::deflate::{Agreement, Inflater};
+use crate::deflate::Agreement;
 use crate::http::{HttpError, Request, Response};
 use crate::protocol::ErrorCode;
+pub use inflate::Inflater;
 
 /// Close codes volley sends (docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,6 @@
-//! The inbound half: compressed client frames in, plain frames out, for tungstenite to judge.
+//! permessage-deflate's inbound half: compressed client frames in, plain frames out, for
+//! tungstenite to judge. Part of [`crate::ws`], not [`crate::deflate`]: it answers with
+//! WebSocket close codes ([`Close`]), and deflate must stay below frames and WebSocket.
 //!
 //! tungstenite has no permessage-deflate and rejects RSV1, so this layer sits between the
 //! socket bytes and tungstenite's protocol core. It reads frame headers only as far as it
@@ -11,11 +13,12 @@
 //! step: a message that would pass `max_message_bytes` fails with 1009 having inflated at
 //! most one byte more (a decompression bomb costs the bound, not its expansion). The
 //! inflate state exists only inside a compressed message (the client was told
-//! `client_no_context_takeover`), so an idle connection holds none.
+//! `client_no_context_takeover`), so an idle connection holds none. It does not touch
+//! sockets, connections or the bus.
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-use super::SYNC_TAIL;
+use crate::deflate::SYNC_TAIL;
 use crate::ws::Close;
 
 /// Most plain bytes produced per call; the caller hands them to tungstenite and calls again.
@@ -227,20 +230,7 @@ fn inflate_into(
 
 /// Appends a frame tungstenite accepts from a client: masked, with a zero key.
 fn push_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8]) {
-    out.push(if fin { 0x80 } else { 0 } | opcode);
-    let len = payload.len();
-    match len {
-        0..=125 => out.push(0x80 | len as u8),
-        126..=65_535 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0; 4]);
+    crate::event::push_ws_header(out, if fin { 0x80 } else { 0 } | opcode, payload.len(), Some([0; 4]));
     out.extend_from_slice(payload);
 }
 
