@@ -23,7 +23,7 @@ fn event_json() -> Vec<u8> {
 /// A masked client frame carrying `payload`, RSV1 set when `compressed`.
 fn client_frame(payload: &[u8], compressed: bool) -> Vec<u8> {
     let mut frame = Vec::new();
-    volley::bench::masked_text(payload, &mut frame);
+    volley::event::masked_text(payload, &mut frame);
     if compressed {
         frame[0] |= 0x40;
     }

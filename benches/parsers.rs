@@ -12,7 +12,7 @@ use volley::ws::Codec;
 
 fn masked_text(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
-    volley::bench::masked_text(payload, &mut frame);
+    volley::event::masked_text(payload, &mut frame);
     frame
 }
 

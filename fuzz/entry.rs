@@ -324,7 +324,7 @@ pub fn connection(data: &[u8]) {
             6 => {
                 let message = MESSAGES[usize::from(next().unwrap_or(0)) % MESSAGES.len()];
                 let mut frame = Vec::new();
-                volley::bench::masked_text(message.as_bytes(), &mut frame);
+                volley::event::masked_text(message.as_bytes(), &mut frame);
                 core.handle_input(key, &frame, now);
             }
             7 => core.handle_eof(key, now),

@@ -285,19 +285,6 @@ impl Window {
     }
 }
 
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-/// Appends a client (masked) text frame carrying `payload`.
-pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
-    masked_frame(0x1, payload, out);
-}
-
-/// Appends a final client (masked) frame with `opcode` carrying `payload`.
-pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
-    crate::event::push_ws_header(out, 0x80 | opcode, payload.len(), Some(MASK));
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-}
-
 /// The publish time stamped in an event's data (`"t":<µs>`; servers may reorder keys).
 fn stamped_time(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"t\":";
@@ -635,7 +622,7 @@ fn process(
                 }
                 Phase::Connected => {
                     let subscribe = json!({"type": "subscribe", "payload": {"topics": [sub.topic]}}).to_string();
-                    masked_text(subscribe.as_bytes(), &mut sub.out);
+                    crate::event::masked_text(subscribe.as_bytes(), &mut sub.out);
                     sub.phase = Phase::Subscribing;
                 }
                 Phase::Subscribing if payload.windows(12).any(|w| w == b"\"subscribed\"") => {
@@ -646,7 +633,7 @@ fn process(
             },
             0x9 => {
                 // Answer pings so heartbeats do not drop idle benchmark connections.
-                masked_frame(0xA, payload, &mut sub.out);
+                crate::event::masked_frame(0xA, payload, &mut sub.out);
             }
             0x8 => {
                 sub.phase = Phase::Dead;
@@ -795,7 +782,7 @@ fn publisher_loop(
             let request = format!(
                 r#"{{"type":"request","payload":{{"action":"publish","topic":"{topic}","data":{{"t":{t},"p":{pad}}}}}}}"#
             );
-            masked_text(request.as_bytes(), &mut frames);
+            crate::event::masked_text(request.as_bytes(), &mut frames);
             shared.owed.fetch_add(subscribers_per_topic.get(&topic).copied().unwrap_or(0), Ordering::Relaxed);
             stamps.push((topic, t));
         }

@@ -250,6 +250,21 @@ pub fn push_ws_header(out: &mut Vec<u8>, first: u8, len: usize, mask: Option<[u8
     }
 }
 
+/// The mask a client frame written by [`masked_frame`] carries (a client's frames must be
+/// masked, RFC 6455 §5.3; tests, fuzzing and the bench harness write them).
+const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// Appends a client (masked) text frame carrying `payload`.
+pub fn masked_text(payload: &[u8], out: &mut Vec<u8>) {
+    masked_frame(WS_OPCODE_TEXT, payload, out);
+}
+
+/// Appends a final client (masked) frame with `opcode` carrying `payload`.
+pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    push_ws_header(out, 0x80 | opcode, payload.len(), Some(CLIENT_MASK));
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ CLIENT_MASK[i % 4]));
+}
+
 /// A whole unmasked frame (FIN, RSV1, `opcode`) carrying `payload` compressed, or `None`
 /// when compressing does not make it smaller.
 pub fn compressed_frame(window: Window, opcode: u8, payload: &[u8]) -> Option<Vec<u8>> {

@@ -9,6 +9,7 @@
 #![deny(dead_code)]
 
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bus;
 pub mod config;

@@ -71,7 +71,7 @@ pub(crate) fn frames(mut bytes: &[u8]) -> Vec<Frame> {
 /// A client (masked) frame.
 pub(crate) fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
-    crate::bench::masked_frame(opcode, payload, &mut frame);
+    crate::event::masked_frame(opcode, payload, &mut frame);
     frame
 }
 

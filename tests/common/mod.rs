@@ -76,7 +76,7 @@ pub fn ws_connect(broker: &Broker, path: &str) -> (Ws, Value) {
 /// A client (masked) text frame, for raw-socket clients.
 pub fn masked_text(payload: &str) -> Vec<u8> {
     let mut frame = Vec::new();
-    volley::bench::masked_text(payload.as_bytes(), &mut frame);
+    volley::event::masked_text(payload.as_bytes(), &mut frame);
     frame
 }
 
