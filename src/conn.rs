@@ -805,6 +805,13 @@ impl Conn {
         }
     }
 
+    /// Whether it must be written this turn: a reply or control frame is queued, or a
+    /// close must be finished. (Queued events alone wait in the core's `dirty` list for
+    /// the coalescing window.)
+    pub fn must_write(&self) -> bool {
+        self.out.has_owned() || self.closing.is_some_and(|c| !c.shut)
+    }
+
     /// The earliest time this connection needs attention without I/O.
     pub fn deadline(&self, heartbeat: std::time::Duration) -> Option<Instant> {
         if let Some(closing) = &self.closing {

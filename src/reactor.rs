@@ -146,17 +146,12 @@ impl Server {
     /// 1001 after their queued events, end SSE streams; shards exit when empty or at the
     /// drain timeout.
     pub fn drain(&self) {
-        self.shared.draining.store(true, Ordering::Release);
-        for inbox in self.shared.bus.inboxes() {
-            inbox.request(Lifecycle::Drain);
-        }
+        request(&self.shared, Lifecycle::Drain);
     }
 
     /// Stops every shard at once.
     pub fn stop(&self) {
-        for inbox in self.shared.bus.inboxes() {
-            inbox.request(Lifecycle::Stop);
-        }
+        request(&self.shared, Lifecycle::Stop);
     }
 
     /// Waits for every shard to exit.
@@ -170,6 +165,17 @@ impl Server {
             }
         }
         result
+    }
+}
+
+/// The one way a drain or a stop is asked of every shard (a drain also turns `/health` to
+/// 503 at once).
+fn request(shared: &Shared, lifecycle: Lifecycle) {
+    if lifecycle == Lifecycle::Drain {
+        shared.draining.store(true, Ordering::Release);
+    }
+    for inbox in shared.bus.inboxes() {
+        inbox.request(lifecycle);
     }
 }
 
@@ -242,14 +248,9 @@ pub fn serve(config: Config) -> io::Result<()> {
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "draining");
-                shared.draining.store(true, Ordering::Release);
-                for inbox in shared.bus.inboxes() {
-                    inbox.request(Lifecycle::Drain);
-                }
+                request(&shared, Lifecycle::Drain);
             } else {
-                for inbox in shared.bus.inboxes() {
-                    inbox.request(Lifecycle::Stop);
-                }
+                request(&shared, Lifecycle::Stop);
             }
         }
     })?;

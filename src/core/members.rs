@@ -121,8 +121,8 @@ impl Core {
                 }
                 _ => continue,
             }
-            ctx.touch(at.conn);
-            ctx.want_transmit(conn, at.conn);
+            // Reached through the index (not through `reach`), so recorded here.
+            ctx.changed.push(at.conn);
         }
     }
 }

@@ -259,8 +259,8 @@ struct Ctx {
     read_again: Vec<usize>,
     /// Connections removed whose sockets the shard must drop.
     closed: Vec<usize>,
-    /// Connections whose deadlines may have moved since the last re-arm.
-    touched: Vec<usize>,
+    /// Connections whose state changed since the last [`Core::settle`].
+    changed: Vec<usize>,
     next_conn: u64,
     /// Connections the next fan-out turn may make newly dirty (see [`NEW_WRITES_PER_TURN`]).
     new_writes_limit: usize,
@@ -313,7 +313,7 @@ impl Core {
                 transmit: Vec::new(),
                 read_again: Vec::new(),
                 closed: Vec::new(),
-                touched: Vec::new(),
+                changed: Vec::new(),
                 next_conn: (id as u64) << 48,
                 new_writes_limit: NEW_WRITES_PER_TURN,
                 drain_deadline: None,
@@ -364,9 +364,8 @@ impl Core {
             }
         }
         let key = self.conns.insert(conn);
-        self.ctx.touch(key);
-        self.ctx.want_transmit(&mut self.conns[key], key);
-        self.rearm();
+        self.ctx.changed.push(key);
+        self.settle();
         key
     }
 
@@ -398,8 +397,8 @@ impl Core {
         match &mut conn.state {
             State::WebSocket(ws) if ws.bucket.is_limiting() && conn.closing.is_none() => {
                 ws.resume_read_at = Some(now + LIMITED_READ_PAUSE);
-                self.ctx.touch(key);
-                self.rearm();
+                self.ctx.changed.push(key);
+                self.settle();
             }
             _ => self.ctx.read_again.push(key),
         }
@@ -421,9 +420,8 @@ impl Core {
         let Core { conns, ctx } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         ctx.on_bytes(key, conn, data, now);
-        ctx.touch(key);
-        ctx.want_transmit(conn, key);
-        self.rearm();
+        ctx.changed.push(key);
+        self.settle();
     }
 
     /// The peer closed its side (or the socket failed).
@@ -432,8 +430,8 @@ impl Core {
         // The peer may have half-closed after its last request: answer it first.
         if matches!(conn.state, State::Http(_)) && conn.closing.is_none() && !conn.out.is_empty() {
             conn.begin_close(None, LINGER, now);
-            self.ctx.touch(key);
-            self.rearm();
+            self.ctx.changed.push(key);
+            self.settle();
         } else {
             self.remove(key);
         }
@@ -449,7 +447,7 @@ impl Core {
         self.ctx.shared.bus.inboxes()[self.ctx.id].clear_wake();
         self.drain_control(now);
         let more = self.drain_events(now);
-        self.rearm();
+        self.settle();
         more
     }
 
@@ -479,11 +477,10 @@ impl Core {
                     conn.deadline(self.ctx.shared.config.heartbeat_interval()).is_none_or(|d| d > now),
                     "a timer handler left its deadline at or before now"
                 );
-                self.ctx.want_transmit(conn, key);
-                self.ctx.touch(key);
+                self.ctx.changed.push(key);
             }
         }
-        self.rearm();
+        self.settle();
     }
 
     /// The connections to write now, each once: those with replies, and those whose
@@ -546,7 +543,8 @@ impl Core {
                 && conn.closing.is_none()
             {
                 ctx.process_http(key, conn, now);
-                ctx.want_transmit(conn, key);
+                ctx.changed.push(key);
+                self.settle();
             }
         }
         after
@@ -629,13 +627,18 @@ impl Core {
         self.ctx.timers.len()
     }
 
-    /// Moves the deadlines of the connections touched since the last call in the timer
-    /// queue to what their state says now.
-    fn rearm(&mut self) {
+    /// Brings every connection changed since the last call (the one an entry point was
+    /// called for, and those a control message or fan-out reached) in line with its
+    /// state: its deadline in the timer queue is [`Conn::deadline`], and it is written
+    /// this turn when [`Conn::must_write`] says so. Called at the end of each entry point.
+    fn settle(&mut self) {
         let heartbeat = self.ctx.shared.config.heartbeat_interval();
-        for key in std::mem::take(&mut self.ctx.touched) {
-            let Some(conn) = self.conns.get(key) else { continue };
+        for key in std::mem::take(&mut self.ctx.changed) {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
             self.ctx.timers.set(key, conn.deadline(heartbeat));
+            if conn.must_write() {
+                self.ctx.transmit_now(conn, key);
+            }
         }
     }
 
@@ -661,7 +664,7 @@ impl Core {
                         None => self.resume_http(key, conn_id, published_response(result, 0), now),
                         Some(correlation) => {
                             let Core { conns, ctx } = self;
-                            let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { continue };
+                            let Some(conn) = ctx.reach(conns, key, conn_id) else { continue };
                             match result {
                                 Ok(ids) => {
                                     let payload = json!({"message_id": ids.first()}).to_string();
@@ -671,8 +674,6 @@ impl Core {
                                     ctx.send_error(key, conn, correlation.as_deref(), &publish_rejection(&error), now)
                                 }
                             }
-                            ctx.touch(key);
-                            ctx.want_transmit(conn, key);
                         }
                     }
                 }
@@ -704,7 +705,7 @@ impl Core {
             ),
             StatsFormat::SsePush => {
                 let Core { conns, ctx } = self;
-                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id && c.closing.is_none()) else { return };
+                let Some(conn) = ctx.reach(conns, key, conn_id).filter(|c| c.closing.is_none()) else { return };
                 let State::Sse(sse) = &mut conn.state else { return };
                 let Some(previous) = sse.stats.as_mut() else { return };
                 // Percentiles of the last interval beside the cumulative ones: a plot of the
@@ -719,15 +720,11 @@ impl Core {
                     "publish_to_ack": crate::metrics::percentiles(&interval.publish_to_ack),
                 });
                 ctx.send(key, conn, sse::named_event("stats", &document.to_string()), now);
-                ctx.touch(key);
-                ctx.want_transmit(conn, key);
             }
             StatsFormat::WsResponse(correlation) => {
                 let Core { conns, ctx } = self;
-                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { return };
+                let Some(conn) = ctx.reach(conns, key, conn_id) else { return };
                 ctx.send_message(key, conn, "response", correlation.as_deref(), &snapshot.to_json().to_string(), now);
-                ctx.touch(key);
-                ctx.want_transmit(conn, key);
             }
         }
     }
@@ -743,10 +740,8 @@ impl Core {
             }
             StatsFormat::WsResponse(correlation) => {
                 let Core { conns, ctx } = self;
-                let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id) else { return };
+                let Some(conn) = ctx.reach(conns, key, conn_id) else { return };
                 ctx.send_error(key, conn, correlation.as_deref(), &rejection, now);
-                ctx.touch(key);
-                ctx.want_transmit(conn, key);
             }
             // The next push comes a second later.
             StatsFormat::SsePush => {}
@@ -758,15 +753,13 @@ impl Core {
     /// connection gone (it closes after a 504).
     fn resume_http(&mut self, key: usize, conn_id: u64, response: Response, now: Instant) {
         let Core { conns, ctx } = self;
-        let Some(conn) = conns.get_mut(key).filter(|c| c.id == conn_id && c.closing.is_none()) else { return };
+        let Some(conn) = ctx.reach(conns, key, conn_id).filter(|c| c.closing.is_none()) else { return };
         let State::Http(http) = &mut conn.state else { return };
         let Some(request) = http.waiting.take() else { return };
         http.deadline = now + Duration::from_millis(ctx.config().http_idle_timeout_ms);
         if let Routed::Next = ctx.respond(key, conn, &request, response, now) {
             ctx.process_http(key, conn, now);
         }
-        ctx.touch(key);
-        ctx.want_transmit(conn, key);
     }
 
     /// Fans out events from the inbox until it is empty, a turn's worth of bytes went or
@@ -900,8 +893,8 @@ impl Core {
                 State::Http(http) if http.waiting.is_none() => conn.begin_close(None, LINGER, now),
                 State::Http(_) => {}
             }
-            ctx.touch(key);
-            ctx.want_transmit(conn, key);
+            // Every connection changed: reached by iterating, not through `reach`.
+            ctx.changed.push(key);
         }
     }
 }
@@ -1004,18 +997,14 @@ impl Ctx {
         }
     }
 
-    /// Its deadline may have moved: re-armed at the end of the call.
-    fn touch(&mut self, key: usize) {
-        self.touched.push(key);
-    }
-
-    /// Schedules a write of `conn` this turn if it has something that must not wait:
-    /// a reply, a control frame, or the end of a closing connection. (Events wait in
-    /// `dirty` for the coalescing window.)
-    fn want_transmit(&mut self, conn: &mut Conn, key: usize) {
-        if conn.out.has_owned() || conn.closing.is_some_and(|c| !c.shut) {
-            self.transmit_now(conn, key);
-        }
+    /// The connection at `key` if it is still the one `conn_id` names (slab keys are
+    /// reused), recorded as changed: whatever the caller does to it, [`Core::settle`] then
+    /// derives its deadline and whether it must be written from its state, so no caller
+    /// has to remember either.
+    fn reach<'c>(&mut self, conns: &'c mut Slab<Conn>, key: usize, conn_id: u64) -> Option<&'c mut Conn> {
+        let conn = conns.get_mut(key).filter(|c| c.id == conn_id)?;
+        self.changed.push(key);
+        Some(conn)
     }
 
     /// Schedules a write of `conn` this turn.
@@ -1033,8 +1022,8 @@ impl Ctx {
         counters.dropped_slow_consumer.fetch_add(over.dropped_events as u64, Ordering::Relaxed);
         ShardCounters::bump(&counters.slow_consumer_disconnects);
         conn.begin_close(Some(Close::TryAgainLater), SLOW_CONSUMER_LINGER, now);
-        self.touch(key);
-        self.want_transmit(conn, key);
+        // Reached by fan-out through the index (not through `reach`), so recorded here.
+        self.changed.push(key);
     }
 
     /// Queues a reply, or closes the connection as a slow consumer when it does not fit.

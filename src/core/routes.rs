@@ -184,7 +184,9 @@ impl Ctx {
             "/sse" => self.start_sse(key, conn, request, now),
             "/history" => {
                 let response = match self.authorized_query(request) {
-                    Ok(query) => Response::with_body(200, "application/json", self.history(&query, now).into_bytes()),
+                    Ok((query, _)) => {
+                        Response::with_body(200, "application/json", self.history(&query, now).into_bytes())
+                    }
                     Err(response) => response,
                 };
                 self.respond(key, conn, request, response, now)
@@ -452,11 +454,11 @@ impl Ctx {
 
     /// The history/SSE query of `request`, its topics checked against (or, when none,
     /// taken from) what the request's token may read.
-    pub(super) fn authorized_query(&self, request: &Request) -> Result<HistoryQuery, Response> {
+    pub(super) fn authorized_query(&self, request: &Request) -> Result<(HistoryQuery, Grant), Response> {
         let grant = self.shared.auth.verify(request.token().as_deref()).map_err(|e| unauthorized(&e))?;
         let mut query = history_query_from(request).map_err(|r| Response::error(&http_error_of(&r)))?;
         query.topics = readable_patterns(&grant, query.topics).map_err(|r| Response::error(&http_error_of(&r)))?;
-        Ok(query)
+        Ok((query, grant))
     }
 
     /// `GET /presence?topic=` and `/presence/stats?topic=`; with auth on, the token must
@@ -501,8 +503,8 @@ impl Ctx {
     }
 
     pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
-        let query = match self.authorized_query(request) {
-            Ok(q) => q,
+        let (query, grant) = match self.authorized_query(request) {
+            Ok(authorized) => authorized,
             Err(response) => return self.respond(key, conn, request, response, now),
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
@@ -513,13 +515,8 @@ impl Ctx {
         for pattern in &filter.patterns {
             self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
         }
-        // The token was verified by `authorized_query` just above.
-        let grant = self.shared.auth.verify(request.token().as_deref()).ok();
-        let user = grant.as_ref().and_then(|g| g.sub.as_deref());
-        let info = grant
-            .as_ref()
-            .and_then(|g| g.info.as_deref())
-            .filter(|i| i.get().len() <= self.config().presence_info_max_bytes);
+        let user = grant.sub.as_deref();
+        let info = grant.info.as_deref().filter(|i| i.get().len() <= self.config().presence_info_max_bytes);
         self.join_presence(
             &Joiner { conn_id: conn.id, user, info, transport: crate::presence::Transport::Sse },
             &filter.patterns,
