@@ -37,6 +37,9 @@ pub struct Grant {
     pub subscribe: Vec<Pattern>,
     /// Patterns the holder may publish on.
     pub publish: Vec<Pattern>,
+    /// A connect proxy's `expire_at` (Unix seconds): the connection closes with 4001 then
+    /// unless it authenticates again.
+    pub expire_at: Option<u64>,
 }
 
 impl Grant {
@@ -48,7 +51,24 @@ impl Grant {
             admin: true,
             subscribe: vec![Pattern::everything()],
             publish: vec![Pattern::everything()],
+            expire_at: None,
         }
+    }
+
+    /// What a connect proxy's answer allows: its `user`, `info`, `subscribe`, `publish`
+    /// and `expire_at` mean what a token's `sub`, `info`, `subscribe`, `publish` and `exp`
+    /// do (never `admin`: operators' routes need a token).
+    pub fn from_connect_answer(answer: serde_json::Map<String, serde_json::Value>) -> Result<Self, AuthError> {
+        let answer: ConnectAnswer = serde_json::from_value(serde_json::Value::Object(answer))
+            .map_err(|e| AuthError::Invalid(format!("connect answer: {e}")))?;
+        Ok(Self {
+            sub: answer.user.filter(|u| !u.is_empty()),
+            info: answer.info.map(|i| i.to_string()).and_then(|i| serde_json::value::RawValue::from_string(i).ok()),
+            admin: false,
+            subscribe: patterns(&answer.subscribe)?,
+            publish: patterns(&answer.publish)?,
+            expire_at: answer.expire_at,
+        })
     }
 
     /// Whether every topic `pattern` matches may be read.
@@ -60,6 +80,27 @@ impl Grant {
     pub fn may_publish(&self, topic: &str) -> bool {
         self.publish.iter().any(|allowed| allowed.matches(topic))
     }
+}
+
+#[derive(Deserialize)]
+struct ConnectAnswer {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    expire_at: Option<u64>,
+}
+
+/// Grant patterns from claim strings.
+fn patterns(list: &[String]) -> Result<Vec<Pattern>, AuthError> {
+    list.iter()
+        .map(|p| Pattern::parse(p).map_err(|e| AuthError::Invalid(format!("claim pattern {p:?}: {e}"))))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -105,17 +146,13 @@ impl Auth {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid(e.to_string()),
         })?;
-        let patterns = |list: &[String]| -> Result<Vec<Pattern>, AuthError> {
-            list.iter()
-                .map(|p| Pattern::parse(p).map_err(|e| AuthError::Invalid(format!("claim pattern {p:?}: {e}"))))
-                .collect()
-        };
         Ok(Grant {
             sub: Some(data.claims.sub),
             subscribe: patterns(&data.claims.subscribe)?,
             publish: patterns(&data.claims.publish)?,
             info: data.claims.info,
             admin: data.claims.admin,
+            expire_at: None,
         })
     }
 }

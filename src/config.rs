@@ -108,6 +108,22 @@ pub struct Config {
     pub log_level: String,
     /// How log lines are written to stderr.
     pub log_format: LogFormat,
+    /// Backend called when a WebSocket or SSE connection has no valid token; empty: off.
+    pub proxy_connect_url: String,
+    /// Call the connect proxy for every connection, token or not.
+    pub proxy_connect_always: bool,
+    /// Backend asked before a subscription to topics the grant does not cover; empty: off.
+    pub proxy_subscribe_url: String,
+    /// Backend asked before each client publish (not HTTP `/publish`); empty: off.
+    pub proxy_publish_url: String,
+    /// Backend answering `request` action `rpc`; empty: off.
+    pub proxy_rpc_url: String,
+    /// A backend call without an answer by then is answered `backend_timeout`.
+    pub proxy_timeout_ms: u64,
+    /// Backend calls running at once in the process.
+    pub proxy_max_in_flight: usize,
+    /// Backend calls one connection may have running at once.
+    pub proxy_max_in_flight_per_connection: usize,
 }
 
 impl Default for Config {
@@ -157,6 +173,14 @@ impl Default for Config {
             echo_path: String::new(),
             log_level: "info".into(),
             log_format: LogFormat::Human,
+            proxy_connect_url: String::new(),
+            proxy_connect_always: false,
+            proxy_subscribe_url: String::new(),
+            proxy_publish_url: String::new(),
+            proxy_rpc_url: String::new(),
+            proxy_timeout_ms: 5_000,
+            proxy_max_in_flight: 1_024,
+            proxy_max_in_flight_per_connection: 16,
         }
     }
 }
@@ -289,7 +313,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 20] = [
+        let positive: [(&str, u64); 23] = [
+            ("proxy_timeout_ms", self.proxy_timeout_ms),
+            ("proxy_max_in_flight", self.proxy_max_in_flight as u64),
+            ("proxy_max_in_flight_per_connection", self.proxy_max_in_flight_per_connection as u64),
             ("presence_ttl_ms", self.presence_ttl_ms),
             ("publish_rate_per_ip", self.publish_rate_per_ip as u64),
             ("publish_burst_per_ip", self.publish_burst_per_ip as u64),
@@ -343,6 +370,20 @@ impl Config {
                 key: "listen_tls".into(),
                 message: format!("{:?} is not host:port: {e}", self.listen_tls),
             })?;
+        }
+        for (key, url) in [
+            ("proxy_connect_url", &self.proxy_connect_url),
+            ("proxy_subscribe_url", &self.proxy_subscribe_url),
+            ("proxy_publish_url", &self.proxy_publish_url),
+            ("proxy_rpc_url", &self.proxy_rpc_url),
+        ] {
+            // Backends sit beside the broker (loopback or a private network): plain HTTP.
+            if !url.is_empty() && !url.starts_with("http://") {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("{url:?} is not an http:// URL"),
+                });
+            }
         }
         if !self.admin_listen.is_empty() {
             self.admin_listen.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {

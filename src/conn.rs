@@ -464,6 +464,18 @@ pub struct WsConn {
     /// Its `stats` request in flight, if one (at most one at a time): alive while the
     /// shards gather it, gone once answered or lost.
     pub stats: Option<std::sync::Weak<crate::mailbox::StatsRead>>,
+    /// Backend calls in flight for this connection (at most
+    /// `proxy_max_in_flight_per_connection`).
+    pub backend_calls: usize,
+    /// Bytes those calls hold until they are answered (counted in the state budget).
+    pub backend_bytes: usize,
+    /// Waiting for the connect proxy: nothing more is read until it answers.
+    pub connecting: bool,
+    /// Bytes that came behind the upgrade request while connecting, handled once connected.
+    pub held: Vec<u8>,
+    /// When the connection is closed with 4001 (a connect proxy's `expire_at`), unless it
+    /// authenticates again.
+    pub expire_at: Option<Instant>,
 }
 
 impl WsConn {
@@ -716,7 +728,7 @@ impl Conn {
             State::Http(_) => 0,
             State::WebSocket(ws) => {
                 let stats = ws.stats.as_ref().filter(|g| g.strong_count() > 0).map_or(0, |_| STATS_PENDING_BYTES);
-                ws.subs.iter().map(Subscription::state_bytes).sum::<usize>() + stats
+                ws.subs.iter().map(Subscription::state_bytes).sum::<usize>() + stats + ws.backend_bytes + ws.held.len()
             }
             State::Sse(sse) => sse.filter.state_bytes(),
         };
@@ -822,7 +834,12 @@ impl Conn {
             State::WebSocket(ws) if ws.echo => None,
             State::WebSocket(ws) => {
                 let heartbeat = ws.next_ping.min(ws.last_heard + 2 * heartbeat);
-                Some([ws.auth_deadline, ws.resume_read_at].into_iter().flatten().fold(heartbeat, Instant::min))
+                Some(
+                    [ws.auth_deadline, ws.resume_read_at, ws.expire_at]
+                        .into_iter()
+                        .flatten()
+                        .fold(heartbeat, Instant::min),
+                )
             }
             State::Sse(sse) => Some(sse.next_ping),
         }

@@ -46,6 +46,8 @@ pub struct Request {
     pub last_event_id: Option<String>,
     /// `Expect: 100-continue` (curl sends it for bodies over 1 KiB).
     pub expect_continue: bool,
+    /// `Cookie`, `User-Agent` and `X-Forwarded-For`, for the connect proxy.
+    pub for_backend: Vec<(&'static str, String)>,
 }
 
 /// The outcome of trying to parse a head from the start of a buffer.
@@ -174,6 +176,10 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
             out.authorization = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("expect") {
             out.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if let Some(kept) =
+            ["Cookie", "User-Agent", "X-Forwarded-For"].into_iter().find(|kept| name.eq_ignore_ascii_case(kept))
+        {
+            out.for_backend.push((kept, value.to_string()));
         } else if name.eq_ignore_ascii_case("last-event-id") {
             out.last_event_id = Some(value.to_string());
         }

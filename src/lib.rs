@@ -9,6 +9,7 @@
 #![deny(dead_code)]
 
 pub mod auth;
+pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod bus;

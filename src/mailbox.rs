@@ -3,7 +3,8 @@
 //! stats reads, presence notices) and the operator's [`Lifecycle`] flag; [`Mailboxes`]
 //! holds them all and is the one place a control message is sent to one shard or to every
 //! shard. Also who a reply is owed to ([`ReplyTo`], [`Reply`], [`PublishTicket`]) and a
-//! stats read's pairing of its histograms with its asker ([`StatsRead`]).
+//! stats read's pairing of its histograms with its asker ([`StatsRead`]), and a backend
+//! call's context ([`Pending`]).
 //!
 //! This module owns the queues and their wake-ups only. It must not order, encode or
 //! retain events (the bus and [`crate::event`] do) nor touch connections or sockets.
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use crossbeam_queue::ArrayQueue;
 use mio::Waker;
 
+use crate::backend::Outcome;
 use crate::event::{Event, PublishError};
 use crate::metrics::{Gather, StatsFormat};
 
@@ -90,6 +92,48 @@ pub enum Control {
     StatsReady(Arc<StatsRead>),
     /// Someone joined or left a topic: tell the members who asked.
     Presence(Arc<crate::presence::Notice>),
+    /// A backend answered (or failed to answer) a call a connection made.
+    Backend(Box<(Pending, Outcome)>),
+}
+
+/// A backend call in flight: who made it and what to do with its outcome. It travels
+/// with the call (the connection keeps only a count and the bytes, for its budget).
+#[derive(Debug)]
+pub struct Pending {
+    /// The connection.
+    pub to: ReplyTo,
+    /// Bytes of the call the connection's state budget counts until the outcome is back.
+    pub bytes: usize,
+    /// What was asked.
+    pub call: BackendCall,
+}
+
+/// What a connection asked a backend, with what the shard needs to finish it.
+#[derive(Debug)]
+pub enum BackendCall {
+    /// Who the connection is (the connect proxy).
+    Connect,
+    /// May it subscribe (the subscribe proxy); the subscription waits here.
+    Subscribe {
+        /// The `subscribe` message's id.
+        correlation: Option<String>,
+        /// The subscription asked for.
+        args: crate::protocol::SubscribeArgs,
+    },
+    /// May it publish (the publish proxy); the event waits here.
+    Publish {
+        /// The `request`'s message id.
+        correlation: Option<String>,
+        /// The event.
+        request: crate::protocol::PublishRequest,
+    },
+    /// An rpc.
+    Rpc {
+        /// The `request`'s message id.
+        correlation: Option<String>,
+        /// The method, echoed in the response.
+        method: String,
+    },
 }
 
 /// Control messages a shard's queue holds. Replies are bounded by the requests waiting
@@ -211,6 +255,15 @@ impl Mailboxes {
             self.control_refused.fetch_add(1, Ordering::Relaxed);
         }
         sent
+    }
+
+    /// Sends a control message to `shard`, or gives it back when the queue is full (for a
+    /// sender that will try again; not counted).
+    pub fn try_to_shard(&self, shard: usize, message: Control) -> Result<(), Control> {
+        match self.inboxes.get(shard) {
+            Some(inbox) => inbox.send(message),
+            None => Ok(()),
+        }
     }
 
     /// Sends a control message made by `message` to every shard; how many shards' full

@@ -184,6 +184,8 @@ pub struct Snapshot {
     pub latency: Latency,
     /// Cluster engine: (up, reconnects, lag in µs), when one runs.
     pub engine: Option<(bool, u64, u64)>,
+    /// Backend proxy calls.
+    pub backend: crate::backend::BackendFigures,
 }
 
 impl Snapshot {
@@ -240,6 +242,16 @@ impl Snapshot {
                 .collect::<serde_json::Map<_, _>>(),
             "shards": shards,
             "history": {"events": self.history.0, "bytes": self.history.1},
+            "backend": {
+                "calls": self.backend.calls.iter().map(|(p, n)| (p.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "timeouts": self.backend.timeouts,
+                "unavailable": self.backend.unavailable,
+                "refused": self.backend.refused,
+                "busy": self.backend.busy,
+                "undelivered": self.backend.undelivered,
+                "in_flight": self.backend.in_flight,
+                "threads": self.backend.threads,
+            },
             "engine": self.engine.map(|(up, reconnects, lag_us)| json!({"up": up, "reconnects": reconnects, "lag_us": lag_us})),
             "latency_us": {
                 "publish_to_queue": percentiles(&self.latency.publish_to_queue),
@@ -315,6 +327,28 @@ impl Snapshot {
                 ("{reason=\"control_queue_full\"}", self.control_refused.to_string()),
                 ("{reason=\"rate_limited\"}", self.rate_limited.to_string()),
             ],
+        );
+        let calls: Vec<(String, String)> =
+            self.backend.calls.iter().map(|(p, n)| (format!("{{proxy=\"{p}\"}}"), n.to_string())).collect();
+        let calls: Vec<(&str, String)> = calls.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        family("volley_backend_calls_total", "counter", "Backend proxy calls started, by proxy.", &calls);
+        family(
+            "volley_backend_failures_total",
+            "counter",
+            "Backend proxy calls that did not get a yes, by outcome (refused, timeout, unavailable) or were not started (busy) or not handed back (undelivered).",
+            &[
+                ("{outcome=\"refused\"}", self.backend.refused.to_string()),
+                ("{outcome=\"timeout\"}", self.backend.timeouts.to_string()),
+                ("{outcome=\"unavailable\"}", self.backend.unavailable.to_string()),
+                ("{outcome=\"busy\"}", self.backend.busy.to_string()),
+                ("{outcome=\"undelivered\"}", self.backend.undelivered.to_string()),
+            ],
+        );
+        family(
+            "volley_backend_calls_in_flight",
+            "gauge",
+            "Backend proxy calls running now.",
+            &[("", self.backend.in_flight.to_string())],
         );
         family(
             "volley_slow_consumer_disconnects_total",

@@ -61,6 +61,10 @@ pub enum ErrorCode {
     LimitExceeded,
     /// A queue between the broker's threads is full; try again shortly.
     Overloaded,
+    /// A backend proxy did not answer within `proxy_timeout_ms`.
+    BackendTimeout,
+    /// A backend proxy is unreachable or answered with a non-2xx status.
+    BackendUnavailable,
 }
 
 impl ErrorCode {
@@ -76,7 +80,8 @@ impl ErrorCode {
             Self::RateLimited => 429,
             Self::HeadTooLarge => 431,
             Self::EngineUnavailable | Self::TooManyConnections | Self::Overloaded => 503,
-            Self::Timeout => 504,
+            Self::Timeout | Self::BackendTimeout => 504,
+            Self::BackendUnavailable => 502,
             _ => 400,
         }
     }
@@ -136,6 +141,8 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::LimitExceeded => "limit_exceeded",
             Self::Overloaded => "overloaded",
+            Self::BackendTimeout => "backend_timeout",
+            Self::BackendUnavailable => "backend_unavailable",
         }
     }
 }
@@ -149,16 +156,23 @@ pub struct Rejection {
     pub message: String,
     /// The offending field (`topic`, `[3].topic`), if one.
     pub field: Option<String>,
+    /// An rpc refused by the backend: the backend's own code, sent in place of `code`'s.
+    pub backend_code: Option<String>,
 }
 
 impl Rejection {
     /// A rejection without a field.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self { code, message: message.into(), field: None, backend_code: None }
+    }
+
+    /// A refusal by a backend that the client sees under the backend's own code.
+    pub fn from_backend(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { backend_code: Some(code.into()), ..Self::new(ErrorCode::Forbidden, message) }
     }
 
     fn at(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: Some(field.into()) }
+        Self { code, message: message.into(), field: Some(field.into()), backend_code: None }
     }
 }
 
@@ -343,6 +357,13 @@ pub enum Request {
         /// The topic.
         topic: String,
     },
+    /// `rpc`: a call the backend answers (`proxy_rpc_url`).
+    Rpc {
+        /// The application's name for the call (at most 128 bytes).
+        method: String,
+        /// Its argument, any JSON (`null` when absent).
+        data: Box<RawValue>,
+    },
 }
 
 /// Arguments of a history query, from `/history` or the `history` action.
@@ -385,6 +406,13 @@ struct RawSubscribe {
     #[serde(default)]
     presence: bool,
     presence_info: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct RawRpc {
+    method: String,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -585,6 +613,11 @@ fn parse_request(payload: Option<&RawValue>) -> Result<Request, Rejection> {
         }
         "presence" => Request::Presence { topic: payload_as::<RawTopic>(payload, "presence")?.topic },
         "presence_stats" => Request::PresenceStats { topic: payload_as::<RawTopic>(payload, "presence_stats")?.topic },
+        "rpc" => {
+            let raw: RawRpc = payload_as(payload, "rpc")?;
+            check_ids(&[], [("method", Some(raw.method.as_str()))])?;
+            Request::Rpc { method: raw.method, data: raw.data.unwrap_or_else(null_raw) }
+        }
         other => return Err(Rejection::new(ErrorCode::UnknownAction, format!("unknown action {other:?}"))),
     })
 }
@@ -614,7 +647,8 @@ pub fn server_message(
 
 /// The payload of an `error`.
 pub fn error_payload(rejection: &Rejection) -> Value {
-    json!({"code": rejection.code.for_websocket().as_str(), "message": rejection.message})
+    let code = rejection.backend_code.as_deref().unwrap_or(rejection.code.for_websocket().as_str());
+    json!({"code": code, "message": rejection.message})
 }
 
 /// Appends `s` as a JSON string literal.

@@ -24,6 +24,7 @@ use serde_json::json;
 use slab::Slab;
 
 use crate::auth::Auth;
+use crate::backend::{Backend, Outcome};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Conn, HttpConn, LocalEvent, OverBound, SSE_SUB, State, Transport};
@@ -32,7 +33,7 @@ use crate::engine::EngineStatus;
 use crate::event::{self, Event};
 use crate::http::{HttpError, Response};
 use crate::limits::{Admission, IpRates, Refusal};
-use crate::mailbox::{Control, Delivery, Lifecycle, ReplyTo, StatsRead};
+use crate::mailbox::{Control, Delivery, Lifecycle, Pending, ReplyTo, StatsRead};
 use crate::metrics::{Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol;
 use crate::protocol::ErrorCode;
@@ -41,6 +42,7 @@ use crate::topic::Index;
 use crate::ws::Close;
 
 mod members;
+mod proxy;
 mod routes;
 mod session;
 mod timers;
@@ -85,6 +87,8 @@ pub struct Shared {
     /// One reading of both clocks at start: wall-clock timestamps are derived from the
     /// monotonic `now` the core is given, so the core never reads a clock.
     pub epoch: (Instant, SystemTime),
+    /// The backend proxies; their outcomes come back through the shards' mailboxes.
+    pub backend: Backend<Pending>,
 }
 
 /// Most `/stats/stream`s open at once (dashboards are few; each holds a copy of the
@@ -110,7 +114,21 @@ impl Shared {
         shards: usize,
         epoch: (Instant, SystemTime),
     ) -> Self {
+        let mailboxes = bus.clone();
+        let backend = Backend::new(
+            &config,
+            Box::new(move |answer: Box<(Pending, Outcome)>| {
+                let shard = answer.0.to.shard;
+                match mailboxes.mailboxes.try_to_shard(shard, Control::Backend(answer)) {
+                    Ok(()) => Ok(()),
+                    Err(Control::Backend(back)) => Err(back),
+                    // Only ever the message it was given comes back.
+                    Err(_) => Ok(()),
+                }
+            }),
+        );
         Self {
+            backend,
             bus,
             engine,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
@@ -138,6 +156,7 @@ impl Shared {
         snapshot.refused_overloaded = self.bus.counters.refused_overloaded.load(Ordering::Relaxed);
         snapshot.control_refused = self.bus.mailboxes.control_refused.load(Ordering::Relaxed);
         snapshot.history = self.bus.history_size();
+        snapshot.backend = self.backend.counters().read();
         snapshot.latency = latency;
         snapshot.engine = self.engine.as_ref().map(|e| {
             (e.up.load(Ordering::Acquire), e.reconnects.load(Ordering::Relaxed), e.lag_us.load(Ordering::Relaxed))
@@ -383,7 +402,7 @@ impl Core {
             return 0;
         }
         match &conn.state {
-            State::WebSocket(ws) if ws.resume_read_at.is_some() => 0,
+            State::WebSocket(ws) if ws.resume_read_at.is_some() || ws.connecting => 0,
             State::WebSocket(ws) if ws.bucket.is_limiting() => LIMITED_READ_BYTES.min(max),
             _ => max,
         }
@@ -685,6 +704,10 @@ impl Core {
                 }
                 Control::StatsReady(read) => self.answer_stats(&read, now),
                 Control::Presence(notice) => self.deliver_presence(&notice, now),
+                Control::Backend(answer) => {
+                    let (pending, outcome) = *answer;
+                    self.backend_answered(pending, outcome, now);
+                }
             }
         }
     }
@@ -1081,6 +1104,12 @@ impl Ctx {
             // Header or idle timeout: nothing to answer.
             State::Http(_) => true,
             State::WebSocket(ws) if ws.auth_deadline.is_some_and(|d| now >= d) => {
+                conn.begin_close(Some(Close::Unauthorized), LINGER, now);
+                false
+            }
+            State::WebSocket(ws) if ws.expire_at.is_some_and(|at| now >= at) => {
+                let rejection = protocol::Rejection::new(ErrorCode::Unauthorized, "the connection's grant expired");
+                self.send_error(key, conn, None, &rejection, now);
                 conn.begin_close(Some(Close::Unauthorized), LINGER, now);
                 false
             }

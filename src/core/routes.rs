@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
@@ -16,7 +16,9 @@ use super::members::Joiner;
 use super::session::readable_patterns;
 use super::{Ctx, LINGER, Routed, SSE_SUB, SubRef};
 use crate::auth::{AuthError, Grant};
+use crate::backend::Proxy;
 use crate::bus::Accepted;
+use crate::config::Config;
 use crate::conn::{Conn, Filter, SseConn, State, Transport, WsConn};
 use crate::deflate;
 use crate::event::PublishError;
@@ -372,7 +374,14 @@ impl Ctx {
         // A browser cannot read an HTTP status from a failed upgrade, so a bad token is
         // answered after it, with close 4001; no token at all may still come as the
         // first message.
-        let (grant, refuse) = match self.shared.auth.verify(request.token().as_deref()) {
+        let verified = self.shared.auth.verify(request.token().as_deref());
+        // The connect proxy decides for a connection without a valid token (with auth
+        // off there is no such thing as a valid token), or for every one if asked.
+        let connecting = !echo
+            && self.shared.backend.configured(Proxy::Connect)
+            && (self.config().proxy_connect_always || !self.shared.auth.enabled() || verified.is_err());
+        let (grant, refuse) = match verified {
+            _ if connecting => (None, false),
             Ok(grant) => (Some(grant), false),
             Err(AuthError::Missing) => (None, false),
             Err(_) => (None, true),
@@ -401,26 +410,23 @@ impl Ctx {
             stats: None,
             auth_deadline: grant.is_none().then(|| now + Duration::from_millis(config.auth_timeout_ms)),
             grant: if echo { Some(Grant::everything()) } else { grant },
+            backend_calls: 0,
+            backend_bytes: 0,
+            connecting,
+            held: Vec::new(),
+            expire_at: None,
         });
-        if !echo && !refuse {
-            let payload = json!({
-                "status": "connected",
-                "client_id": ws.client_id,
-                "heartbeat_interval_ms": config.heartbeat_interval_ms,
-                "reconnect_delay_ms": config.reconnect_delay_ms,
-                "max_message_bytes": config.max_message_bytes,
-            });
-            let id = ws.next_message_id();
-            let text = protocol::server_message("ack", &id, self.shared.wall(now), None, &payload.to_string());
-            let mut out = Vec::new();
-            ws.codec.send_text(text, &mut out);
-            conn.out.push_bytes(out);
+        if !echo && !refuse && !connecting {
+            conn.out.push_bytes(connected_ack(&mut ws, config, self.shared.wall(now)));
         }
         conn.state = State::WebSocket(ws);
         self.gauge(Some(Transport::Http), Some(Transport::WebSocket), 0);
         if refuse {
             conn.begin_close(Some(Close::Unauthorized), LINGER, now);
             return Routed::Halt;
+        }
+        if connecting {
+            return self.ask_connect_proxy(key, conn, request, leftover, now);
         }
         if !leftover.is_empty() {
             self.on_ws_bytes(key, conn, &leftover, now);
@@ -546,6 +552,22 @@ const DASHBOARD_HTML: &str = include_str!("../../static/dashboard.html");
 const VOLLEY_JS: &str = include_str!("../../static/volley.js");
 
 /// `401` for a refused token.
+/// The framed connect `ack` that opens the WebSocket protocol (docs/protocol.md).
+pub(super) fn connected_ack(ws: &mut WsConn, config: &Config, wall: SystemTime) -> Vec<u8> {
+    let payload = json!({
+        "status": "connected",
+        "client_id": ws.client_id,
+        "heartbeat_interval_ms": config.heartbeat_interval_ms,
+        "reconnect_delay_ms": config.reconnect_delay_ms,
+        "max_message_bytes": config.max_message_bytes,
+    });
+    let id = ws.next_message_id();
+    let text = protocol::server_message("ack", &id, wall, None, &payload.to_string());
+    let mut out = Vec::new();
+    ws.codec.send_text(text, &mut out);
+    out
+}
+
 pub(super) fn unauthorized(error: &AuthError) -> Response {
     Response::error(&HttpError::new(ErrorCode::Unauthorized, error.to_string())).header("WWW-Authenticate", "Bearer")
 }

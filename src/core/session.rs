@@ -13,12 +13,13 @@ use serde_json::json;
 use super::members::Joiner;
 use super::{Ctx, LINGER, SubRef};
 use crate::auth::Grant;
+use crate::backend::Proxy;
 use crate::bus::Accepted;
 use crate::conn::{Conn, Filter, State, Subscription, WsConn};
 use crate::event::{self, PublishError};
 use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
-use crate::mailbox::{Reply, ReplyTo};
+use crate::mailbox::{BackendCall, Reply, ReplyTo};
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
 use crate::presence::Transport;
 use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
@@ -131,6 +132,8 @@ impl Ctx {
                 let payload = json!({"client_id": ws.client_id, "sub": grant.sub});
                 ws.grant = Some(grant);
                 ws.auth_deadline = None;
+                // A token replaces what a connect proxy gave, its expiry included.
+                ws.expire_at = None;
                 self.send_message(key, conn, "response", correlation, &payload.to_string(), now);
             }
             Err(error) => {
@@ -146,16 +149,41 @@ impl Ctx {
         key: usize,
         conn: &mut Conn,
         correlation: Option<&str>,
+        mut args: protocol::SubscribeArgs,
+        now: Instant,
+    ) {
+        let State::WebSocket(ws) = &mut conn.state else { return };
+        let Some(grant) = &ws.grant else { return };
+        let not_granted: Vec<&str> =
+            args.topics.iter().filter(|p| !grant.may_subscribe(p)).map(|p| p.as_str()).collect();
+        if !not_granted.is_empty() && self.shared.backend.configured(Proxy::Subscribe) {
+            let body = json!({"client_id": ws.client_id, "user": grant.sub, "topics": not_granted, "info": grant.info});
+            let call = BackendCall::Subscribe { correlation: correlation.map(str::to_string), args };
+            if let Err(rejection) = self.call_backend(key, conn, Proxy::Subscribe, &body, call) {
+                self.send_error(key, conn, correlation, &rejection, now);
+            }
+            return;
+        }
+        match readable_patterns(grant, std::mem::take(&mut args.topics)) {
+            Ok(topics) => args.topics = topics,
+            Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
+        }
+        self.subscribe_granted(key, conn, correlation, args, now);
+    }
+
+    /// A subscription whose topics the grant (or the subscribe proxy) allows.
+    pub(super) fn subscribe_granted(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
         args: protocol::SubscribeArgs,
         now: Instant,
     ) {
         let max = self.config().max_subscriptions_per_connection;
         let State::WebSocket(ws) = &mut conn.state else { return };
         let Some(grant) = &ws.grant else { return };
-        let topics = match readable_patterns(grant, args.topics) {
-            Ok(topics) => topics,
-            Err(rejection) => return self.send_error(key, conn, correlation, &rejection, now),
-        };
+        let topics = args.topics;
         if ws.subs.len() >= max {
             let rejection = Rejection::new(ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions"));
             return self.send_error(key, conn, correlation, &rejection, now);
@@ -289,23 +317,43 @@ impl Ctx {
                 json!({"subscriptions": subs}).to_string()
             }
             protocol::Request::SubscriptionCount => json!({"count": ws.subs.len()}).to_string(),
+            // With a publish proxy the backend decides every client publish (and may
+            // replace its data); without one, the grant does.
+            protocol::Request::Publish(publish) if self.shared.backend.configured(Proxy::Publish) => {
+                let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
+                let body = json!({
+                    "client_id": ws.client_id,
+                    "user": user,
+                    "topic": publish.topic,
+                    "source": publish.source,
+                    "correlation_id": publish.correlation_id,
+                    "data": publish.data,
+                });
+                let call = BackendCall::Publish { correlation: correlation.map(str::to_string), request: publish };
+                if let Err(rejection) = self.call_backend(key, conn, Proxy::Publish, &body, call) {
+                    self.send_error(key, conn, correlation, &rejection, now);
+                }
+                return;
+            }
             protocol::Request::Publish(publish)
                 if !ws.grant.as_ref().is_some_and(|g| g.may_publish(&publish.topic)) =>
             {
                 let rejection = Rejection::new(ErrorCode::Forbidden, format!("may not publish on {}", publish.topic));
                 return self.send_error(key, conn, correlation, &rejection, now);
             }
-            protocol::Request::Publish(publish) => {
-                let reply = Reply {
-                    to: ReplyTo { shard: self.id, key, conn_id: conn.id },
-                    wait: false,
-                    websocket: Some(correlation.map(str::to_string)),
-                };
-                match self.shared.bus.publish(vec![publish], reply, now, self.shared.wall(now)) {
-                    Ok(Accepted::Now(ids)) => json!({"message_id": ids.first()}).to_string(),
-                    Ok(Accepted::Later) => return,
-                    Err(error) => return self.send_error(key, conn, correlation, &publish_rejection(&error), now),
+            protocol::Request::Publish(publish) => return self.publish_now(key, conn, correlation, publish, now),
+            protocol::Request::Rpc { method, data } => {
+                if !self.shared.backend.configured(Proxy::Rpc) {
+                    let rejection = Rejection::new(ErrorCode::UnknownAction, "rpc needs a backend (proxy_rpc_url)");
+                    return self.send_error(key, conn, correlation, &rejection, now);
                 }
+                let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
+                let body = json!({"client_id": ws.client_id, "user": user, "method": method, "data": data});
+                let call = BackendCall::Rpc { correlation: correlation.map(str::to_string), method };
+                if let Err(rejection) = self.call_backend(key, conn, Proxy::Rpc, &body, call) {
+                    self.send_error(key, conn, correlation, &rejection, now);
+                }
+                return;
             }
             protocol::Request::History(mut query) => {
                 let Some(grant) = &ws.grant else { return };
@@ -338,6 +386,31 @@ impl Ctx {
             }
         };
         self.send_message(key, conn, "response", correlation, &payload, now);
+    }
+
+    /// Publishes a client's event (allowed by its grant or the publish proxy) and answers
+    /// with its id, now or when the engine has it.
+    pub(super) fn publish_now(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        publish: protocol::PublishRequest,
+        now: Instant,
+    ) {
+        let reply = Reply {
+            to: ReplyTo { shard: self.id, key, conn_id: conn.id },
+            wait: false,
+            websocket: Some(correlation.map(str::to_string)),
+        };
+        match self.shared.bus.publish(vec![publish], reply, now, self.shared.wall(now)) {
+            Ok(Accepted::Now(ids)) => {
+                let payload = json!({"message_id": ids.first()}).to_string();
+                self.send_message(key, conn, "response", correlation, &payload, now);
+            }
+            Ok(Accepted::Later) => {}
+            Err(error) => self.send_error(key, conn, correlation, &publish_rejection(&error), now),
+        }
     }
 
     /// Sends a server message on a WebSocket connection (nothing if it is not one, or

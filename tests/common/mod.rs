@@ -155,3 +155,13 @@ pub fn find_close_code(mut bytes: &[u8]) -> Option<u16> {
     }
     None
 }
+
+/// An HS256 token with `claims`, expiring in an hour unless they say otherwise.
+pub fn token(secret: &str, mut claims: Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let in_an_hour = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    if claims.get("exp").is_none() {
+        claims["exp"] = in_an_hour.into();
+    }
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
