@@ -94,6 +94,64 @@ pub enum Control {
     Presence(Arc<crate::presence::Notice>),
     /// A backend answered (or failed to answer) a call a connection made.
     Backend(Box<(Pending, Outcome)>),
+    /// Act on this shard's connections for the server API.
+    Api(Arc<ApiTally>),
+    /// Every shard has acted on a server API call this shard was asked.
+    ApiDone(Arc<ApiTally>),
+}
+
+/// What the server API asks every shard to do (docs/protocol.md, "Server API").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAction {
+    /// Close the matching WebSocket connections with `code` and `reason`.
+    Disconnect {
+        /// The connections of this user (`sub`)...
+        user: Option<String>,
+        /// ...or the one connection with this client id.
+        client_id: Option<String>,
+        /// The close code, 4000-4999.
+        code: u16,
+        /// The close frame's reason (at most 123 bytes).
+        reason: String,
+    },
+    /// Take `topic` out of every subscription of `user`'s connections.
+    Unsubscribe {
+        /// The user (`sub`).
+        user: String,
+        /// The exact topic.
+        topic: String,
+    },
+}
+
+/// A server API call in flight: the action, how many shards have yet to act on it, and
+/// how many connections they acted on.
+#[derive(Debug)]
+pub struct ApiTally {
+    /// What to do.
+    pub action: ApiAction,
+    /// Who asked.
+    pub reply_to: ReplyTo,
+    remaining: AtomicUsize,
+    affected: AtomicUsize,
+}
+
+impl ApiTally {
+    /// A call that `shards` shards will act on.
+    pub fn new(action: ApiAction, reply_to: ReplyTo, shards: usize) -> Arc<Self> {
+        Arc::new(Self { action, reply_to, remaining: AtomicUsize::new(shards), affected: AtomicUsize::new(0) })
+    }
+
+    /// One shard acted on `affected` connections (or could not be asked: 0); true when
+    /// it was the last.
+    pub fn done(&self, affected: usize) -> bool {
+        self.affected.fetch_add(affected, Ordering::AcqRel);
+        self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Connections acted on so far (all of them once the last shard is done).
+    pub fn affected(&self) -> usize {
+        self.affected.load(Ordering::Acquire)
+    }
 }
 
 /// A backend call in flight: who made it and what to do with its outcome. It travels

@@ -128,6 +128,28 @@ impl Presence {
         self.buckets[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Topics with at least one member, in order, that start with `prefix` and come after
+    /// `after`: at most `limit`, each with its member count (connections), and whether
+    /// more follow. Reads every bucket: an operator's call, not a hot path.
+    pub fn topics(&self, prefix: &str, after: Option<&str>, limit: usize) -> (Vec<(Box<str>, usize)>, bool) {
+        let mut found: Vec<(Box<str>, usize)> = Vec::new();
+        for index in 0..BUCKETS {
+            let rooms = self.buckets[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            found.extend(
+                rooms
+                    .iter()
+                    .filter(|(topic, room)| {
+                        !room.members.is_empty() && topic.starts_with(prefix) && after.is_none_or(|a| &***topic > a)
+                    })
+                    .map(|(topic, room)| (topic.clone(), room.members.len())),
+            );
+        }
+        found.sort_unstable();
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
+    }
+
     /// One more subscription of member `id` names `topic`; the notice when that makes it a
     /// member (`entry` is made only then).
     pub fn join(&self, topic: &str, id: MemberId, entry: impl FnOnce() -> Entry) -> Option<Notice> {

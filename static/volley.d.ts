@@ -45,6 +45,8 @@ export interface SubscribeOptions {
   /** The broker could not resume: events were missed; reload the application's state. */
   onRecoveryFailed?: () => void;
   onError?: (error: Error & { code?: string }) => void;
+  /** The server API took `topic` out of this subscription (it is not asked for again). */
+  onUnsubscribed?: (topic: string) => void;
 }
 
 export interface Subscription {
@@ -56,12 +58,21 @@ export interface Subscription {
 
 export interface Client {
   readonly state: "connecting" | "connected" | "disconnected";
-  on(state: "connecting" | "connected" | "disconnected", cb: (detail?: { transport: string; clientId?: string }) => void): Client;
+  /**
+   * `connected` gets `{transport, clientId}`; `disconnected` gets the close `{code, reason,
+   * final}`; `final` (a server API disconnect, 4000-4999 but 4001) means no reconnect.
+   */
+  on(
+    state: "connecting" | "connected" | "disconnected",
+    cb: (detail?: { transport?: string; clientId?: string; code?: number; reason?: string; final?: boolean }) => void,
+  ): Client;
   subscribe<T = unknown>(patterns: string[], options: SubscribeOptions, onEvent: (event: VolleyEvent<T>) => void): Subscription;
   /** Resolves with the event's id once the broker accepted it. */
   publish(topic: string, data: unknown, options?: { source?: string; correlation_id?: string }): Promise<string>;
   /** A request action (history, presence, presence_stats, stats, list_subscriptions...). */
   request(action: string, payload?: Record<string, unknown>): Promise<unknown>;
+  /** Calls the application's backend (proxy_rpc_url); resolves with its data. */
+  rpc<T = unknown>(method: string, data?: unknown): Promise<T>;
   close(): void;
 }
 

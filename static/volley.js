@@ -11,7 +11,9 @@
 // retained event exactly once and in order; `recovered: false` reported to the
 // subscription's onRecoveryFailed (the application should reload its state); a fallback
 // to Server-Sent Events for receiving and POST /publish for sending when WebSockets fail;
-// and a token hook for expiring JWTs, asked before every connection.
+// a token hook for expiring JWTs, asked before every connection; and rpc to the
+// application's backend. Without a token the broker's connect proxy may still let the
+// page in (a cookie session).
 
 const MAX_DELAY_MS = 30000;
 // WebSocket attempts that never opened before "auto" falls back to SSE.
@@ -81,12 +83,16 @@ class Client {
     const ws = new WebSocket(token ? `${base}?token=${encodeURIComponent(token)}` : base);
     this.ws = ws;
     ws.onmessage = (e) => this.onMessage(JSON.parse(e.data));
-    ws.onclose = () => {
+    ws.onclose = (e) => {
       if (this.ws !== ws) return;
       this.ws = null;
       for (const { reject } of this.pending.values()) reject(new Error("disconnected"));
       this.pending.clear();
-      this.setState("disconnected");
+      // 4000-4999 but 4001 come from the server API (an operator or the application
+      // disconnected this client): reconnecting is the application's decision.
+      const final = e.code >= 4000 && e.code <= 4999 && e.code !== 4001;
+      if (final) this.closed = true;
+      this.setState("disconnected", { code: e.code, reason: e.reason, final });
       this.retry();
     };
   }
@@ -110,6 +116,17 @@ class Client {
     }
     if (m.type === "event") {
       for (const sub of this.subs.values()) sub.deliver(m);
+      return;
+    }
+    if (m.type === "unsubscribed") {
+      // The server took this topic out of our subscriptions: do not ask for it again.
+      const topic = m.payload.topic;
+      for (const sub of [...this.subs.values()]) {
+        if (!sub.patterns.includes(topic)) continue;
+        sub.patterns = sub.patterns.filter((p) => p !== topic);
+        if (sub.patterns.length === 0) this.subs.delete(sub.id);
+        if (sub.options.onUnsubscribed) sub.options.onUnsubscribed(topic);
+      }
       return;
     }
     if (m.type === "presence") {
@@ -159,7 +176,8 @@ class Client {
   /**
    * Subscribes to `patterns`; `onEvent(event)` gets each matching event once, in order.
    * `options`: `sources`, `correlation_id`, `presence` (join/leave to `onPresence`),
-   * `onRecoveryFailed()` (events were missed: reload state), `onError(error)`.
+   * `onRecoveryFailed()` (events were missed: reload state), `onError(error)`,
+   * `onUnsubscribed(topic)` (the server API took `topic` out of it).
    */
   subscribe(patterns, options, onEvent) {
     const sub = new Subscription(this, `s${this.nextId++}`, patterns, options || {}, onEvent);
@@ -187,6 +205,14 @@ class Client {
   /** A `request` action (`history`, `presence`, `stats`...); resolves with its payload. */
   request(action, payload = {}) {
     return this.send("request", { action, ...payload });
+  }
+
+  /**
+   * Calls the application's backend (the broker's `proxy_rpc_url`) with `method` and
+   * `data`; resolves with the backend's `data`, rejects with its `code` and `message`.
+   */
+  async rpc(method, data = null) {
+    return (await this.request("rpc", { method, data })).data;
   }
 
   /** Closes for good. */

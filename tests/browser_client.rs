@@ -2,7 +2,8 @@
 //! broker and must see every event exactly once and in order while the broker restarts
 //! (the Redis engine keeps the ids) and while the broker drops its connection (the
 //! `fault-injection` build's drop topic); it falls back to SSE and POST /publish when the WebSocket route is
-//! refused; publish acknowledgements resolve.
+//! refused; publish acknowledgements resolve; a page with a session cookie and no token gets
+//! in through the connect proxy (examples/backend.py) and calls rpc.
 
 mod common;
 
@@ -150,4 +151,28 @@ fn the_page_hears_a_join_and_a_leave() {
         .map(|n| (n["action"].as_str().unwrap(), n["client_id"].as_str().unwrap()))
         .collect();
     assert_eq!(seen, [("join", member_id.as_str()), ("leave", member_id.as_str())], "{notices}");
+}
+
+#[test]
+fn a_page_with_a_session_cookie_and_no_token_connects_publishes_and_calls_rpc_through_the_backend() {
+    let backend_port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/backend.py");
+    let _backend = Proc(Command::new("python3").arg(script).arg(backend_port.to_string()).spawn().unwrap());
+    wait_for_port(backend_port, "examples/backend.py");
+    let url = |path: &str| format!("http://127.0.0.1:{backend_port}{path}");
+    // Auth on: without the connect proxy a page with no token could not get in.
+    let broker = Broker::with(|c| {
+        c.jwt_secret = "only-the-backend-knows".into();
+        c.proxy_connect_url = url("/connect");
+        c.proxy_publish_url = url("/publish");
+        c.proxy_rpc_url = url("/rpc");
+    });
+    let page = include_str!("browser/backend.html").replace("BROKER", &broker.addr.to_string());
+    let (port, results) = page_server(page);
+    let _browser = launch(&format!("http://127.0.0.1:{port}/"), &[]);
+    let result = report(&results, "/result");
+    assert_eq!(result["transport"], "websocket");
+    assert_eq!(result["event"], json!({"text": "hello from the page", "from": "alice"}), "{result}");
+    assert_eq!(result["sum"], 6);
+    assert_eq!(result["refused"], json!({"code": "unknown_method", "message": "reboot"}));
 }

@@ -41,6 +41,7 @@ use crate::sse;
 use crate::topic::Index;
 use crate::ws::Close;
 
+mod api;
 mod members;
 mod proxy;
 mod routes;
@@ -704,6 +705,8 @@ impl Core {
                 }
                 Control::StatsReady(read) => self.answer_stats(&read, now),
                 Control::Presence(notice) => self.deliver_presence(&notice, now),
+                Control::Api(tally) => self.act_on_api(tally, now),
+                Control::ApiDone(tally) => self.api_done(&tally, now),
                 Control::Backend(answer) => {
                     let (pending, outcome) = *answer;
                     self.backend_answered(pending, outcome, now);

@@ -156,7 +156,16 @@ impl Ctx {
         }
         let echo = !self.config().echo_path.is_empty() && path == self.config().echo_path;
         // The operators' routes live on `admin_listen` when it is set, and only they do.
-        let operators = matches!(path, "/stats" | "/metrics" | "/dashboard" | "/stats/stream");
+        let operators = matches!(
+            path,
+            "/stats"
+                | "/metrics"
+                | "/dashboard"
+                | "/stats/stream"
+                | "/api/disconnect"
+                | "/api/unsubscribe"
+                | "/api/topics"
+        );
         let dashboard_off = !self.config().dashboard && matches!(path, "/dashboard" | "/stats/stream");
         let wrong_listener = !self.config().admin_listen.is_empty() && conn.admin != (operators || path == "/health");
         if dashboard_off || (wrong_listener && path != "/health") {
@@ -166,7 +175,8 @@ impl Ctx {
         let allowed: &[&str] = match path {
             "/ws" => &["GET"],
             _ if echo => &["GET"],
-            "/publish" => &["POST"],
+            "/publish" | "/api/disconnect" | "/api/unsubscribe" => &["POST"],
+            "/api/topics" => &["GET"],
             "/sse" | "/history" | "/health" | "/stats" | "/metrics" | "/presence" | "/presence/stats"
             | "/volley.js" | "/dashboard" | "/stats/stream" => &["GET"],
             _ => {
@@ -183,6 +193,10 @@ impl Ctx {
             "/ws" => self.upgrade(key, conn, request, false, now),
             _ if echo => self.upgrade(key, conn, request, true, now),
             "/publish" => return self.http_publish(key, conn, request, body, now),
+            "/api/disconnect" | "/api/unsubscribe" | "/api/topics" => match self.operator_http(conn, request) {
+                Err(response) => self.respond(key, conn, request, response, now),
+                Ok(()) => return self.http_api(key, conn, request, body, now),
+            },
             "/sse" => self.start_sse(key, conn, request, now),
             "/history" => {
                 let response = match self.authorized_query(request) {

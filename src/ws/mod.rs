@@ -42,6 +42,8 @@ pub enum Close {
     TryAgainLater,
     /// 4001: unauthorized.
     Unauthorized,
+    /// 4000-4999 (default 4003): disconnected by the server API.
+    Disconnected(u16),
 }
 
 impl Close {
@@ -57,6 +59,7 @@ impl Close {
             Self::Internal => 1011,
             Self::TryAgainLater => 1013,
             Self::Unauthorized => 4001,
+            Self::Disconnected(code) => code,
         }
     }
 }
@@ -198,7 +201,7 @@ impl Codec {
             }
             if let Err(close) = inflater.transform(input, &mut plain.bytes) {
                 let mut pipe = Pipe { input: &[], output };
-                close_with(&mut self.context, close, &mut pipe);
+                close_with(&mut self.context, close, "", &mut pipe);
                 return Err(Ended::Failed(close));
             }
         }
@@ -228,7 +231,12 @@ impl Codec {
 
     /// Starts the close handshake with `close` (no-op if closing already).
     pub fn close(&mut self, close: Close, output: &mut Vec<u8>) {
-        close_with(&mut self.context, close, &mut Pipe { input: &[], output });
+        close_with(&mut self.context, close, "", &mut Pipe { input: &[], output });
+    }
+
+    /// Writes a close frame carrying `reason` (cut to the 123 bytes a close frame holds).
+    pub fn close_because(&mut self, close: Close, reason: &str, output: &mut Vec<u8>) {
+        close_with(&mut self.context, close, reason, &mut Pipe { input: &[], output });
     }
 }
 
@@ -257,7 +265,7 @@ fn read(context: &mut WebSocketContext, input: &mut &[u8], output: &mut Vec<u8>)
                 Error::Protocol(_) => Close::Protocol,
                 _ => Close::Internal,
             };
-            close_with(context, close, &mut pipe);
+            close_with(context, close, "", &mut pipe);
             Err(Ended::Failed(close))
         }
     };
@@ -266,8 +274,12 @@ fn read(context: &mut WebSocketContext, input: &mut &[u8], output: &mut Vec<u8>)
 }
 
 /// Starts the close handshake with `close` (no-op if closing already).
-fn close_with(context: &mut WebSocketContext, close: Close, pipe: &mut Pipe<'_, '_>) {
-    let frame = CloseFrame { code: CloseCode::from(close.code()), reason: Default::default() };
+fn close_with(context: &mut WebSocketContext, close: Close, reason: &str, pipe: &mut Pipe<'_, '_>) {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let frame = CloseFrame { code: CloseCode::from(close.code()), reason: reason[..cut].into() };
     let _ = context.close(pipe, Some(frame));
 }
 
