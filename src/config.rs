@@ -124,6 +124,16 @@ pub struct Config {
     pub proxy_max_in_flight: usize,
     /// Backend calls one connection may have running at once.
     pub proxy_max_in_flight_per_connection: usize,
+    /// Where topic occupied/vacated (and, opt-in, join/leave) events are posted; empty: off.
+    pub webhook_url: String,
+    /// Key of the `X-Volley-Signature` HMAC-SHA256 of each webhook body.
+    pub webhook_secret: String,
+    /// Also post presence joins and leaves.
+    pub webhook_presence: bool,
+    /// How long a webhook batch is retried (with backoff) before it is dropped.
+    pub webhook_retry_ms: u64,
+    /// Webhook events waiting to be posted; past it they are dropped (counted).
+    pub webhook_queue_max: usize,
 }
 
 impl Default for Config {
@@ -181,6 +191,11 @@ impl Default for Config {
             proxy_timeout_ms: 5_000,
             proxy_max_in_flight: 1_024,
             proxy_max_in_flight_per_connection: 16,
+            webhook_url: String::new(),
+            webhook_secret: String::new(),
+            webhook_presence: false,
+            webhook_retry_ms: 60_000,
+            webhook_queue_max: 65_536,
         }
     }
 }
@@ -313,7 +328,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&str, u64); 23] = [
+        let positive: [(&str, u64); 24] = [
+            ("webhook_queue_max", self.webhook_queue_max as u64),
             ("proxy_timeout_ms", self.proxy_timeout_ms),
             ("proxy_max_in_flight", self.proxy_max_in_flight as u64),
             ("proxy_max_in_flight_per_connection", self.proxy_max_in_flight_per_connection as u64),
@@ -376,6 +392,7 @@ impl Config {
             ("proxy_subscribe_url", &self.proxy_subscribe_url),
             ("proxy_publish_url", &self.proxy_publish_url),
             ("proxy_rpc_url", &self.proxy_rpc_url),
+            ("webhook_url", &self.webhook_url),
         ] {
             // Backends sit beside the broker (loopback or a private network): plain HTTP.
             if !url.is_empty() && !url.starts_with("http://") {

@@ -32,6 +32,7 @@ pub mod shard;
 pub mod sse;
 pub mod tls;
 pub mod topic;
+pub mod webhook;
 pub mod ws;
 
 /// Built with the `fault-injection` feature only (the test build): an event on this topic

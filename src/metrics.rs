@@ -186,6 +186,8 @@ pub struct Snapshot {
     pub engine: Option<(bool, u64, u64)>,
     /// Backend proxy calls.
     pub backend: crate::backend::BackendFigures,
+    /// Webhooks, when on: (events sent, dropped, failed posts, queued).
+    pub webhooks: Option<(u64, u64, u64, usize)>,
 }
 
 impl Snapshot {
@@ -242,6 +244,9 @@ impl Snapshot {
                 .collect::<serde_json::Map<_, _>>(),
             "shards": shards,
             "history": {"events": self.history.0, "bytes": self.history.1},
+            "webhooks": self.webhooks.map(|(sent, dropped, failed_posts, queued)| json!({
+                "sent": sent, "dropped": dropped, "failed_posts": failed_posts, "queued": queued,
+            })),
             "backend": {
                 "calls": self.backend.calls.iter().map(|(p, n)| (p.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "timeouts": self.backend.timeouts,
@@ -344,6 +349,26 @@ impl Snapshot {
                 ("{outcome=\"undelivered\"}", self.backend.undelivered.to_string()),
             ],
         );
+        if let Some((sent, dropped, failed_posts, _)) = self.webhooks {
+            family(
+                "volley_webhook_sent_total",
+                "counter",
+                "Webhook events posted and accepted.",
+                &[("", sent.to_string())],
+            );
+            family(
+                "volley_webhook_dropped_total",
+                "counter",
+                "Webhook events dropped: the queue was full, or their batch kept failing for webhook_retry_ms.",
+                &[("", dropped.to_string())],
+            );
+            family(
+                "volley_webhook_failed_posts_total",
+                "counter",
+                "Webhook posts that failed (each is retried).",
+                &[("", failed_posts.to_string())],
+            );
+        }
         family(
             "volley_backend_calls_in_flight",
             "gauge",

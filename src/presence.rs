@@ -84,6 +84,8 @@ pub struct Notice {
     pub joined: bool,
     /// Who.
     pub entry: Arc<Entry>,
+    /// This join made the topic occupied (its first member), or this leave vacated it.
+    pub transition: bool,
 }
 
 impl Notice {
@@ -166,7 +168,8 @@ impl Presence {
                     *room.users.entry(user.clone()).or_default() += 1;
                 }
                 slot.insert(Member { entry: entry.clone(), subscriptions: 1 });
-                Some(Notice { topic: topic.into(), joined: true, entry })
+                let transition = room.members.len() == 1;
+                Some(Notice { topic: topic.into(), joined: true, entry, transition })
             }
         }
     }
@@ -190,10 +193,11 @@ impl Presence {
                 room.users.remove(user);
             }
         }
-        if room.members.is_empty() {
+        let transition = room.members.is_empty();
+        if transition {
             rooms.remove(topic);
         }
-        Some(Notice { topic: topic.into(), joined: false, entry: member.entry })
+        Some(Notice { topic: topic.into(), joined: false, entry: member.entry, transition })
     }
 
     /// Sets another node's member (a mirror applying what Redis says): the notice when it
@@ -210,7 +214,8 @@ impl Presence {
             *room.users.entry(user.clone()).or_default() += 1;
         }
         room.members.insert(id, Member { entry: entry.clone(), subscriptions: 1 });
-        Some(Notice { topic: topic.into(), joined: true, entry })
+        let transition = room.members.len() == 1;
+        Some(Notice { topic: topic.into(), joined: true, entry, transition })
     }
 
     /// Removes another node's member whatever its count: the notice when it was there.

@@ -29,6 +29,15 @@ use crate::engine::Connector;
 use crate::mailbox::Control;
 use crate::presence::{Entry, Notice, Presence, Transport};
 
+/// A field every node's hash keeps, so a node without members still has one (a member's
+/// field is `<topic>\n<client_id>`: this one is never read as a member).
+const ALIVE_FIELD: &str = "alive";
+
+/// The node id a presence hash key ends with.
+fn node_of(key: &str) -> Option<u64> {
+    key.rsplit(':').next().and_then(|n| u64::from_str_radix(n, 16).ok())
+}
+
 /// How often queued joins and leaves go out.
 pub const TICK: Duration = Duration::from_millis(50);
 
@@ -180,7 +189,14 @@ impl Mirror {
 
     /// Makes other nodes' members (all but `own`'s) what the hashes said, except those
     /// the subscriber changed while they were read.
-    fn finish_reconcile(&self, presence: &Presence, own: u64, read: Vec<Read>, deliver: impl FnOnce(Vec<Notice>)) {
+    fn finish_reconcile(
+        &self,
+        presence: &Presence,
+        own: u64,
+        read: Vec<Read>,
+        mut gone: impl FnMut(&Notice),
+        deliver: impl FnOnce(Vec<Notice>),
+    ) {
         let mut touched = self.lock();
         let changed = touched.take().unwrap_or_default();
         let mut notices = Vec::new();
@@ -194,8 +210,12 @@ impl Mirror {
         }
         for (topic, entry) in presence.members(|n| n != own) {
             let member = (topic, entry.node, entry.conn_id);
-            if !present.contains(&member) && !changed.contains(&member) {
-                notices.extend(presence.remove(&member.0, (member.1, member.2)));
+            if !present.contains(&member)
+                && !changed.contains(&member)
+                && let Some(notice) = presence.remove(&member.0, (member.1, member.2))
+            {
+                gone(&notice);
+                notices.push(notice);
             }
         }
         deliver(notices);
@@ -265,6 +285,8 @@ impl Writer {
                 pipe.hset(&hash, field(&topic, entry.conn_id), value).ignore();
             }
         }
+        // The hash exists while the node lives, members or not (see `reconcile`).
+        pipe.hset(&hash, ALIVE_FIELD, "1").ignore();
         // The hash outlives this node by at most three quarters of the TTL; the others'
         // reconcile, every quarter, then drops its members: gone everywhere within the TTL.
         let expiry = (self.settings.ttl * 3 / 4).as_millis() as u64;
@@ -285,7 +307,7 @@ impl Writer {
         let own = self.settings.hash_of(node);
         let mut read = Vec::new();
         for key in keys.iter().filter(|k| **k != own) {
-            let Some(other) = key.rsplit(':').next().and_then(|n| u64::from_str_radix(n, 16).ok()) else { continue };
+            let Some(other) = node_of(key) else { continue };
             let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(conn)?;
             for (name, value) in fields {
                 let Some((topic, conn_hex)) = name.split_once('\n') else { continue };
@@ -297,7 +319,18 @@ impl Writer {
                 read.push(Read { member: (topic.into(), other, conn_id), stored: value });
             }
         }
-        self.mirror.finish_reconcile(&self.shared.presence, node, read, |notices| deliver(&self.shared, notices));
+        // Members gone from the hashes belong to a node that died (or whose leave was
+        // lost): nobody else will tell their transitions, and every live node sees them, so
+        // the live node with the lowest id tells the webhooks (every live node keeps its
+        // hash, members or not, so all agree on who that is).
+        let lowest = keys.iter().filter_map(|k| node_of(k)).all(|other| other >= node);
+        let hooks = self.shared.webhooks.as_ref().filter(|_| lowest);
+        let gone = |notice: &Notice| {
+            if let Some(hooks) = hooks {
+                hooks.tell(notice, true);
+            }
+        };
+        self.mirror.finish_reconcile(&self.shared.presence, node, read, gone, |notices| deliver(&self.shared, notices));
         Ok(())
     }
 }
@@ -379,7 +412,7 @@ mod tests {
         let snapshot = vec![read(7)];
         mirror.apply_told(&presence, OTHER, told(true, 8), |_| {});
         let mut notices = Vec::new();
-        mirror.finish_reconcile(&presence, OWN, snapshot, |n| notices = n);
+        mirror.finish_reconcile(&presence, OWN, snapshot, |_| {}, |n| notices = n);
         assert_eq!(listed(&presence), [7, 8]);
         assert!(notices.is_empty(), "no leave for the member that joined");
     }
@@ -392,7 +425,7 @@ mod tests {
         let snapshot = vec![read(9)];
         mirror.apply_told(&presence, OTHER, told(true, 9), |_| {});
         mirror.apply_told(&presence, OTHER, told(false, 9), |_| {});
-        mirror.finish_reconcile(&presence, OWN, snapshot, |_| {});
+        mirror.finish_reconcile(&presence, OWN, snapshot, |_| {}, |_| {});
         assert!(listed(&presence).is_empty());
     }
 
@@ -401,7 +434,9 @@ mod tests {
         let (presence, mirror) = (Presence::default(), Mirror::default());
         mirror.apply_told(&presence, OTHER, told(true, 3), |_| {});
         mirror.begin_reconcile();
-        mirror.finish_reconcile(&presence, OWN, vec![read(4)], |_| {});
+        let mut gone = Vec::new();
+        mirror.finish_reconcile(&presence, OWN, vec![read(4)], |n| gone.push(n.transition), |_| {});
+        assert_eq!(gone, [false], "member 3 left; 4 keeps the topic occupied");
         assert_eq!(listed(&presence), [4]);
     }
 }

@@ -9,7 +9,10 @@ Each answer is chosen by the request so one process serves every case:
               deny.* refuses; anything else allows unchanged
   /rpc        method echo, slow (data.ms, default 500), fail (HTTP 500), deny (refusal),
               hang (10 s), garbage (not JSON)
+  /webhook    records each post (body and X-Volley-Signature); /webhook-flaky answers
+              500 to its first two posts
   GET /calls  how many calls each path got, and the largest number at once
+  GET /webhooks  the posts /webhook and /webhook-flaky took
 Usage: backend.py PORT
 """
 import json
@@ -19,6 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 calls = {}
+hooks = []
 lock = threading.Lock()
 running = {"now": 0, "max": 0}
 
@@ -39,10 +43,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         with lock:
-            self.answer(200, {"calls": calls, "max_at_once": running["max"]})
+            if self.path == "/webhooks":
+                self.answer(200, {"posts": hooks})
+            else:
+                self.answer(200, {"calls": calls, "max_at_once": running["max"]})
 
     def do_POST(self):
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path.startswith("/webhook"):
+            with lock:
+                calls[self.path] = calls.get(self.path, 0) + 1
+                if self.path == "/webhook-flaky" and calls[self.path] <= 2:
+                    return self.answer(500, {"flaky": True})
+                hooks.append({"signature": self.headers.get("X-Volley-Signature"), "body": raw.decode()})
+            return self.answer(200, {})
+        request = json.loads(raw)
         with lock:
             calls[self.path] = calls.get(self.path, 0) + 1
             running["now"] += 1

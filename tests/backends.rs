@@ -6,12 +6,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::processes::{Proc, free_port, wait_for_port};
+use common::processes::{Proc, TestBackend, free_port, wait_for_port};
 use common::{Broker, Ws, http, publish, recv_json, send_json, subscribe, ws_connect};
 use serde_json::{Value, json};
 use tungstenite::Message;
@@ -19,36 +17,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 use volley::config::Config;
 
-/// The test backend on a free port, killed on drop.
-struct Backend {
-    port: u16,
-    _process: Proc,
-}
-
-impl Backend {
-    fn start() -> Self {
-        let port = free_port();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/backend.py");
-        let child = Command::new("python3").arg(script).arg(port.to_string()).spawn().expect("python3 runs");
-        wait_for_port(port, "the test backend");
-        Self { port, _process: Proc(child) }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// Calls per path so far, and the most at once.
-    fn calls(&self) -> Value {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "GET /calls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap()
-    }
-}
-
-fn proxied(backend: &Backend, tweak: impl FnOnce(&mut Config)) -> Broker {
+fn proxied(backend: &TestBackend, tweak: impl FnOnce(&mut Config)) -> Broker {
     Broker::with(|c| {
         c.proxy_rpc_url = backend.url("/rpc");
         c.proxy_publish_url = backend.url("/publish");
@@ -75,7 +44,7 @@ fn error_code(reply: &Value) -> &str {
 
 #[test]
 fn rpc_answers_refusals_failures_and_timeouts_and_the_connection_stays() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let broker = proxied(&backend, |c| c.proxy_timeout_ms = 400);
     let (mut ws, _) = ws_connect(&broker, "/ws");
     let answer = rpc(&mut ws, "echo", json!({"n": 1}));
@@ -118,7 +87,7 @@ fn rpc_without_a_backend_is_an_unknown_action_and_a_backend_down_is_unavailable(
 
 #[test]
 fn the_publish_proxy_allows_replaces_and_refuses() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let broker = proxied(&backend, |_| {});
     let (mut reader, _) = ws_connect(&broker, "/ws");
     subscribe(&mut reader, json!({"topics": ["chat.room", "other.t"]}));
@@ -140,24 +109,24 @@ fn the_publish_proxy_allows_replaces_and_refuses() {
     assert_eq!((event["payload"]["topic"].as_str(), &event["payload"]["data"]), (Some("other.t"), &json!([1, 2])));
     // HTTP /publish is the backend's own path: not proxied.
     publish(&broker, &json!([{"topic": "deny.y", "data": 1}]));
-    assert_eq!(backend.calls()["calls"]["/publish"], 4);
+    assert_eq!(backend.get("/calls")["calls"]["/publish"], 4);
 }
 
 #[test]
 fn the_subscribe_proxy_is_asked_only_for_topics_the_token_does_not_grant() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let secret = "backend-secret";
     let broker = proxied(&backend, |c| c.jwt_secret = secret.into());
     let token = common::token(secret, json!({"sub": "u1", "subscribe": ["granted.*"], "publish": ["granted.*"]}));
     let (mut ws, _) = ws_connect(&broker, &format!("/ws?token={token}"));
     assert_eq!(subscribe(&mut ws, json!({"subscription_id": "g", "topics": ["granted.a"]}))["status"], "subscribed");
-    assert_eq!(backend.calls()["calls"].get("/subscribe"), None, "a granted topic asks nobody");
+    assert_eq!(backend.get("/calls")["calls"].get("/subscribe"), None, "a granted topic asks nobody");
     assert_eq!(subscribe(&mut ws, json!({"subscription_id": "x", "topics": ["allowed.x"]}))["status"], "subscribed");
     send_json(&mut ws, &json!({"type": "subscribe", "message_id": "y", "payload": {"topics": ["other.y"]}}));
     let refused = recv_json(&mut ws);
     assert_eq!(error_code(&refused), "forbidden");
     assert_eq!(refused["payload"]["message"], "not yours: other.y");
-    assert_eq!(backend.calls()["calls"]["/subscribe"], 2);
+    assert_eq!(backend.get("/calls")["calls"]["/subscribe"], 2);
     // The proxied subscription is a subscription like any other.
     let admin = common::token(secret, json!({"sub": "backend", "publish": [">"]}));
     let (status, _, _) =
@@ -210,7 +179,7 @@ fn first_message_or_close(ws: &mut Ws) -> Result<Value, u16> {
 
 #[test]
 fn the_connect_proxy_turns_a_cookie_into_a_grant_and_refuses_without_one() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let secret = "connect-secret";
     let broker = Broker::with(|c| {
         c.jwt_secret = secret.into();
@@ -235,15 +204,15 @@ fn the_connect_proxy_turns_a_cookie_into_a_grant_and_refuses_without_one() {
     assert_eq!(connect_with_cookie(&broker, Some("session=deny")).1.unwrap_err(), 4001);
     assert_eq!(connect_with_cookie(&broker, None).1.unwrap_err(), 4001);
     // A valid token is not asked about.
-    let before = backend.calls()["calls"]["/connect"].as_u64().unwrap();
+    let before = backend.get("/calls")["calls"]["/connect"].as_u64().unwrap();
     let token = common::token(secret, json!({"sub": "t1", "subscribe": [">"]}));
     ws_connect(&broker, &format!("/ws?token={token}"));
-    assert_eq!(backend.calls()["calls"]["/connect"].as_u64().unwrap(), before);
+    assert_eq!(backend.get("/calls")["calls"]["/connect"].as_u64().unwrap(), before);
 }
 
 #[test]
 fn a_connect_proxy_that_is_down_closes_with_1011_and_expire_at_closes_with_4001() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let broker = Broker::with(|c| c.proxy_connect_url = format!("http://127.0.0.1:{}/connect", free_port()));
     assert_eq!(connect_with_cookie(&broker, Some("session=alice")).1.unwrap_err(), 1011);
     drop(broker);
@@ -258,7 +227,7 @@ fn a_connect_proxy_that_is_down_closes_with_1011_and_expire_at_closes_with_4001(
 
 #[test]
 fn calls_in_flight_are_bounded_per_connection_and_per_process() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let broker = proxied(&backend, |c| {
         c.proxy_max_in_flight = 20;
         c.proxy_max_in_flight_per_connection = 16;
@@ -299,7 +268,7 @@ fn calls_in_flight_are_bounded_per_connection_and_per_process() {
 
 #[test]
 fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
-    let backend = Backend::start();
+    let backend = TestBackend::start();
     let broker = proxied(&backend, |_| {});
     let (mut listener, _) = ws_connect(&broker, "/ws");
     subscribe(&mut listener, json!({"topics": ["tick"]}));
@@ -335,7 +304,7 @@ fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
     }
     assert_eq!(answered, 1000);
     let took = started.elapsed();
-    let at_once = backend.calls()["max_at_once"].as_u64().unwrap();
+    let at_once = backend.get("/calls")["max_at_once"].as_u64().unwrap();
     assert!(at_once >= 500, "the backend saw at most {at_once} calls at once");
     assert!(took < Duration::from_secs(15), "1,000 calls of 2 s took {took:?}");
 }

@@ -446,3 +446,55 @@ fn resume_model_three_nodes_with_kills_and_restarts() {
         }
     }
 }
+
+/// The `(type, topic)` of every webhook event `receiver` has taken.
+fn webhook_events(receiver: &TestBackend) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    for post in receiver.get("/webhooks")["posts"].as_array().unwrap() {
+        let body: Value = serde_json::from_str(post["body"].as_str().unwrap()).unwrap();
+        for e in body["events"].as_array().unwrap() {
+            events.push((e["type"].as_str().unwrap().to_string(), e["topic"].as_str().unwrap().to_string()));
+        }
+    }
+    events
+}
+
+#[test]
+fn occupied_and_vacated_are_told_once_across_three_nodes_when_one_is_killed() {
+    let _alone = TIMING.lock().unwrap_or_else(|p| p.into_inner());
+    let redis = RedisServer::start();
+    let receiver = TestBackend::start();
+    let url = receiver.url("/webhook");
+    let settings = [("VOLLEY_PRESENCE_TTL_MS", "2000"), ("VOLLEY_WEBHOOK_URL", url.as_str())];
+    let mut nodes: Vec<Node> = (0..3).map(|_| node_with(&redis, &settings)).collect();
+    let everywhere = |nodes: &[Node], count: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for node in nodes {
+            while presence_of(node.port, "room").0 != count {
+                assert!(Instant::now() < deadline, "node {} sees {:?}", node.port, presence_of(node.port, "room"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let (first, _) = presence_member(nodes[0].port, "room");
+    everywhere(&nodes, 1);
+    // Later members elsewhere find the topic occupied already.
+    let (second, _) = presence_member(nodes[1].port, "room");
+    let (_third, _) = presence_member(nodes[2].port, "room");
+    everywhere(&nodes, 3);
+    // Two leave; the member on node 2 keeps it occupied.
+    drop((first, second));
+    everywhere(&nodes, 1);
+    // kill -9 node 2: its member expires everywhere; one of the two live nodes says so.
+    nodes.pop().unwrap().process.0.kill().unwrap();
+    everywhere(&nodes, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !webhook_events(&receiver).contains(&("topic_vacated".into(), "room".into())) {
+        assert!(Instant::now() < deadline, "no vacated: {:?}", webhook_events(&receiver));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Two more reconcile rounds on both live nodes: nothing more comes.
+    std::thread::sleep(Duration::from_millis(1500));
+    let events = webhook_events(&receiver);
+    assert_eq!(events, [("topic_occupied".into(), "room".into()), ("topic_vacated".into(), "room".into())]);
+}

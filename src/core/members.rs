@@ -66,6 +66,10 @@ impl Ctx {
     }
 
     fn announce(&self, notice: Notice) {
+        // This node's own member joined or left: its transitions are this node's to tell.
+        if let Some(hooks) = &self.shared.webhooks {
+            hooks.tell(&notice, true);
+        }
         let notice = Arc::new(notice);
         // A shard whose control queue is full misses the notice (counted); its members'
         // lists stay right, only the notice is lost.

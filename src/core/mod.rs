@@ -90,6 +90,8 @@ pub struct Shared {
     pub epoch: (Instant, SystemTime),
     /// The backend proxies; their outcomes come back through the shards' mailboxes.
     pub backend: Backend<Pending>,
+    /// Webhooks, when `webhook_url` is set.
+    pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
 }
 
 /// Most `/stats/stream`s open at once (dashboards are few; each holds a copy of the
@@ -130,6 +132,7 @@ impl Shared {
         );
         Self {
             backend,
+            webhooks: crate::webhook::Webhooks::start(&config),
             bus,
             engine,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
@@ -158,6 +161,10 @@ impl Shared {
         snapshot.control_refused = self.bus.mailboxes.control_refused.load(Ordering::Relaxed);
         snapshot.history = self.bus.history_size();
         snapshot.backend = self.backend.counters().read();
+        snapshot.webhooks = self.webhooks.as_ref().map(|w| {
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            (load(&w.counters.sent), load(&w.counters.dropped), load(&w.counters.failed_posts), w.queued())
+        });
         snapshot.latency = latency;
         snapshot.engine = self.engine.as_ref().map(|e| {
             (e.up.load(Ordering::Acquire), e.reconnects.load(Ordering::Relaxed), e.lag_us.load(Ordering::Relaxed))

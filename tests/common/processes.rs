@@ -90,3 +90,35 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// tests/backend.py (the backend the proxy and webhook tests call) on a free port,
+/// killed on drop.
+pub struct TestBackend {
+    pub port: u16,
+    _process: Proc,
+}
+
+impl TestBackend {
+    pub fn start() -> Self {
+        let port = free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/backend.py");
+        let child = Command::new("python3").arg(script).arg(port.to_string()).spawn().expect("python3 runs");
+        wait_for_port(port, "the test backend");
+        Self { port, _process: Proc(child) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `GET path` as JSON (`/calls`: calls per path and the most at once; `/webhooks`: the
+    /// webhook posts taken).
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap()
+    }
+}
