@@ -100,8 +100,9 @@ pub enum Control {
     ApiDone(Arc<ApiTally>),
 }
 
-/// What the server API asks every shard to do (docs/protocol.md, "Server API").
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the server API asks every shard to do (docs/protocol.md, "Server API"); with the
+/// Redis engine it is also told to every other node (hence serializable).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ApiAction {
     /// Close the matching WebSocket connections with `code` and `reason`.
     Disconnect {
@@ -129,15 +130,15 @@ pub enum ApiAction {
 pub struct ApiTally {
     /// What to do.
     pub action: ApiAction,
-    /// Who asked.
-    pub reply_to: ReplyTo,
+    /// Who asked; `None` for an action another node was asked (it answers its caller).
+    pub reply_to: Option<ReplyTo>,
     remaining: AtomicUsize,
     affected: AtomicUsize,
 }
 
 impl ApiTally {
     /// A call that `shards` shards will act on.
-    pub fn new(action: ApiAction, reply_to: ReplyTo, shards: usize) -> Arc<Self> {
+    pub fn new(action: ApiAction, reply_to: Option<ReplyTo>, shards: usize) -> Arc<Self> {
         Arc::new(Self { action, reply_to, remaining: AtomicUsize::new(shards), affected: AtomicUsize::new(0) })
     }
 

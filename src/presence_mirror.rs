@@ -13,7 +13,9 @@
 //! resulting notices to the shards' inboxes, so members everywhere hear of them, and a
 //! presence read on any node is answered from its own registry. Both connect through the
 //! engine's [`Connector`] (timeouts, backoff). It does not touch connections or the event
-//! stream.
+//! stream. The same threads carry server API actions (disconnect, unsubscribe) to every
+//! other node: the writer publishes what this node was asked, the subscriber hands what
+//! others were asked to this node's shards.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -59,6 +61,13 @@ struct Told {
     entry: Option<Stored>,
 }
 
+/// A server API action one node was asked, for the others.
+#[derive(Serialize, Deserialize)]
+struct ApiTold {
+    node: String,
+    action: crate::mailbox::ApiAction,
+}
+
 /// A batch of joins and leaves from one node.
 #[derive(Serialize, Deserialize)]
 struct Batch {
@@ -84,6 +93,11 @@ impl Settings {
 
     fn channel(&self) -> String {
         format!("{}:presence", self.prefix)
+    }
+
+    /// Where server API actions are told to every node.
+    fn api_channel(&self) -> String {
+        format!("{}:api", self.prefix)
     }
 }
 
@@ -291,6 +305,10 @@ impl Writer {
         // reconcile, every quarter, then drops its members: gone everywhere within the TTL.
         let expiry = (self.settings.ttl * 3 / 4).as_millis() as u64;
         pipe.cmd("PEXPIRE").arg(&hash).arg(expiry.max(1)).ignore();
+        while let Some(action) = self.shared.api_outbox.pop() {
+            let told = ApiTold { node: format!("{node:x}"), action };
+            pipe.publish(self.settings.api_channel(), serde_json::to_string(&told).unwrap_or_default()).ignore();
+        }
         if !told.is_empty() {
             let batch = Batch { node: format!("{node:x}"), told };
             pipe.publish(self.settings.channel(), serde_json::to_string(&batch).unwrap_or_default()).ignore();
@@ -343,6 +361,17 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// Another node's server API action: every shard here acts on its own connections.
+    fn act(&self, payload: &[u8]) {
+        let Ok(told) = serde_json::from_slice::<ApiTold>(payload) else { return };
+        if u64::from_str_radix(&told.node, 16).is_ok_and(|n| n == self.shared.node) {
+            return;
+        }
+        let mailboxes = &self.shared.bus.mailboxes;
+        let tally = crate::mailbox::ApiTally::new(told.action, None, mailboxes.inboxes().len());
+        mailboxes.to_every_shard(|| Control::Api(tally.clone()));
+    }
+
     fn run(mut self) {
         loop {
             let mut conn = self.connector.connect();
@@ -355,6 +384,7 @@ impl Subscriber {
     fn follow(&self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut pubsub = conn.as_pubsub();
         pubsub.subscribe(self.settings.channel())?;
+        pubsub.subscribe(self.settings.api_channel())?;
         loop {
             let message = match pubsub.get_message() {
                 Ok(message) => message,
@@ -366,6 +396,10 @@ impl Subscriber {
                 }
                 Err(e) => return Err(e),
             };
+            if message.get_channel_name() == self.settings.api_channel() {
+                self.act(message.get_payload_bytes());
+                continue;
+            }
             let Ok(batch) = serde_json::from_slice::<Batch>(message.get_payload_bytes()) else { continue };
             let Ok(node) = u64::from_str_radix(&batch.node, 16) else { continue };
             if node == self.shared.node {

@@ -498,3 +498,48 @@ fn occupied_and_vacated_are_told_once_across_three_nodes_when_one_is_killed() {
     let events = webhook_events(&receiver);
     assert_eq!(events, [("topic_occupied".into(), "room".into()), ("topic_vacated".into(), "room".into())]);
 }
+
+#[test]
+fn a_disconnect_or_unsubscribe_asked_of_one_node_acts_on_every_node() {
+    let redis = RedisServer::start();
+    let secret = "cluster-api";
+    let nodes: Vec<Node> = (0..3).map(|_| node_with(&redis, &[("VOLLEY_JWT_SECRET", secret)])).collect();
+    let alice = common::token(secret, json!({"sub": "alice", "subscribe": [">"]}));
+    let connect = |port: u16| -> Ws {
+        let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws?token={alice}")).unwrap();
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        assert!(ws.read().unwrap().to_text().unwrap().contains("connected"));
+        let subscribe = json!({"type": "subscribe", "payload": {"topics": ["chat.a", "chat.b"]}});
+        ws.send(Message::text(subscribe.to_string())).unwrap();
+        assert!(ws.read().unwrap().to_text().unwrap().contains("subscribed"));
+        ws
+    };
+    let mut on_one = connect(nodes[1].port);
+    let mut on_two = connect(nodes[2].port);
+    let admin = common::token(secret, json!({"sub": "ops", "admin": true}));
+    let api =
+        |path: &str, body: Value| request(nodes[0].port, "POST", &format!("{path}?token={admin}"), &body.to_string());
+    // Node 0 holds none of them (its count); the others act.
+    let answer = api("/api/unsubscribe", json!({"user": "alice", "topic": "chat.a"})).unwrap();
+    assert_eq!(answer, (200, json!({"unsubscribed": 0}).to_string()));
+    for ws in [&mut on_one, &mut on_two] {
+        let told: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+        assert_eq!((told["type"].as_str(), &told["payload"]), (Some("unsubscribed"), &json!({"topic": "chat.a"})));
+    }
+    let answer = api("/api/disconnect", json!({"user": "alice", "reason": "banned"})).unwrap();
+    assert_eq!(answer, (200, json!({"disconnected": 0}).to_string()));
+    for ws in [&mut on_one, &mut on_two] {
+        loop {
+            match ws.read().unwrap() {
+                Message::Close(Some(frame)) => {
+                    assert_eq!((u16::from(frame.code), frame.reason.as_str()), (4003, "banned"));
+                    break;
+                }
+                Message::Close(None) => panic!("a close frame without a code"),
+                _ => continue,
+            }
+        }
+    }
+}

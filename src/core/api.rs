@@ -6,7 +6,8 @@
 //! on its own connections and counts them, and the last to finish tells the shard holding
 //! the HTTP request ([`Control::ApiDone`]). It must not reach into another shard's
 //! connections; the topic list is read from the presence registry, which every shard
-//! shares.
+//! shares. With the Redis engine the action is also queued for the presence mirror, which
+//! tells every other node (each acts on its own connections and answers nobody).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,8 +94,14 @@ impl Ctx {
             Ok(action) => action,
             Err(response) => return Some(self.respond(key, conn, request, response, now)),
         };
+        // With the Redis engine every other node acts too (told through the presence mirror).
+        if self.shared.engine.is_some() && self.shared.api_outbox.push(action.clone()).is_err() {
+            let response = Response::error(&HttpError::new(ErrorCode::Overloaded, "too many server API calls queued"))
+                .header("Retry-After", "1");
+            return Some(self.respond(key, conn, request, response, now));
+        }
         let mailboxes = &self.shared.bus.mailboxes;
-        let tally = ApiTally::new(action, self.reply_to(key, conn), mailboxes.inboxes().len());
+        let tally = ApiTally::new(action, Some(self.reply_to(key, conn)), mailboxes.inboxes().len());
         let refused = mailboxes.to_every_shard(|| Control::Api(tally.clone()));
         // The shards that took it answer; if the last of them finished before the refusals
         // were counted here, or none took it, the answer is now.
@@ -143,9 +150,10 @@ impl Core {
             }
         }
         self.settle();
-        if tally.done(affected) {
-            let shard = tally.reply_to.shard;
-            self.ctx.shared.bus.mailboxes.to_shard(shard, Control::ApiDone(tally));
+        if tally.done(affected)
+            && let Some(reply_to) = tally.reply_to
+        {
+            self.ctx.shared.bus.mailboxes.to_shard(reply_to.shard, Control::ApiDone(tally));
         }
     }
 
@@ -155,8 +163,9 @@ impl Core {
             ApiAction::Disconnect { .. } => "disconnected",
             ApiAction::Unsubscribe { .. } => "unsubscribed",
         };
+        let Some(reply_to) = tally.reply_to else { return };
         let response = Response::json(200, &json!({ field: tally.affected() }));
-        self.resume_http(tally.reply_to.key, tally.reply_to.conn_id, response, now);
+        self.resume_http(reply_to.key, reply_to.conn_id, response, now);
     }
 }
 

@@ -90,6 +90,9 @@ pub struct Shared {
     pub epoch: (Instant, SystemTime),
     /// The backend proxies; their outcomes come back through the shards' mailboxes.
     pub backend: Backend<Pending>,
+    /// With a cluster engine: server API actions for the presence mirror to tell the other
+    /// nodes (bounded: past it the call is answered `overloaded`).
+    pub api_outbox: crossbeam_queue::ArrayQueue<crate::mailbox::ApiAction>,
     /// Webhooks, when `webhook_url` is set.
     pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
 }
@@ -103,6 +106,9 @@ pub const MAX_STATS_GATHERS: usize = 32;
 
 /// How often a `/stats/stream` (the dashboard's feed) gets a push.
 pub const STATS_PUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Server API actions waiting for the presence mirror to tell the other nodes.
+const API_OUTBOX: usize = 1024;
 
 /// Joins and leaves waiting for the presence mirror before it rewrites the node whole.
 const PRESENCE_OUTBOX: usize = 65_536;
@@ -133,6 +139,7 @@ impl Shared {
         Self {
             backend,
             webhooks: crate::webhook::Webhooks::start(&config),
+            api_outbox: crossbeam_queue::ArrayQueue::new(API_OUTBOX),
             bus,
             engine,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
