@@ -5,19 +5,21 @@
 //! [`Outcome`]. A shard hands [`Backend::call`] a body and an opaque context and goes on;
 //! a pool thread posts the body, and the outcome goes back with the context through the
 //! `deliver` function the pool was built with (the shard's mailbox). Threads are started
-//! as calls need them, never more than `proxy_max_in_flight` (each runs one call at a
-//! time), and end after [`IDLE_THREAD_EXIT`] without work. The client is `ureq`: blocking,
-//! so a call is a plain thread with no async runtime beside the reactor, and its agent
-//! keeps connections to the backend alive across calls.
+//! as calls need them (by a dispatcher thread: starting one can take milliseconds), never
+//! more than `proxy_max_in_flight` (each runs one call at a time), run at a lower
+//! priority than the shards, and end after [`IDLE_THREAD_EXIT`] without work. Everything
+//! a shard touches on the way is lock-free, so it never waits on a preempted pool thread.
+//! The client is `ureq`: blocking, so a call is a plain thread with no async runtime
+//! beside the reactor, and its agent keeps connections to the backend alive.
 //!
 //! It must not touch connections, sockets of clients or the shards' state: what an answer
 //! means for a connection (a grant, a refusal, a publish) is the shard's to decide.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_queue::ArrayQueue;
 use serde_json::{Map, Value};
 
 use crate::config::Config;
@@ -77,6 +79,10 @@ pub enum Busy {
 
 /// Largest backend answer read; a larger one is `Unavailable`.
 const MAX_ANSWER_BYTES: u64 = 1024 * 1024;
+
+/// Times a pool thread that just finished a call yields and looks for the next before it
+/// parks.
+const IDLE_SPINS: u32 = 32;
 
 /// A pool thread with nothing to do for this long ends.
 pub const IDLE_THREAD_EXIT: Duration = Duration::from_secs(30);
@@ -158,12 +164,29 @@ struct Job<C> {
     context: C,
 }
 
+/// A pool thread as callers see it: a slot for one job, and how to wake it.
+struct Worker<C> {
+    slot: ArrayQueue<Job<C>>,
+    thread: std::thread::Thread,
+    /// [`IDLE`] (in the idle queue, free to claim), [`CLAIMED`], or [`GONE`] (idled out).
+    state: AtomicU8,
+}
+
+const IDLE: u8 = 0;
+const CLAIMED: u8 = 1;
+const GONE: u8 = 2;
+
+/// Everything a shard touches on its way to a pool thread is lock-free (queues, atomics,
+/// an unpark): the pool threads run at a lower priority, and a shard must never wait on a
+/// lock one of them holds while preempted.
 struct Pool<C> {
     urls: [Option<String>; 4],
     agent: ureq::Agent,
-    jobs: Receiver<Job<C>>,
-    /// Threads waiting for a job that no caller has claimed yet.
-    idle: AtomicUsize,
+    /// Pool threads waiting for a job (some may have idled out: claiming skips them).
+    idle: ArrayQueue<Arc<Worker<C>>>,
+    /// Jobs no idle thread took, for the dispatcher to start threads for.
+    unassigned: ArrayQueue<Job<C>>,
+    dispatcher: std::sync::OnceLock<std::thread::Thread>,
     deliver: Box<Deliver<C>>,
     counters: Arc<BackendCounters>,
 }
@@ -171,8 +194,6 @@ struct Pool<C> {
 /// The proxies of one process; `C` is what the caller needs back with each outcome.
 pub struct Backend<C> {
     pool: Arc<Pool<C>>,
-    /// To the dispatcher thread.
-    calls: Sender<Job<C>>,
     max_in_flight: usize,
 }
 
@@ -180,18 +201,7 @@ impl<C: Send + 'static> Backend<C> {
     /// The proxies `config` names; outcomes go back through `deliver`.
     pub fn new(config: &Config, deliver: Box<Deliver<C>>) -> Self {
         let url = |u: &String| (!u.is_empty()).then(|| u.clone());
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(config.proxy_timeout_ms)))
-            // A non-2xx status is an outcome to read, not a transport error.
-            .http_status_as_error(false)
-            .max_idle_connections(config.proxy_max_in_flight)
-            .max_idle_connections_per_host(config.proxy_max_in_flight)
-            .user_agent("volley")
-            .build()
-            .new_agent();
-        // Both channels hold at most the calls in flight (claimed before sending).
-        let (calls, dispatched) = crossbeam_channel::unbounded();
-        let (work, jobs) = crossbeam_channel::unbounded();
+        let max = config.proxy_max_in_flight;
         let pool = Arc::new(Pool {
             urls: [
                 url(&config.proxy_connect_url),
@@ -199,23 +209,28 @@ impl<C: Send + 'static> Backend<C> {
                 url(&config.proxy_publish_url),
                 url(&config.proxy_rpc_url),
             ],
-            agent,
-            jobs,
-            idle: AtomicUsize::new(0),
+            agent: agent(Duration::from_millis(config.proxy_timeout_ms), max),
+            // Both hold at most the calls in flight (claimed before a job is made).
+            idle: ArrayQueue::new(max),
+            unassigned: ArrayQueue::new(max),
+            dispatcher: std::sync::OnceLock::new(),
             deliver,
             counters: Arc::default(),
         });
         if pool.urls.iter().any(Option::is_some) {
             let dispatcher = pool.clone();
-            let started = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("volley-backend-dispatch".into())
-                .spawn(move || dispatcher.dispatch(dispatched, work));
-            if let Err(error) = started {
-                // `call` then refuses every call (the receiver is gone).
-                tracing::error!(%error, "cannot start the backend dispatcher");
+                .spawn(move || dispatcher.dispatch())
+            {
+                Ok(handle) => {
+                    let _ = pool.dispatcher.set(handle.thread().clone());
+                }
+                // `call` then refuses every call.
+                Err(error) => tracing::error!(%error, "cannot start the backend dispatcher"),
             }
         }
-        Self { pool, calls, max_in_flight: config.proxy_max_in_flight }
+        Self { pool, max_in_flight: max }
     }
 
     /// Whether `proxy` has a URL.
@@ -229,11 +244,12 @@ impl<C: Send + 'static> Backend<C> {
     }
 
     /// Starts a call to `proxy` (which must be configured) with a JSON `body`; its outcome
-    /// comes back with `context`. Never blocks: the job goes to the dispatcher thread,
-    /// which hands it to an idle pool thread or starts one (starting a thread can take
-    /// milliseconds under load, which a shard must not wait).
+    /// comes back with `context`. Never blocks: the job goes to an idle pool thread, or,
+    /// with none idle, to the dispatcher thread, which starts one (starting a thread can
+    /// take milliseconds under load, which a shard must not wait).
     pub fn call(&self, proxy: Proxy, body: Vec<u8>, context: C) -> Result<(), Busy> {
         let counters = &self.pool.counters;
+        let Some(dispatcher) = self.pool.dispatcher.get() else { return Err(Busy::InFlight) };
         let claimed = counters
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_in_flight).then_some(n + 1));
@@ -242,74 +258,162 @@ impl<C: Send + 'static> Backend<C> {
             return Err(Busy::InFlight);
         }
         counters.calls[proxy as usize].fetch_add(1, Ordering::Relaxed);
-        if self.calls.send(Job { proxy, body, context }).is_err() {
-            // The dispatcher is gone (it could not start): nothing will run the call.
+        let Err(job) = self.pool.hand_to_idle(Job { proxy, body, context }) else { return Ok(()) };
+        if self.pool.unassigned.push(job).is_err() {
+            // Cannot happen (it holds as many as may be in flight); refuse rather than lose.
             counters.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Busy::InFlight);
         }
+        dispatcher.unpark();
         Ok(())
     }
 }
 
 impl<C: Send + 'static> Pool<C> {
-    /// The dispatcher: each call goes to a pool thread that no other call has claimed, or
-    /// to a new one. So a queued job always has a thread coming for it, and there are at
-    /// most as many threads as calls in flight (`proxy_max_in_flight`) plus those idling.
-    fn dispatch(self: Arc<Self>, calls: Receiver<Job<C>>, work: Sender<Job<C>>) {
-        for job in calls {
-            if decrement(&self.idle) {
-                // The pool holds the receiver, so the channel is open while it lives.
-                let _ = work.send(job);
-                continue;
-            }
-            let pool = self.clone();
-            self.counters.threads.fetch_add(1, Ordering::Relaxed);
-            let spawned = std::thread::Builder::new()
-                .name("volley-backend".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || pool.work(job));
-            if let Err(error) = spawned {
-                // Out of threads: the job is lost with the closure; its slot comes back.
-                tracing::error!(%error, "cannot start a backend call thread");
-                self.counters.threads.fetch_sub(1, Ordering::Relaxed);
-                self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+    /// Gives `job` to an idle pool thread, or gives it back when none is idle.
+    fn hand_to_idle(&self, job: Job<C>) -> Result<(), Job<C>> {
+        while let Some(worker) = self.idle.pop() {
+            // A thread that idled out meanwhile is skipped (and its entry dropped).
+            if worker.state.compare_exchange(IDLE, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                // Its slot is empty: it took its last job before it became idle.
+                let _ = worker.slot.push(job);
+                worker.thread.unpark();
+                return Ok(());
             }
         }
+        Err(job)
     }
-}
 
-/// Takes one from `n` unless it is zero.
-fn decrement(n: &AtomicUsize) -> bool {
-    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |i| i.checked_sub(1)).is_ok()
+    /// The dispatcher: each job no idle thread took goes to one that became idle since, or
+    /// to a new thread. So there are at most as many threads as calls in flight
+    /// (`proxy_max_in_flight`) plus those idling.
+    fn dispatch(self: Arc<Self>) {
+        loop {
+            while let Some(job) = self.unassigned.pop() {
+                let Err(job) = self.hand_to_idle(job) else { continue };
+                let pool = self.clone();
+                self.counters.threads.fetch_add(1, Ordering::Relaxed);
+                let spawned = std::thread::Builder::new()
+                    .name("volley-backend".into())
+                    .stack_size(THREAD_STACK)
+                    .spawn(move || pool.work(job));
+                if let Err(error) = spawned {
+                    // Out of threads: the job is lost with the closure; its slot comes back.
+                    tracing::error!(%error, "cannot start a backend call thread");
+                    self.counters.threads.fetch_sub(1, Ordering::Relaxed);
+                    self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            // An unpark before this park makes it return at once: no job is missed.
+            std::thread::park();
+        }
+    }
 }
 
 impl<C> Pool<C> {
     /// Runs `job`, then whatever callers hand this thread, until it idles out.
     fn work(&self, mut job: Job<C>) {
+        lower_priority();
+        let me =
+            Arc::new(Worker { slot: ArrayQueue::new(1), thread: std::thread::current(), state: AtomicU8::new(IDLE) });
         loop {
             let outcome = self.post(job.proxy, &job.body);
             self.hand_back(job.context, outcome);
             self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.idle.fetch_add(1, Ordering::AcqRel);
+            me.state.store(IDLE, Ordering::Release);
+            if self.idle.push(me.clone()).is_err() {
+                // More threads than calls may be in flight: this one is not needed.
+                break;
+            }
+            let idle_since = Instant::now();
+            let mut spins = 0;
             job = loop {
-                match self.jobs.recv_timeout(IDLE_THREAD_EXIT) {
-                    Ok(next) => break next,
-                    // Leave only if no caller has claimed this thread meanwhile; if one
-                    // has, its job is on the way.
-                    Err(RecvTimeoutError::Timeout) if decrement(&self.idle) => {
+                if let Some(next) = me.slot.pop() {
+                    break next;
+                }
+                // A busy backend sends the next call within microseconds: look again a few
+                // times before sleeping (waking a parked thread costs tens of them).
+                if spins < IDLE_SPINS {
+                    spins += 1;
+                    std::thread::yield_now();
+                    continue;
+                }
+                let waited = idle_since.elapsed();
+                if waited >= IDLE_THREAD_EXIT {
+                    // Leave unless a caller claimed this thread meanwhile (its job is
+                    // then on the way).
+                    if me.state.compare_exchange(IDLE, GONE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                         self.counters.threads.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.counters.threads.fetch_sub(1, Ordering::Relaxed);
-                        return;
-                    }
+                    std::thread::park();
+                } else {
+                    std::thread::park_timeout(IDLE_THREAD_EXIT - waited);
                 }
             };
         }
+        self.counters.threads.fetch_sub(1, Ordering::Relaxed);
     }
+}
 
+/// The HTTP/1.1 client of backend calls and webhooks: `timeout` per call, up to `idle`
+/// connections kept alive, no proxy from the environment (backends sit beside the broker),
+/// and a resolver that starts no thread (ureq's default starts one per call to time a
+/// lookup out, which cost more CPU than the rest of a call).
+pub fn agent(timeout: Duration, idle: usize) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        // A non-2xx status is an outcome to read, not a transport error.
+        .http_status_as_error(false)
+        .max_idle_connections(idle)
+        .max_idle_connections_per_host(idle)
+        .proxy(None)
+        .user_agent("volley")
+        .build();
+    ureq::Agent::with_parts(config, ureq::unversioned::transport::DefaultConnector::new(), InPlaceResolver)
+}
+
+/// Resolves an IP literal in place, and a name with the system resolver on the calling
+/// (pool) thread, which may block it but never a shard. ureq's resolver API is outside its
+/// semver promise: Cargo.lock pins the version this is written against.
+#[derive(Debug)]
+struct InPlaceResolver;
+
+impl ureq::unversioned::resolver::Resolver for InPlaceResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        use std::net::ToSocketAddrs;
+        let authority = uri.authority().ok_or_else(|| ureq::Error::BadUri(uri.to_string()))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let mut addrs = self.empty();
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => addrs.push(std::net::SocketAddr::new(ip, port)),
+            Err(_) => {
+                for addr in (host, port).to_socket_addrs().map_err(ureq::Error::Io)?.take(16) {
+                    addrs.push(addr);
+                }
+            }
+        }
+        if addrs.is_empty() { Err(ureq::Error::HostNotFound) } else { Ok(addrs) }
+    }
+}
+
+/// Backend calls are background work: their threads run at a lower priority (nice 10) so
+/// that, on a busy machine, the shards and their events go first.
+fn lower_priority() {
+    // SAFETY: setpriority takes no pointers; on Linux `0` names the calling thread.
+    let lowered = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if lowered != 0 {
+        tracing::debug!("could not lower a backend call thread's priority");
+    }
+}
+
+impl<C> Pool<C> {
     fn post(&self, proxy: Proxy, body: &[u8]) -> Outcome {
         let Some(url) = &self.urls[proxy as usize] else {
             return Outcome::Unavailable(format!("no {} proxy configured", proxy.as_str()));
@@ -421,7 +525,7 @@ mod tests {
         // Nothing listens on port 9 of loopback: every call fails fast.
         let config =
             Config { proxy_rpc_url: "http://127.0.0.1:9/rpc".into(), proxy_max_in_flight: 2, ..Config::default() };
-        let (sender, receiver) = crossbeam_channel::unbounded();
+        let (sender, receiver) = std::sync::mpsc::channel();
         let backend: Backend<u32> = Backend::new(
             &config,
             Box::new(move |answer: Box<(u32, Outcome)>| {
@@ -451,5 +555,28 @@ mod tests {
         }
         assert_eq!(backend.counters().in_flight.load(Ordering::Acquire), 0);
         assert!(backend.counters().threads.load(Ordering::Relaxed) <= 2);
+    }
+
+    #[test]
+    fn a_call_thread_runs_at_a_lower_priority() {
+        let nice = std::thread::spawn(|| {
+            lower_priority();
+            // SAFETY: getpriority takes no pointers; `0` names this thread.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice, 10);
+    }
+
+    #[test]
+    fn ip_literals_and_names_resolve_in_place() {
+        use ureq::unversioned::resolver::Resolver;
+        let config = ureq::config::Config::default();
+        let timeout = ureq::unversioned::transport::NextTimeout::default;
+        let resolve = |url: &str| InPlaceResolver.resolve(&url.parse().unwrap(), &config, timeout()).unwrap().to_vec();
+        assert_eq!(resolve("http://127.0.0.1:9000/x"), ["127.0.0.1:9000".parse().unwrap()]);
+        assert_eq!(resolve("http://[::1]:9000/x"), ["[::1]:9000".parse().unwrap()]);
+        assert!(resolve("http://localhost:9000/x").iter().all(|a| a.port() == 9000 && a.ip().is_loopback()));
     }
 }

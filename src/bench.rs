@@ -648,7 +648,7 @@ fn process(
 
 /// The next whole unmasked frame in `b`: its first byte (FIN, RSV, opcode), payload, bytes
 /// used.
-fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
+pub fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
     if b.len() < 2 {
         return None;
     }

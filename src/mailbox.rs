@@ -317,12 +317,16 @@ impl Mailboxes {
     }
 
     /// Sends a control message to `shard`, or gives it back when the queue is full (for a
-    /// sender that will try again; not counted).
+    /// sender that will try again; not counted). For senders that run at a low priority
+    /// (the backend call threads): the wake-up does not go through the shared
+    /// "wake pending" flag, which a preempted low-priority thread could hold set without
+    /// having woken the shard yet, making every other sender skip its own wake-up (a
+    /// priority inversion that held the shard's events for milliseconds).
     pub fn try_to_shard(&self, shard: usize, message: Control) -> Result<(), Control> {
-        match self.inboxes.get(shard) {
-            Some(inbox) => inbox.send(message),
-            None => Ok(()),
-        }
+        let Some(inbox) = self.inboxes.get(shard) else { return Ok(()) };
+        inbox.control.push(message)?;
+        let _ = inbox.waker.wake();
+        Ok(())
     }
 
     /// Sends a control message made by `message` to every shard; how many shards' full

@@ -117,12 +117,7 @@ impl Webhooks {
             url: config.webhook_url.clone(),
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, config.webhook_secret.as_bytes()),
             retry_for: Duration::from_millis(config.webhook_retry_ms),
-            agent: ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_millis(config.proxy_timeout_ms)))
-                .http_status_as_error(false)
-                .user_agent("volley")
-                .build()
-                .new_agent(),
+            agent: crate::backend::agent(Duration::from_millis(config.proxy_timeout_ms), 1),
         };
         let started = std::thread::Builder::new().name("volley-webhooks".into()).spawn(move || sender.run());
         if let Err(error) = started {
