@@ -170,8 +170,10 @@ pub struct Pending {
 /// What a connection asked a backend, with what the shard needs to finish it.
 #[derive(Debug)]
 pub enum BackendCall {
-    /// Who the connection is (the connect proxy).
+    /// Who the connection is (the connect proxy), for a WebSocket just upgraded.
     Connect,
+    /// The same for an SSE start; the request waits on its HTTP connection.
+    ConnectSse,
     /// May it subscribe (the subscribe proxy); the subscription waits here.
     Subscribe {
         /// The `subscribe` message's id.

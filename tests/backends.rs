@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::processes::{Proc, TestBackend, free_port, wait_for_port};
@@ -313,7 +313,9 @@ fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
 fn the_example_backend_runs_a_chat_with_cookie_sessions() {
     let port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/backend.py");
-    let _backend = Proc(Command::new("python3").arg(script).arg(port.to_string()).spawn().expect("python3 runs"));
+    let _backend = Proc(
+        Command::new("python3").arg(script).arg(port.to_string()).stderr(Stdio::null()).spawn().expect("python3 runs"),
+    );
     wait_for_port(port, "examples/backend.py");
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let broker = Broker::with(|c| {
@@ -334,4 +336,57 @@ fn the_example_backend_runs_a_chat_with_cookie_sessions() {
     let event = recv_json(&mut alice);
     assert_eq!(event["payload"]["data"], json!({"text": "hello", "from": "bob"}));
     assert_eq!(rpc(&mut bob, "add", json!([1, 2, 3]))["payload"]["data"], 6);
+}
+
+/// Opens `GET /sse?topics=chat.a` with `cookie`; the status and the reader positioned after
+/// the head.
+fn sse_with_cookie(broker: &Broker, cookie: &str) -> (u16, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(broker.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /sse?topics=chat.a HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n").unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    (status, reader)
+}
+
+#[test]
+fn the_connect_proxy_decides_an_sse_start_too() {
+    use std::io::BufRead;
+    let backend = TestBackend::start();
+    let secret = "sse-secret";
+    let broker = Broker::with(|c| {
+        c.jwt_secret = secret.into();
+        c.proxy_connect_url = backend.url("/connect");
+    });
+    let (status, mut stream) = sse_with_cookie(&broker, "session=carol");
+    assert_eq!(status, 200, "the answer's grant (chat.>) covers chat.a");
+    let admin = common::token(secret, json!({"sub": "ops", "publish": [">"]}));
+    let (published, _, _) =
+        http(&broker, "POST", &format!("/publish?token={admin}"), r#"{"topic":"chat.a","data":"hi"}"#);
+    assert_eq!(published, 200);
+    let data = loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            break serde_json::from_str::<Value>(data).unwrap();
+        }
+    };
+    assert_eq!(data["payload"]["data"], "hi");
+    // Presence shows the answer's user.
+    let reader = common::token(secret, json!({"sub": "r", "subscribe": [">"]}));
+    let (_, _, members) = http(&broker, "GET", &format!("/presence?topic=chat.a&token={reader}"), "");
+    assert_eq!(members["entries"][0]["user"], "carol", "{members}");
+    assert_eq!(sse_with_cookie(&broker, "session=deny").0, 401);
+    drop(broker);
+    let broker = Broker::with(|c| c.proxy_connect_url = format!("http://127.0.0.1:{}/connect", free_port()));
+    assert_eq!(sse_with_cookie(&broker, "session=carol").0, 502);
 }

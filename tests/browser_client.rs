@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -157,7 +157,8 @@ fn the_page_hears_a_join_and_a_leave() {
 fn a_page_with_a_session_cookie_and_no_token_connects_publishes_and_calls_rpc_through_the_backend() {
     let backend_port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/backend.py");
-    let _backend = Proc(Command::new("python3").arg(script).arg(backend_port.to_string()).spawn().unwrap());
+    let _backend =
+        Proc(Command::new("python3").arg(script).arg(backend_port.to_string()).stderr(Stdio::null()).spawn().unwrap());
     wait_for_port(backend_port, "examples/backend.py");
     let url = |path: &str| format!("http://127.0.0.1:{backend_port}{path}");
     // Auth on: without the connect proxy a page with no token could not get in.

@@ -15,7 +15,7 @@ use super::{Core, Ctx, LINGER, Routed};
 use crate::auth::Grant;
 use crate::backend::{Outcome, Proxy};
 use crate::conn::{Conn, State};
-use crate::http::Request;
+use crate::http::{Request, Response};
 use crate::mailbox::{BackendCall, Pending};
 use crate::protocol::{ErrorCode, Rejection};
 use crate::ws::Close;
@@ -43,8 +43,10 @@ impl Ctx {
             ));
         }
         let to = self.reply_to(key, conn);
-        let State::WebSocket(ws) = &mut conn.state else { return Ok(()) };
-        if ws.backend_calls >= per_connection {
+        // An HTTP connection (an SSE start) waits on one request at a time: one call.
+        if let State::WebSocket(ws) = &conn.state
+            && ws.backend_calls >= per_connection
+        {
             return Err(Rejection::new(
                 ErrorCode::Overloaded,
                 format!("at most {per_connection} backend calls in flight per connection"),
@@ -54,9 +56,39 @@ impl Ctx {
             .backend
             .call(proxy, body, Pending { to, bytes, call })
             .map_err(|busy| Rejection::new(ErrorCode::Overloaded, busy.to_string()))?;
-        ws.backend_calls += 1;
-        ws.backend_bytes += bytes;
+        if let State::WebSocket(ws) = &mut conn.state {
+            ws.backend_calls += 1;
+            ws.backend_bytes += bytes;
+        }
         Ok(())
+    }
+
+    /// Whether the connect proxy decides who a new WebSocket or SSE connection is: for one
+    /// without a valid token (with auth off there is no such thing), or for every one with
+    /// `proxy_connect_always`.
+    pub(super) fn connect_proxy_decides(&self, valid_token: bool) -> bool {
+        self.shared.backend.configured(Proxy::Connect)
+            && (self.config().proxy_connect_always || !self.shared.auth.enabled() || !valid_token)
+    }
+
+    /// The connect proxy's request body for `request` arriving on `conn`.
+    pub(super) fn connect_body(&self, conn: &Conn, request: &Request, transport: &str) -> Value {
+        let mut headers = Map::new();
+        for (name, value) in [("Origin", &request.origin), ("Authorization", &request.authorization)] {
+            if let Some(value) = value {
+                headers.insert(name.into(), value.as_str().into());
+            }
+        }
+        for (name, value) in &request.for_backend {
+            headers.insert((*name).into(), value.as_str().into());
+        }
+        json!({
+            "client_id": super::members::client_id(conn.id),
+            "transport": transport,
+            "remote_addr": conn.peer.to_string(),
+            "headers": headers,
+            "query": request.query,
+        })
     }
 
     /// A WebSocket just upgraded without a grant and the connect proxy decides: nothing
@@ -69,24 +101,9 @@ impl Ctx {
         leftover: Vec<u8>,
         now: Instant,
     ) -> Routed {
+        let body = self.connect_body(conn, request, "websocket");
         let State::WebSocket(ws) = &mut conn.state else { return Routed::Halt };
         ws.held = leftover;
-        let mut headers = Map::new();
-        for (name, value) in [("Origin", &request.origin), ("Authorization", &request.authorization)] {
-            if let Some(value) = value {
-                headers.insert(name.into(), value.as_str().into());
-            }
-        }
-        for (name, value) in &request.for_backend {
-            headers.insert((*name).into(), value.as_str().into());
-        }
-        let body = json!({
-            "client_id": ws.client_id,
-            "transport": "websocket",
-            "remote_addr": conn.peer.to_string(),
-            "headers": headers,
-            "query": request.query,
-        });
         if let Err(rejection) = self.call_backend(key, conn, Proxy::Connect, &body, BackendCall::Connect) {
             self.refuse_connect(key, conn, &rejection, now);
         }
@@ -131,6 +148,33 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// The connect proxy answered for an SSE start waiting on `conn`: the stream starts
+    /// with the answer's grant, or the request is answered 401/502/504.
+    fn sse_connected(&mut self, key: usize, conn: &mut Conn, outcome: Outcome, now: Instant) {
+        if conn.closing.is_some() {
+            return;
+        }
+        let State::Http(http) = &mut conn.state else { return };
+        let Some(request) = http.waiting.take() else { return };
+        let grant = match outcome {
+            Outcome::Answer(answer) => Grant::from_connect_answer(answer)
+                .map_err(|error| Rejection::new(ErrorCode::BackendUnavailable, error.to_string())),
+            other => Err(rejection_of(other, Some(ErrorCode::Unauthorized))),
+        };
+        let routed = match grant {
+            Ok(grant) => self.start_sse_granted(key, conn, &request, grant, now),
+            Err(rejection) => {
+                let response = Response::error(&super::routes::http_error_of(&rejection));
+                self.respond(key, conn, &request, response, now)
+            }
+        };
+        if let Routed::Next = routed {
+            self.process_http(key, conn, now);
+        }
+    }
+}
+
 /// The monotonic instant of Unix time `at` (seconds), given that `now` is `wall`.
 fn instant_of(at: u64, now: Instant, wall: SystemTime) -> Instant {
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at);
@@ -167,6 +211,9 @@ impl Core {
         let Pending { to, bytes, call } = pending;
         let Some(conn) = ctx.reach(conns, to.key, to.conn_id) else { return };
         let key = to.key;
+        if let BackendCall::ConnectSse = call {
+            return ctx.sse_connected(key, conn, outcome, now);
+        }
         let State::WebSocket(ws) = &mut conn.state else { return };
         ws.backend_calls = ws.backend_calls.saturating_sub(1);
         ws.backend_bytes = ws.backend_bytes.saturating_sub(bytes);
@@ -174,6 +221,8 @@ impl Core {
             return;
         }
         match call {
+            // Answered above, before the WebSocket state.
+            BackendCall::ConnectSse => {}
             BackendCall::Connect => match outcome {
                 Outcome::Answer(answer) => ctx.connected(key, conn, answer, now),
                 other => ctx.refuse_connect(key, conn, &rejection_of(other, Some(ErrorCode::Unauthorized)), now),

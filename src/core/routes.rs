@@ -25,7 +25,7 @@ use crate::event::PublishError;
 use crate::history::NotRecoverable;
 use crate::http::{self, HttpError, Parsed, Request, Response};
 use crate::limits::TokenBucket;
-use crate::mailbox::{Control, Reply, StatsRead};
+use crate::mailbox::{BackendCall, Control, Reply, StatsRead};
 use crate::metrics::{Gather, ShardCounters, StatsFormat};
 use crate::protocol::{self, ErrorCode, HistoryQuery, Rejection};
 use crate::sse;
@@ -197,7 +197,7 @@ impl Ctx {
                 Err(response) => self.respond(key, conn, request, response, now),
                 Ok(()) => return self.http_api(key, conn, request, body, now),
             },
-            "/sse" => self.start_sse(key, conn, request, now),
+            "/sse" => return self.start_sse(key, conn, request, now),
             "/history" => {
                 let response = match self.authorized_query(request) {
                     Ok((query, _)) => {
@@ -389,11 +389,7 @@ impl Ctx {
         // answered after it, with close 4001; no token at all may still come as the
         // first message.
         let verified = self.shared.auth.verify(request.token().as_deref());
-        // The connect proxy decides for a connection without a valid token (with auth
-        // off there is no such thing as a valid token), or for every one if asked.
-        let connecting = !echo
-            && self.shared.backend.configured(Proxy::Connect)
-            && (self.config().proxy_connect_always || !self.shared.auth.enabled() || verified.is_err());
+        let connecting = !echo && self.connect_proxy_decides(verified.is_ok());
         let (grant, refuse) = match verified {
             _ if connecting => (None, false),
             Ok(grant) => (Some(grant), false),
@@ -476,9 +472,7 @@ impl Ctx {
     /// taken from) what the request's token may read.
     pub(super) fn authorized_query(&self, request: &Request) -> Result<(HistoryQuery, Grant), Response> {
         let grant = self.shared.auth.verify(request.token().as_deref()).map_err(|e| unauthorized(&e))?;
-        let mut query = history_query_from(request).map_err(|r| Response::error(&http_error_of(&r)))?;
-        query.topics = readable_patterns(&grant, query.topics).map_err(|r| Response::error(&http_error_of(&r)))?;
-        Ok((query, grant))
+        Ok((query_allowed(request, &grant)?, grant))
     }
 
     /// `GET /presence?topic=` and `/presence/stats?topic=`; with auth on, the token must
@@ -522,9 +516,37 @@ impl Ctx {
         Routed::Halt
     }
 
-    pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Routed {
-        let (query, grant) = match self.authorized_query(request) {
-            Ok(authorized) => authorized,
+    /// `GET /sse`: a stream for the request's token, or, when the connect proxy decides
+    /// (see [`Ctx::connect_proxy_decides`]), once it has answered (`None`: waiting).
+    pub(super) fn start_sse(&mut self, key: usize, conn: &mut Conn, request: &Request, now: Instant) -> Option<Routed> {
+        let verified = self.shared.auth.verify(request.token().as_deref());
+        if self.connect_proxy_decides(verified.is_ok()) {
+            let body = self.connect_body(conn, request, "sse");
+            return match self.call_backend(key, conn, Proxy::Connect, &body, BackendCall::ConnectSse) {
+                Ok(()) => None,
+                Err(rejection) => {
+                    Some(self.respond(key, conn, request, Response::error(&http_error_of(&rejection)), now))
+                }
+            };
+        }
+        let grant = match verified {
+            Ok(grant) => grant,
+            Err(error) => return Some(self.respond(key, conn, request, unauthorized(&error), now)),
+        };
+        Some(self.start_sse_granted(key, conn, request, grant, now))
+    }
+
+    /// Starts an SSE stream for what `grant` allows.
+    pub(super) fn start_sse_granted(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        request: &Request,
+        grant: Grant,
+        now: Instant,
+    ) -> Routed {
+        let query = match query_allowed(request, &grant) {
+            Ok(query) => query,
             Err(response) => return self.respond(key, conn, request, response, now),
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
@@ -565,7 +587,6 @@ const DASHBOARD_HTML: &str = include_str!("../../static/dashboard.html");
 /// The browser client (`static/volley.js`), served as it is in the repository.
 const VOLLEY_JS: &str = include_str!("../../static/volley.js");
 
-/// `401` for a refused token.
 /// The framed connect `ack` that opens the WebSocket protocol (docs/protocol.md).
 pub(super) fn connected_ack(ws: &mut WsConn, config: &Config, wall: SystemTime) -> Vec<u8> {
     let payload = json!({
@@ -582,8 +603,17 @@ pub(super) fn connected_ack(ws: &mut WsConn, config: &Config, wall: SystemTime) 
     out
 }
 
+/// `401` for a refused token.
 pub(super) fn unauthorized(error: &AuthError) -> Response {
     Response::error(&HttpError::new(ErrorCode::Unauthorized, error.to_string())).header("WWW-Authenticate", "Bearer")
+}
+
+/// The history/SSE query of `request`, its topics checked against (or, when none, taken
+/// from) what `grant` may read.
+pub(super) fn query_allowed(request: &Request, grant: &Grant) -> Result<HistoryQuery, Response> {
+    let mut query = history_query_from(request).map_err(|r| Response::error(&http_error_of(&r)))?;
+    query.topics = readable_patterns(grant, query.topics).map_err(|r| Response::error(&http_error_of(&r)))?;
+    Ok(query)
 }
 
 /// Reads `topics`, `sources`, `correlation_id`, `since`, `limit` from a query string.
