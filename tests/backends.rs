@@ -272,12 +272,13 @@ fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
     let broker = proxied(&backend, |_| {});
     let (mut listener, _) = ws_connect(&broker, "/ws");
     subscribe(&mut listener, json!({"topics": ["tick"]}));
-    // 1,000 clients, each calling a backend that takes 500 ms, all at once.
+    // 1,000 clients, each calling a backend that takes 2 s, all at once (2 s rather than
+    // the bench's 500 ms: this test shares the cores with the others running beside it).
     let mut callers: Vec<Ws> = (0..1000).map(|_| ws_connect(&broker, "/ws").0).collect();
     let started = Instant::now();
     for (c, ws) in callers.iter_mut().enumerate() {
         let call = json!({"type": "request", "message_id": c.to_string(),
-            "payload": {"action": "rpc", "method": "slow", "data": {"ms": 500}}});
+            "payload": {"action": "rpc", "method": "slow", "data": {"ms": 2000}}});
         ws.send(Message::text(call.to_string())).unwrap();
     }
     // While they wait, events flow: each arrives before any call could be answered.
@@ -287,7 +288,7 @@ fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
         assert_eq!(event["payload"]["data"], n);
     }
     let events_done = started.elapsed();
-    assert!(events_done < Duration::from_millis(500), "five events took {events_done:?} beside the calls");
+    assert!(events_done < Duration::from_millis(1500), "five events took {events_done:?} beside the calls");
     let mut answered = 0;
     for (c, ws) in callers.iter_mut().enumerate() {
         let reply = recv_json(ws);
@@ -301,9 +302,9 @@ fn a_thousand_calls_to_a_slow_backend_do_not_slow_other_connections_events() {
     let took = started.elapsed();
     let at_once = backend.get("/calls")["max_at_once"].as_u64().unwrap();
     // Threads start one after another (about 1 ms each on a busy machine), so the first
-    // calls end before the last begin; one at a time would take 500 s.
+    // calls may end before the last begin; one at a time would take 2,000 s.
     assert!(at_once >= 250, "the backend saw at most {at_once} calls at once");
-    assert!(took < Duration::from_secs(5), "1,000 calls of 500 ms took {took:?}");
+    assert!(took < Duration::from_secs(10), "1,000 calls of 2 s took {took:?}");
 }
 
 #[test]
