@@ -388,3 +388,26 @@ fn the_connect_proxy_decides_an_sse_start_too() {
     let broker = Broker::with(|c| c.proxy_connect_url = format!("http://127.0.0.1:{}/connect", free_port()));
     assert_eq!(sse_with_cookie(&broker, "session=carol").0, 502);
 }
+
+#[test]
+fn calls_in_flight_count_against_the_connections_state_budget() {
+    let backend = TestBackend::start();
+    let broker = proxied(&backend, |c| c.max_connection_state_bytes = 8 * 1024);
+    let (mut ws, _) = ws_connect(&broker, "/ws");
+    let big = "x".repeat(3000);
+    let call = |id: &str| {
+        json!({"type": "request", "message_id": id,
+            "payload": {"action": "rpc", "method": "slow", "data": {"ms": 300, "pad": big}}})
+    };
+    for id in ["a", "b", "c"] {
+        send_json(&mut ws, &call(id));
+    }
+    // Two calls of about 3 KiB fit in 8 KiB; the third is refused, and nothing was kept.
+    let refused = recv_json(&mut ws);
+    assert_eq!((error_code(&refused), refused["correlation_id"].as_str()), ("limit_exceeded", Some("c")));
+    for _ in 0..2 {
+        assert_eq!(recv_json(&mut ws)["type"], "response");
+    }
+    // Answered calls give their bytes back.
+    assert_eq!(rpc(&mut ws, "slow", json!({"ms": 1, "pad": big}))["type"], "response");
+}
