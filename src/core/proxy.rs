@@ -132,14 +132,14 @@ impl Ctx {
             }
         };
         let wall = self.shared.wall(now);
-        let config = self.shared.config.clone();
+        let shared = self.shared.clone();
         let State::WebSocket(ws) = &mut conn.state else { return };
         ws.expire_at = grant.expire_at.map(|at| instant_of(at, now, wall));
         ws.grant = Some(grant);
         ws.auth_deadline = None;
         ws.connecting = false;
         let held = std::mem::take(&mut ws.held);
-        let ack = connected_ack(ws, &config, wall);
+        let ack = connected_ack(ws, &shared.config, wall);
         conn.out.push_bytes(ack);
         self.read_again.push(key);
         if !held.is_empty() {
