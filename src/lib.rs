@@ -24,6 +24,7 @@ pub mod http;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod placement;
 pub mod presence;
 pub mod presence_mirror;
 pub mod protocol;
