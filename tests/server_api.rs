@@ -152,3 +152,22 @@ fn topics_are_paged_in_order_with_their_subscriber_counts() {
     let (_, after) = api(&broker, "GET", "/api/topics?prefix=news.", json!(null));
     assert_eq!(after, json!({"topics": [], "cursor": null}));
 }
+
+#[test]
+fn a_connection_is_found_by_the_user_its_latest_token_names() {
+    let broker = broker();
+    // Connected without a token, then authenticated as alice, then as bob.
+    let (mut ws, _) = ws_connect(&broker, "/ws");
+    for name in ["alice", "bob"] {
+        let token = common::token(SECRET, json!({"sub": name, "subscribe": [">"]}));
+        send_json(
+            &mut ws,
+            &json!({"type": "request", "message_id": name, "payload": {"action": "auth", "token": token}}),
+        );
+        assert_eq!(recv_json(&mut ws)["payload"]["sub"], name);
+    }
+    assert_eq!(api(&broker, "POST", "/api/disconnect", json!({"user": "alice"})).1, json!({"disconnected": 0}));
+    still_open(&mut ws);
+    assert_eq!(api(&broker, "POST", "/api/disconnect", json!({"user": "bob"})).1, json!({"disconnected": 1}));
+    assert_eq!(closed_with(&mut ws).0, 4003);
+}

@@ -4,11 +4,13 @@
 //! Owns reading those requests and acting on this shard's connections when asked: a
 //! disconnect or unsubscribe goes to every shard's mailbox ([`Control::Api`]); each acts
 //! on its own connections and counts them, and the last to finish tells the shard holding
-//! the HTTP request ([`Control::ApiDone`]). It must not reach into another shard's
+//! the HTTP request ([`Control::ApiDone`]); a shard finds the connections by its
+//! [`Directory`] (client id and user), never by a scan. It must not reach into another shard's
 //! connections; the topic list is read from the presence registry, which every shard
 //! shares. With the Redis engine the action is also queued for the presence mirror, which
 //! tells every other node (each acts on its own connections and answers nobody).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,6 +23,65 @@ use crate::http::{HttpError, Request, Response};
 use crate::mailbox::{ApiAction, ApiTally, Control};
 use crate::protocol::ErrorCode;
 use crate::ws::Close;
+
+/// A shard's WebSocket connections by client id and by user, so a server API call costs
+/// what it matches, never a scan of every connection (a mass disconnect must not hold a
+/// shard up).
+#[derive(Debug, Default)]
+pub(super) struct Directory {
+    clients: HashMap<u64, usize>,
+    users: HashMap<Box<str>, Vec<usize>>,
+}
+
+impl Directory {
+    /// A WebSocket connection `conn_id` at slab `key`.
+    pub(super) fn add_client(&mut self, conn_id: u64, key: usize) {
+        self.clients.insert(conn_id, key);
+    }
+
+    /// The connection at `key` is now `user`'s (it was `old`'s).
+    pub(super) fn set_user(&mut self, key: usize, old: Option<&str>, user: Option<&str>) {
+        if old == user {
+            return;
+        }
+        if let Some(old) = old {
+            self.forget_user(key, old);
+        }
+        if let Some(user) = user {
+            self.users.entry(user.into()).or_default().push(key);
+        }
+    }
+
+    /// The connection `conn_id` at `key`, of `user`, is gone.
+    pub(super) fn remove(&mut self, conn_id: u64, key: usize, user: Option<&str>) {
+        self.clients.remove(&conn_id);
+        if let Some(user) = user {
+            self.forget_user(key, user);
+        }
+    }
+
+    fn forget_user(&mut self, key: usize, user: &str) {
+        if let Some(keys) = self.users.get_mut(user) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    /// The connections an action names on this shard.
+    fn matching(&self, action: &ApiAction) -> Vec<usize> {
+        let user = match action {
+            ApiAction::Disconnect { user: Some(user), .. } | ApiAction::Unsubscribe { user, .. } => user,
+            ApiAction::Disconnect { client_id: Some(id), .. } => {
+                let key = u64::from_str_radix(id, 16).ok().and_then(|id| self.clients.get(&id));
+                return key.into_iter().copied().collect();
+            }
+            ApiAction::Disconnect { .. } => return Vec::new(),
+        };
+        self.users.get(user.as_str()).cloned().unwrap_or_default()
+    }
+}
 
 /// `/api/topics` answers at most this many topics per page.
 const MAX_TOPICS_PAGE: usize = 1000;
@@ -134,8 +195,7 @@ impl Core {
     /// Does a server API action to this shard's connections, then reports how many.
     pub(super) fn act_on_api(&mut self, tally: Arc<ApiTally>, now: Instant) {
         let mut affected = 0;
-        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
+        for key in self.ctx.directory.matching(&tally.action) {
             let Core { conns, ctx } = self;
             let Some(conn) = conns.get_mut(key) else { continue };
             let acted = match &tally.action {

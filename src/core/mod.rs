@@ -296,6 +296,8 @@ struct Ctx {
     /// Connections whose state changed since the last [`Core::settle`].
     changed: Vec<usize>,
     next_conn: u64,
+    /// WebSocket connections by client id and user, for the server API.
+    directory: api::Directory,
     /// Connections the next fan-out turn may make newly dirty (see [`NEW_WRITES_PER_TURN`]).
     new_writes_limit: usize,
     /// When draining: the time the shard stops regardless.
@@ -349,6 +351,7 @@ impl Core {
                 closed: Vec::new(),
                 changed: Vec::new(),
                 next_conn: (id as u64) << 48,
+                directory: api::Directory::default(),
                 new_writes_limit: NEW_WRITES_PER_TURN,
                 drain_deadline: None,
                 stopping: false,
@@ -609,6 +612,10 @@ impl Core {
         }
         if matches!(&conn.state, State::Sse(sse) if sse.stats.is_some()) {
             self.ctx.shared.stats_streams.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let State::WebSocket(ws) = &conn.state {
+            let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
+            self.ctx.directory.remove(conn.id, key, user);
         }
         let transport = (conn.admitted || conn.transport() != Transport::Http).then(|| conn.transport());
         self.ctx.gauge(transport, None, -(conn.subscriptions() as i64));

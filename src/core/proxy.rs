@@ -135,6 +135,7 @@ impl Ctx {
         let shared = self.shared.clone();
         let State::WebSocket(ws) = &mut conn.state else { return };
         ws.expire_at = grant.expire_at.map(|at| instant_of(at, now, wall));
+        self.directory.set_user(key, None, grant.sub.as_deref());
         ws.grant = Some(grant);
         ws.auth_deadline = None;
         ws.connecting = false;

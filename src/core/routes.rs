@@ -429,6 +429,8 @@ impl Ctx {
         if !echo && !refuse && !connecting {
             conn.out.push_bytes(connected_ack(&mut ws, config, self.shared.wall(now)));
         }
+        self.directory.add_client(conn.id, key);
+        self.directory.set_user(key, None, ws.grant.as_ref().and_then(|g| g.sub.as_deref()));
         conn.state = State::WebSocket(ws);
         self.gauge(Some(Transport::Http), Some(Transport::WebSocket), 0);
         if refuse {

@@ -130,6 +130,8 @@ impl Ctx {
         match self.shared.auth.verify(Some(token)) {
             Ok(grant) => {
                 let payload = json!({"client_id": ws.client_id, "sub": grant.sub});
+                let old = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
+                self.directory.set_user(key, old, grant.sub.as_deref());
                 ws.grant = Some(grant);
                 ws.auth_deadline = None;
                 // A token replaces what a connect proxy gave, its expiry included.
