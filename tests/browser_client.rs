@@ -3,7 +3,8 @@
 //! (the Redis engine keeps the ids) and while the broker drops its connection (the
 //! `fault-injection` build's drop topic); it falls back to SSE and POST /publish when the WebSocket route is
 //! refused; publish acknowledgements resolve; a page with a session cookie and no token gets
-//! in through the connect proxy (examples/backend.py) and calls rpc.
+//! in through the connect proxy (examples/backend.py), calls rpc, and stops when the server
+//! API disconnects it.
 
 mod common;
 
@@ -176,4 +177,12 @@ fn a_page_with_a_session_cookie_and_no_token_connects_publishes_and_calls_rpc_th
     assert_eq!(result["event"], json!({"text": "hello from the page", "from": "alice"}), "{result}");
     assert_eq!(result["sum"], 6);
     assert_eq!(result["refused"], json!({"code": "unknown_method", "message": "reboot"}));
+    // The server API disconnects her: the page is told why and does not reconnect.
+    let admin = common::token("only-the-backend-knows", json!({"sub": "ops", "admin": true}));
+    let (status, _, answer) =
+        http(&broker, "POST", &format!("/api/disconnect?token={admin}"), r#"{"user":"alice","reason":"banned"}"#);
+    assert_eq!((status, answer), (200, json!({"disconnected": 1})));
+    let disconnected = report(&results, "/disconnected");
+    assert_eq!(disconnected["closed"], json!({"code": 4003, "reason": "banned", "final": true}), "{disconnected}");
+    assert_eq!(disconnected["states"], json!(["disconnected"]), "no reconnect after a final close");
 }
