@@ -500,6 +500,8 @@ pub struct SseConn {
     pub after: (u64, u64),
     /// When the next `: ping` comment is due.
     pub next_ping: Instant,
+    /// Its token's (or connect proxy's) user, for the server API.
+    pub user: Option<Box<str>>,
 }
 
 /// What a connection speaks. It stays as it was while the connection closes, so its

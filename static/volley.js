@@ -170,6 +170,13 @@ class Client {
     // EventSource reconnects by itself and sends Last-Event-ID: resumes need nothing more.
     source.onmessage = (e) => sub.deliver(JSON.parse(e.data));
     source.addEventListener("recovery_failed", () => sub.recoveryFailed());
+    // The server API disconnected this client: stop, as over WebSocket (a final close).
+    source.addEventListener("disconnect", (e) => {
+      const { code, reason } = JSON.parse(e.data);
+      this.closed = true;
+      for (const other of this.sources.values()) other.close();
+      this.setState("disconnected", { code, reason, final: true });
+    });
     this.sources.set(sub.id, source);
   }
 

@@ -171,3 +171,25 @@ fn a_connection_is_found_by_the_user_its_latest_token_names() {
     assert_eq!(api(&broker, "POST", "/api/disconnect", json!({"user": "bob"})).1, json!({"disconnected": 1}));
     assert_eq!(closed_with(&mut ws).0, 4003);
 }
+
+#[test]
+fn disconnect_ends_a_users_sse_streams_with_a_disconnect_event() {
+    use std::io::{BufRead, BufReader, Write};
+    let broker = broker();
+    let token = common::token(SECRET, json!({"sub": "alice", "subscribe": [">"]}));
+    let mut stream = std::net::TcpStream::connect(broker.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /sse?topics=chat.a&token={token} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(reader.read_line(&mut head).unwrap() > 0, "the stream starts: {head}");
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, answer) =
+        api(&broker, "POST", "/api/disconnect", json!({"user": "alice", "code": 4100, "reason": "bye"}));
+    assert_eq!((status, answer), (200, json!({"disconnected": 1})));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+    assert!(rest.contains("event: disconnect\ndata: {\"code\":4100,\"reason\":\"bye\"}\n\n"), "{rest:?}");
+}

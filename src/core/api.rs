@@ -22,6 +22,7 @@ use crate::conn::{Conn, State};
 use crate::http::{HttpError, Request, Response};
 use crate::mailbox::{ApiAction, ApiTally, Control};
 use crate::protocol::ErrorCode;
+use crate::sse;
 use crate::ws::Close;
 
 /// A shard's WebSocket connections by client id and by user, so a server API call costs
@@ -229,7 +230,9 @@ impl Core {
     }
 }
 
-/// Closes `conn` if it is a WebSocket of `user` or with `client_id`.
+/// Closes `conn` if it is a WebSocket or SSE stream of `user` or with `client_id`: a
+/// WebSocket with a close frame carrying `code` and `reason`, a stream with an
+/// `event: disconnect` carrying them (so a client knows not to reconnect).
 fn disconnect(
     conn: &mut Conn,
     user: Option<&str>,
@@ -241,13 +244,23 @@ fn disconnect(
     if conn.closing.is_some() {
         return false;
     }
-    let State::WebSocket(ws) = &mut conn.state else { return false };
-    let by_user = user.is_some_and(|u| ws.grant.as_ref().and_then(|g| g.sub.as_deref()) == Some(u));
-    if !(by_user || client_id == Some(ws.client_id.as_str())) {
+    let conn_user = match &conn.state {
+        State::WebSocket(ws) => ws.grant.as_ref().and_then(|g| g.sub.as_deref()),
+        State::Sse(sse) => sse.user.as_deref(),
+        State::Http(_) => return false,
+    };
+    let by_user = user.is_some_and(|u| conn_user == Some(u));
+    if !(by_user || client_id == Some(super::members::client_id(conn.id).as_str())) {
         return false;
     }
-    let mut frame = Vec::new();
-    ws.codec.close_because(Close::Disconnected(code), reason, &mut frame);
+    let frame = match &mut conn.state {
+        State::WebSocket(ws) => {
+            let mut frame = Vec::new();
+            ws.codec.close_because(Close::Disconnected(code), reason, &mut frame);
+            frame
+        }
+        _ => sse::named_event("disconnect", &json!({"code": code, "reason": reason}).to_string()),
+    };
     conn.out.push_bytes(frame);
     conn.begin_close(None, LINGER, now);
     true

@@ -613,9 +613,12 @@ impl Core {
         if matches!(&conn.state, State::Sse(sse) if sse.stats.is_some()) {
             self.ctx.shared.stats_streams.fetch_sub(1, Ordering::AcqRel);
         }
-        if let State::WebSocket(ws) = &conn.state {
-            let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
-            self.ctx.directory.remove(conn.id, key, user);
+        match &conn.state {
+            State::WebSocket(ws) => {
+                self.ctx.directory.remove(conn.id, key, ws.grant.as_ref().and_then(|g| g.sub.as_deref()))
+            }
+            State::Sse(sse) => self.ctx.directory.remove(conn.id, key, sse.user.as_deref()),
+            State::Http(_) => {}
         }
         let transport = (conn.admitted || conn.transport() != Transport::Http).then(|| conn.transport());
         self.ctx.gauge(transport, None, -(conn.subscriptions() as i64));

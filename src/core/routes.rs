@@ -511,6 +511,7 @@ impl Ctx {
             stats: Some(Box::default()),
             after: (0, 0),
             next_ping: now + super::STATS_PUSH_EVERY,
+            user: None,
         }));
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 0);
         // Refused (too many reads in flight): the first push comes a second later.
@@ -567,12 +568,15 @@ impl Ctx {
             now,
         );
         let presence = request.query_param("presence").is_some_and(|p| p == "1" || p == "true");
+        self.directory.add_client(conn.id, key);
+        self.directory.set_user(key, None, user);
         conn.state = State::Sse(Box::new(SseConn {
             filter,
             presence,
             stats: None,
             after,
             next_ping: now + self.config().heartbeat_interval(),
+            user: grant.sub.map(Into::into),
         }));
         self.gauge(Some(Transport::Http), Some(Transport::Sse), 1);
         if let State::Sse(sse) = &conn.state {
