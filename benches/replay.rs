@@ -37,7 +37,7 @@ fn replay(c: &mut Criterion) {
     group.sample_size(20).measurement_time(Duration::from_secs(3)).throughput(Throughput::Elements(10_000));
     group.bench_function("10k_retained_events_into_a_queue", |b| {
         b.iter(|| {
-            let (_, events) =
+            let events =
                 bus.replay(&since, usize::MAX, Instant::now(), SystemTime::now(), |e| filter.accepts(e)).unwrap();
             assert_eq!(events.len(), 10_000);
             let mut out = Outbound::default();

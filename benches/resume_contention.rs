@@ -84,7 +84,7 @@ fn reader(bus: &Bus, epoch: &str, stop: &AtomicBool, replays: &AtomicU64, misses
         // 10,000 (plus whatever was published meanwhile).
         let since = format!("{epoch}-{}", bus.last_seq() - RETAINED);
         match bus.replay(&since, usize::MAX, Instant::now(), SystemTime::now(), |e| filter.accepts(e)) {
-            Ok((_, events)) => {
+            Ok(events) => {
                 std::hint::black_box(events);
                 replays.fetch_add(1, Ordering::Relaxed);
             }

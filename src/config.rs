@@ -92,10 +92,17 @@ pub struct Config {
     pub compression: bool,
     /// Events whose JSON is shorter go uncompressed even where deflate was agreed.
     pub compression_min_bytes: usize,
-    /// `memory` (single node) or `redis://host:port[/db]` (a cluster sharing one stream).
+    /// `memory` (single node); `redis://host:port[/db]` (a cluster sharing one stream);
+    /// several `redis://` URLs, comma-separated (streams sharded over those servers); or
+    /// `redis+cluster://host:port,host:port` (streams sharded over a Redis Cluster).
     pub engine: String,
-    /// Redis stream key holding the cluster's events.
+    /// Redis stream key holding the cluster's events (with several shards, the prefix of
+    /// each shard's stream `<redis_stream>:{<n>}`).
     pub redis_stream: String,
+    /// Logical shards topics are placed on; 0: one per server, 16 on a Redis Cluster.
+    pub engine_shards: u32,
+    /// Leading topic segments that place a topic (`chat.room1` with 1: `chat`).
+    pub shard_key_segments: usize,
     /// HS256 secret for JWTs; empty turns auth off (everyone may do everything).
     pub jwt_secret: String,
     /// Time a WebSocket has to authenticate when it connected without a token.
@@ -134,6 +141,36 @@ pub struct Config {
     pub webhook_retry_ms: u64,
     /// Webhook events waiting to be posted; past it they are dropped (counted).
     pub webhook_queue_max: usize,
+}
+
+/// Most logical engine shards: each is a writer and a reader thread with its own
+/// connection, and each event id names a position per shard read.
+pub const MAX_ENGINE_SHARDS: u32 = 64;
+
+/// A Redis engine's servers and how topics are placed on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSpec {
+    /// `urls` are the seed nodes of one Redis Cluster, not independent servers.
+    pub cluster: bool,
+    /// `redis://` URLs: the servers (shard `n` lives on `jump(n, urls.len())`), or the
+    /// cluster's seeds.
+    pub urls: Vec<String>,
+    /// Topics on logical shards.
+    pub placement: crate::placement::Placement,
+}
+
+impl EngineSpec {
+    /// Index in `urls` of the server holding shard `shard`'s stream: shards go round the
+    /// servers, so with as many shards as servers each holds one, and adding a server
+    /// (with `engine_shards` left to default) keeps every existing shard where it was.
+    pub fn server_index(&self, shard: u32) -> usize {
+        shard as usize % self.urls.len()
+    }
+
+    /// Where shard `shard`'s stream lives, for `/stats` and `/health`.
+    pub fn server_of(&self, shard: u32) -> &str {
+        if self.cluster { "cluster" } else { &self.urls[self.server_index(shard)] }
+    }
 }
 
 impl Default for Config {
@@ -177,6 +214,8 @@ impl Default for Config {
             compression_min_bytes: 256,
             engine: "memory".into(),
             redis_stream: "volley:events".into(),
+            engine_shards: 0,
+            shard_key_segments: 1,
             jwt_secret: String::new(),
             auth_timeout_ms: 10_000,
             allowed_origins: vec!["*".into()],
@@ -318,6 +357,33 @@ impl Config {
         out
     }
 
+    /// Where a Redis engine keeps its streams: `Err` says why `engine` names none.
+    pub fn engine_spec(&self) -> Result<EngineSpec, String> {
+        let (cluster, list) = match self.engine.strip_prefix("redis+cluster://") {
+            Some(rest) => (true, rest),
+            None => (false, self.engine.as_str()),
+        };
+        let urls: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| if cluster && !u.starts_with("redis://") { format!("redis://{u}") } else { u.to_string() })
+            .collect();
+        if urls.is_empty() || urls.iter().any(|u| !u.starts_with("redis://")) {
+            return Err(format!(
+                "{:?} is neither \"memory\", redis:// URLs (comma-separated) nor redis+cluster://host:port,...",
+                self.engine
+            ));
+        }
+        let shards = match self.engine_shards {
+            0 if cluster => 16,
+            0 => urls.len() as u32,
+            n => n,
+        };
+        let placement = crate::placement::Placement::new(shards, self.shard_key_segments);
+        Ok(EngineSpec { cluster, urls, placement })
+    }
+
     /// The history bounds.
     pub fn retention(&self) -> crate::history::Retention {
         crate::history::Retention {
@@ -411,10 +477,19 @@ impl Config {
         if !self.echo_path.is_empty() && !self.echo_path.starts_with('/') {
             return Err(ConfigError::Invalid { key: "echo_path".into(), message: "must start with /".into() });
         }
-        if self.engine != "memory" && !self.engine.starts_with("redis://") {
+        if self.engine != "memory" {
+            self.engine_spec().map_err(|message| ConfigError::Invalid { key: "engine".into(), message })?;
+        }
+        if self.engine_shards > MAX_ENGINE_SHARDS {
             return Err(ConfigError::Invalid {
-                key: "engine".into(),
-                message: format!("{:?} is neither \"memory\" nor a redis:// URL", self.engine),
+                key: "engine_shards".into(),
+                message: format!("{} is over {MAX_ENGINE_SHARDS}", self.engine_shards),
+            });
+        }
+        if self.shard_key_segments == 0 {
+            return Err(ConfigError::Invalid {
+                key: "shard_key_segments".into(),
+                message: "must be at least 1".into(),
             });
         }
         if self.write_coalescing_max_ms > 1000 {

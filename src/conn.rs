@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::deflate::{Agreement, Window};
-use crate::event::Event;
+use crate::event::{After, Event};
 use crate::limits::TokenBucket;
 use crate::topic::Pattern;
 use crate::ws::Codec;
@@ -383,8 +383,8 @@ pub struct Subscription {
     pub id: String,
     /// What it wants.
     pub filter: Filter,
-    /// Live events up to this order key were already seen or replayed (resume hand-over).
-    pub after: (u64, u64),
+    /// Live events up to here were already seen or replayed (resume hand-over).
+    pub after: After,
     /// Receives presence notices of its exact topics.
     pub presence: bool,
     /// Bytes of the presence `info` each of its exact topics' member entries holds.
@@ -496,8 +496,8 @@ pub struct SseConn {
     /// A `/stats/stream`: the latency histograms at the last push (boxed: five
     /// hdrhistograms, held only by the few operators' streams).
     pub stats: Option<Box<crate::metrics::Latency>>,
-    /// Live events up to this order key were already seen or replayed.
-    pub after: (u64, u64),
+    /// Live events up to here were already seen or replayed.
+    pub after: After,
     /// When the next `: ping` comment is due.
     pub next_ping: Instant,
     /// Its token's (or connect proxy's) user, for the server API.
@@ -719,7 +719,7 @@ impl Conn {
         let Some(backlog) = self.backlog.as_mut() else { return 0 };
         let State::WebSocket(ws) = &self.state else { return 0 };
         let subs = &ws.subs;
-        let wanted = |e: &Event| subs.iter().any(|s| s.key != sub && e.key > s.after && s.filter.accepts(e));
+        let wanted = |e: &Event| subs.iter().any(|s| s.key != sub && s.after.passed_by(e) && s.filter.accepts(e));
         backlog.cancel(sub, wanted)
     }
 
@@ -799,8 +799,8 @@ impl Conn {
                 .subs
                 .iter()
                 .find(|s| s.key == sub)
-                .is_some_and(|s| event.key > s.after && s.filter.accepts_non_topic(event)),
-            State::Sse(sse) => event.key > sse.after && sse.filter.accepts_non_topic(event),
+                .is_some_and(|s| s.after.passed_by(event) && s.filter.accepts_non_topic(event)),
+            State::Sse(sse) => sse.after.passed_by(event) && sse.filter.accepts_non_topic(event),
             State::Http(_) => false,
         }
     }

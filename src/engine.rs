@@ -21,54 +21,152 @@ use redis::Value;
 use serde_json::value::RawValue;
 
 use crate::bus::{Bus, Submit};
+use crate::config::EngineSpec;
 use crate::event::{Prepared, PublishError, StreamEntry};
 use crate::mailbox::{Control, PublishTicket, Reply};
+use crate::placement::Placement;
+use crate::positions;
 use crate::protocol::{self, PublishRequest};
 
-/// Health of a cluster engine, shown by `/health` and `/metrics`.
+/// Health of a cluster engine, shown by `/health`, `/stats` and `/metrics`.
 #[derive(Debug)]
 pub struct EngineStatus {
-    /// Both threads are connected (the writer counts as connected until a write fails).
+    /// Every shard's threads are connected (a writer counts as connected until a write
+    /// fails).
     pub up: AtomicBool,
     /// Reconnections after a failure, of every Redis connection.
     pub reconnects: AtomicU64,
     /// Age of the newest event read, at the time it was read, in microseconds.
     pub lag_us: AtomicU64,
-    /// Which threads are down, as [`Part`] bits. A lock rather than two flags: `up` is
-    /// written from both threads, and two racing read-then-store updates of separate
-    /// flags could leave a stale `up`.
-    down: Mutex<u8>,
+    /// Events this node read from the engine (its ingest).
+    pub ingested: AtomicU64,
+    /// Per shard: where it lives and how far this node read it.
+    shards: Box<[ShardStatus]>,
+    /// Per shard, which threads are down, as [`Part`] bits. A lock rather than flags: `up`
+    /// is written from every thread, and racing read-then-store updates of separate flags
+    /// could leave a stale `up`.
+    down: Mutex<Vec<u8>>,
 }
 
-impl Default for EngineStatus {
-    fn default() -> Self {
+/// One engine shard as `/stats` shows it.
+#[derive(Debug)]
+struct ShardStatus {
+    /// The server (or `cluster`) holding its stream.
+    server: String,
+    /// The stream id of the newest entry read.
+    last_id: Mutex<String>,
+}
+
+/// The engine as `/stats` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineFigures {
+    /// Every shard is up.
+    pub up: bool,
+    /// Reconnections of every Redis connection.
+    pub reconnects: u64,
+    /// Age of the newest event read when read, µs.
+    pub lag_us: u64,
+    /// Events this node read from the engine.
+    pub ingested: u64,
+    /// Per shard.
+    pub shards: Vec<ShardReport>,
+}
+
+/// One shard's state for `/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardReport {
+    /// Logical shard.
+    pub shard: u32,
+    /// Where its stream lives.
+    pub server: String,
+    /// This node reads it.
+    pub reading: bool,
+    /// Newest stream id read (`""`: none).
+    pub last_id: String,
+    /// Its writer and reader are connected.
+    pub up: bool,
+}
+
+impl EngineStatus {
+    /// Status of shards living on `servers` (one entry per shard); all down until the
+    /// readers connect.
+    fn new(servers: Vec<String>) -> Self {
         Self {
             up: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             lag_us: AtomicU64::new(0),
-            // The reader has not connected yet; the writer connects on the first publish.
-            down: Mutex::new(Part::Reader as u8),
+            ingested: AtomicU64::new(0),
+            down: Mutex::new(vec![Part::Reader as u8; servers.len().max(1)]),
+            shards: servers.into_iter().map(|server| ShardStatus { server, last_id: Mutex::default() }).collect(),
         }
+    }
+
+    fn set(&self, shard: u32, part: Part, up: bool) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bits) = down.get_mut(shard as usize) {
+            if up {
+                *bits &= !(part as u8);
+            } else {
+                *bits |= part as u8;
+            }
+        }
+        self.up.store(down.iter().all(|bits| *bits == 0), Ordering::Release);
+    }
+
+    fn is_down(&self, shard: u32, part: Part) -> bool {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.get(shard as usize).is_some_and(|bits| bits & part as u8 != 0)
+    }
+
+    fn read_to(&self, shard: u32, id: &str) {
+        if let Some(status) = self.shards.get(shard as usize) {
+            let mut last = status.last_id.lock().unwrap_or_else(|p| p.into_inner());
+            last.clear();
+            last.push_str(id);
+        }
+    }
+
+    /// What `/stats` and `/metrics` show.
+    pub fn figures(&self) -> EngineFigures {
+        EngineFigures {
+            up: self.up.load(Ordering::Acquire),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            lag_us: self.lag_us.load(Ordering::Relaxed),
+            ingested: self.ingested.load(Ordering::Relaxed),
+            shards: self.shards(),
+        }
+    }
+
+    /// Every shard: where it lives, whether it is up, how far it was read.
+    pub fn shards(&self) -> Vec<ShardReport> {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.shards
+            .iter()
+            .zip(down)
+            .enumerate()
+            .map(|(shard, (status, down))| ShardReport {
+                shard: shard as u32,
+                server: status.server.clone(),
+                reading: down & Part::Reader as u8 == 0,
+                last_id: status.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                up: down == 0,
+            })
+            .collect()
     }
 }
 
-/// A thread whose connection makes up the engine's health.
+impl Default for EngineStatus {
+    /// One shard on an unnamed server (the presence mirror's own status in tests).
+    fn default() -> Self {
+        Self::new(vec![String::new()])
+    }
+}
+
+/// A thread whose connection makes up a shard's health.
 #[derive(Debug, Clone, Copy)]
 enum Part {
     Writer = 1,
     Reader = 2,
-}
-
-impl EngineStatus {
-    fn set(&self, part: Part, up: bool) {
-        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-        if up {
-            *down &= !(part as u8);
-        } else {
-            *down |= part as u8;
-        }
-        self.up.store(*down == 0, Ordering::Release);
-    }
 }
 
 /// A publish on its way to Redis.
@@ -80,27 +178,101 @@ struct Submission {
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://host:port[/db]`.
-    pub url: String,
-    /// Stream key.
+    /// The servers or cluster, and the placement of topics on shards.
+    pub spec: EngineSpec,
+    /// Stream key (with several shards, the prefix of `<stream>:{<n>}`).
     pub stream: String,
-    /// Approximate stream length kept (`MAXLEN ~`): the history retention. Also the most
-    /// events of `?wait=1` publishes waiting to be read: more than the stream keeps
-    /// would be trimmed before the reader met them.
+    /// Approximate stream length kept (`MAXLEN ~`, per shard): the history retention.
+    /// Also the most events of `?wait=1` publishes waiting to be read: more than the
+    /// stream keeps would be trimmed before the reader met them.
     pub max_len: usize,
-    /// Publishes waiting for the writer before new ones are refused.
+    /// Publishes waiting for a shard's writer before new ones are refused.
     pub queue: usize,
     /// How long a shard waits for a publish's answer (`http_request_timeout_ms`): a
     /// `?wait=1` ticket older than this was answered 504 already and is dropped.
     pub request_timeout: Duration,
 }
 
+impl RedisSettings {
+    fn shards(&self) -> u32 {
+        self.spec.placement.shards()
+    }
+
+    /// Shard `shard`'s stream: the configured key itself with one shard (today's
+    /// clusters keep their stream), `<stream>:{<n>}` with more (the braces are a Redis
+    /// Cluster hash tag: the stream sits on one slot).
+    fn stream_of(&self, shard: u32) -> String {
+        if self.shards() == 1 { self.stream.clone() } else { format!("{}:{{{shard}}}", self.stream) }
+    }
+
+    /// The id a publisher is answered for the entry `id` of shard `shard`.
+    fn answer_id(&self, shard: u32, id: &str) -> Box<str> {
+        match parse_stream_id(id) {
+            Some(key) if self.shards() > 1 => positions::encode_own(shard, key).into(),
+            _ => id.into(),
+        }
+    }
+}
+
+/// How an engine thread reaches Redis: a server, or a Redis Cluster (whose client routes
+/// each command by its key's slot).
+pub trait Dial: Clone + Send + 'static {
+    /// The connection it makes.
+    type Link: redis::ConnectionLike;
+    /// Connects, with [`CONNECT_TIMEOUT`] and [`IO_TIMEOUT`], and checks with a round trip.
+    fn dial(&self) -> redis::RedisResult<Self::Link>;
+
+    /// Sends `pipe`'s `XADD`s (all to one stream) in one round trip: the stream ids.
+    fn write_all(conn: &mut Self::Link, pipe: redis::Pipeline) -> redis::RedisResult<Vec<String>>;
+}
+
+impl Dial for redis::Client {
+    type Link = redis::Connection;
+
+    fn dial(&self) -> redis::RedisResult<redis::Connection> {
+        let mut conn = self.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        conn.set_write_timeout(Some(IO_TIMEOUT))?;
+        // A stopped Redis still completes TCP handshakes (the kernel does): only a reply
+        // shows that it is there.
+        redis::cmd("PING").query::<()>(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// One `MULTI`/`EXEC`: every event of the batch is in the stream, or none is.
+    fn write_all(conn: &mut redis::Connection, mut pipe: redis::Pipeline) -> redis::RedisResult<Vec<String>> {
+        pipe.atomic().query(conn)
+    }
+}
+
+impl Dial for redis::cluster::ClusterClient {
+    type Link = redis::cluster::ClusterConnection;
+
+    fn dial(&self) -> redis::RedisResult<redis::cluster::ClusterConnection> {
+        let mut conn = self.get_connection()?;
+        redis::cmd("PING").query::<()>(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// A cluster pipeline, which has no transactions: after a failure part of a batch may
+    /// be in the stream though its publisher was refused (docs/operations.md).
+    fn write_all(
+        conn: &mut redis::cluster::ClusterConnection,
+        pipe: redis::Pipeline,
+    ) -> redis::RedisResult<Vec<String>> {
+        let mut cluster = redis::cluster::cluster_pipe();
+        for cmd in pipe.cmd_iter() {
+            cluster.add_command(cmd.clone());
+        }
+        cluster.query(conn)
+    }
+}
+
 /// The Redis engine before its threads start: the bus's submit function is made first,
 /// the threads need the finished bus.
 pub struct Redis {
     settings: RedisSettings,
-    client: redis::Client,
-    receiver: Receiver<Submission>,
+    receivers: Vec<Receiver<Submission>>,
     /// Health, shared with the reactor.
     pub status: Arc<EngineStatus>,
 }
@@ -119,40 +291,100 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const SWEEP_EVERY: Duration = Duration::from_millis(BLOCK_MS);
 
 impl Redis {
-    /// Checks the URL and returns the engine and the submit function for the bus.
+    /// Checks the URLs and returns the engine and the submit function for the bus: a
+    /// publish goes to the writer of its topics' shard.
     pub fn new(settings: RedisSettings) -> Result<(Self, Submit), redis::RedisError> {
-        let client = redis::Client::open(settings.url.as_str())?;
-        let (sender, receiver) = std::sync::mpsc::sync_channel(settings.queue);
-        let status = Arc::new(EngineStatus::default());
-        let submit = submitter(sender);
-        let engine = Self { settings, client, receiver, status };
-        Ok((engine, submit))
+        let shards = settings.shards();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| std::sync::mpsc::sync_channel(settings.queue)).unzip();
+        let servers = (0..shards).map(|shard| settings.spec.server_of(shard).to_string()).collect();
+        // Fail on a bad URL now, not on the threads.
+        for url in &settings.spec.urls {
+            redis::Client::open(url.as_str())?;
+        }
+        let status = Arc::new(EngineStatus::new(servers));
+        let submit = submitter(senders, settings.spec.placement);
+        Ok((Self { settings, receivers, status }, submit))
     }
 
-    /// Starts the writer and reader threads feeding `bus`.
+    /// Starts a writer and a reader thread per shard, feeding `bus`.
     pub fn start(self, bus: Arc<Bus>) -> std::io::Result<()> {
-        let Redis { settings, client, receiver, status } = self;
+        let Redis { settings, receivers, status } = self;
+        if settings.spec.cluster {
+            let client = redis::cluster::ClusterClient::builder(settings.spec.urls.iter().map(String::as_str))
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(IO_TIMEOUT)
+                // A master that is down is retried by the next round (with the connector's
+                // backoff), not inside a command: a publish must fail within its timeout.
+                .retries(1)
+                .build()
+                .map_err(std::io::Error::other)?;
+            start_shards(&settings, receivers, &status, &bus, |_| client.clone())
+        } else {
+            let clients = settings
+                .spec
+                .urls
+                .iter()
+                .map(|url| redis::Client::open(url.as_str()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(std::io::Error::other)?;
+            start_shards(&settings, receivers, &status, &bus, |shard| {
+                clients[settings.spec.server_index(shard)].clone()
+            })
+        }
+    }
+}
+
+fn start_shards<D: Dial>(
+    settings: &RedisSettings,
+    receivers: Vec<Receiver<Submission>>,
+    status: &Arc<EngineStatus>,
+    bus: &Arc<Bus>,
+    dial_for: impl Fn(u32) -> D,
+) -> std::io::Result<()> {
+    for (shard, receiver) in (0..settings.shards()).zip(receivers) {
+        let dial = dial_for(shard);
+        let shard_settings = ShardSettings { shard, stream: settings.stream_of(shard), settings: settings.clone() };
         let waits = Arc::new(Waits::new(settings.request_timeout, settings.max_len));
         let writer = Writer {
-            connector: Connector::new(client.clone(), "engine writer", status.clone()),
-            settings: settings.clone(),
+            connector: Connector::new(dial.clone(), "engine writer", status.clone()),
+            shard: shard_settings.clone(),
             bus: bus.clone(),
             waits: waits.clone(),
             status: status.clone(),
         };
-        std::thread::Builder::new().name("volley-redis-writer".into()).spawn(move || writer.run(receiver))?;
-        let reader =
-            Reader { connector: Connector::new(client, "engine reader", status.clone()), settings, bus, waits, status };
-        std::thread::Builder::new().name("volley-redis-reader".into()).spawn(move || reader.run())?;
-        Ok(())
+        std::thread::Builder::new().name(format!("volley-redis-writer-{shard}")).spawn(move || writer.run(receiver))?;
+        let reader = Reader {
+            connector: Connector::new(dial, "engine reader", status.clone()),
+            shard: shard_settings,
+            bus: bus.clone(),
+            waits,
+            status: status.clone(),
+        };
+        std::thread::Builder::new().name(format!("volley-redis-reader-{shard}")).spawn(move || reader.run())?;
     }
+    Ok(())
 }
 
-fn submitter(sender: SyncSender<Submission>) -> Submit {
-    Box::new(move |prepared, reply| match sender.try_send(Submission { prepared, reply }) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(_)) => Err(PublishError::Overloaded),
-        Err(TrySendError::Disconnected(_)) => Err(PublishError::EngineUnavailable),
+/// What one shard's threads need to know.
+#[derive(Clone)]
+struct ShardSettings {
+    shard: u32,
+    stream: String,
+    settings: RedisSettings,
+}
+
+fn submitter(senders: Vec<SyncSender<Submission>>, placement: Placement) -> Submit {
+    Box::new(move |prepared, reply| {
+        let shard = prepared.first().map_or(0, |p| placement.shard_of(&p.request.topic));
+        if prepared.iter().any(|p| placement.shard_of(&p.request.topic) != shard) {
+            return Err(PublishError::AcrossShards);
+        }
+        match senders[shard as usize].try_send(Submission { prepared, reply }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(PublishError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(PublishError::EngineUnavailable),
+        }
     })
 }
 
@@ -170,8 +402,8 @@ pub enum ConnectError {
 /// How one thread connects to Redis: every connection has read and write timeouts
 /// ([`IO_TIMEOUT`]) and has answered a `PING`; failed attempts back off exponentially
 /// from 50 ms to 2 s; an outage is logged once, and each reconnection counted.
-pub struct Connector {
-    client: redis::Client,
+pub struct Connector<D: Dial = redis::Client> {
+    dial: D,
     /// The thread, for the log.
     name: &'static str,
     status: Arc<EngineStatus>,
@@ -184,19 +416,19 @@ pub struct Connector {
     logged: bool,
 }
 
-impl Connector {
+impl<D: Dial> Connector<D> {
     /// A connector counting its reconnections in `status`.
-    pub fn new(client: redis::Client, name: &'static str, status: Arc<EngineStatus>) -> Self {
-        Self { client, name, status, backoff: FIRST_BACKOFF, retry_at: None, connected_at: None, logged: false }
+    pub fn new(dial: D, name: &'static str, status: Arc<EngineStatus>) -> Self {
+        Self { dial, name, status, backoff: FIRST_BACKOFF, retry_at: None, connected_at: None, logged: false }
     }
 
     /// One attempt, or at once [`ConnectError::Backoff`] while the last failure's backoff
     /// has not passed (for a thread that must not sleep).
-    pub fn try_connect(&mut self) -> Result<redis::Connection, ConnectError> {
+    pub fn try_connect(&mut self) -> Result<D::Link, ConnectError> {
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(ConnectError::Backoff);
         }
-        match self.attempt() {
+        match self.dial.dial() {
             Ok(conn) => {
                 if self.connected_at.is_some() {
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +448,7 @@ impl Connector {
     }
 
     /// Attempts until one succeeds, sleeping out the backoff between them.
-    pub fn connect(&mut self) -> redis::Connection {
+    pub fn connect(&mut self) -> D::Link {
         loop {
             match self.try_connect() {
                 Ok(conn) => return conn,
@@ -247,16 +479,6 @@ impl Connector {
         }
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-    }
-
-    fn attempt(&self) -> redis::RedisResult<redis::Connection> {
-        let mut conn = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        conn.set_read_timeout(Some(IO_TIMEOUT))?;
-        conn.set_write_timeout(Some(IO_TIMEOUT))?;
-        // A stopped Redis still completes TCP handshakes (the kernel does): only a reply
-        // shows that it is there.
-        redis::cmd("PING").query::<()>(&mut conn)?;
-        Ok(conn)
     }
 }
 
@@ -375,26 +597,26 @@ impl Waits {
     }
 }
 
-struct Writer {
-    connector: Connector,
-    settings: RedisSettings,
+struct Writer<D: Dial> {
+    connector: Connector<D>,
+    shard: ShardSettings,
     bus: Arc<Bus>,
     waits: Arc<Waits>,
     status: Arc<EngineStatus>,
 }
 
-impl Writer {
+impl<D: Dial> Writer<D> {
     fn run(mut self, receiver: Receiver<Submission>) {
-        let mut connection: Option<redis::Connection> = None;
+        let mut connection: Option<D::Link> = None;
         loop {
             let first = match receiver.recv_timeout(Duration::from_millis(BLOCK_MS)) {
                 Ok(first) => first,
                 // Idle and down: reconnect anyway, so health comes back without a publish.
                 Err(RecvTimeoutError::Timeout) => {
-                    if connection.is_none() && !self.status.up.load(Ordering::Acquire) {
+                    if connection.is_none() && self.status.is_down(self.shard.shard, Part::Writer) {
                         connection = self.connector.try_connect().ok();
                         if connection.is_some() {
-                            self.status.set(Part::Writer, true);
+                            self.status.set(self.shard.shard, Part::Writer, true);
                         }
                     }
                     continue;
@@ -422,7 +644,7 @@ impl Writer {
                 Some(conn) => self.write(conn, &batch).map_err(|e| self.connector.lost(&e)),
                 None => Err(()),
             };
-            self.status.set(Part::Writer, result.is_ok());
+            self.status.set(self.shard.shard, Part::Writer, result.is_ok());
             if result.is_err() {
                 connection = None;
                 for submission in batch {
@@ -433,9 +655,8 @@ impl Writer {
     }
 
     /// One transaction for the batch: every event of it is in the stream, or none is.
-    fn write(&self, conn: &mut redis::Connection, batch: &[Submission]) -> redis::RedisResult<()> {
+    fn write(&self, conn: &mut D::Link, batch: &[Submission]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        pipe.atomic();
         let mut timestamp = String::new();
         protocol::push_timestamp(&mut timestamp, SystemTime::now());
         for submission in batch {
@@ -443,10 +664,10 @@ impl Writer {
                 let request = &prepared.request;
                 let cmd = pipe
                     .cmd("XADD")
-                    .arg(&self.settings.stream)
+                    .arg(&self.shard.stream)
                     .arg("MAXLEN")
                     .arg("~")
-                    .arg(self.settings.max_len)
+                    .arg(self.shard.settings.max_len)
                     .arg("*")
                     .arg("ts")
                     .arg(&timestamp)
@@ -462,20 +683,23 @@ impl Writer {
             }
         }
         let number = batch.iter().any(|s| s.reply.wait).then(|| self.waits.sending());
-        let result: redis::RedisResult<Vec<String>> = pipe.query(conn);
+        let result = D::write_all(conn, pipe);
         let mut tickets = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
         if let Ok(ids) = &result {
             let mut ids = ids.iter();
             let shards = self.bus.inboxes().len();
             for submission in batch {
-                let mine: Vec<Box<str>> =
-                    ids.by_ref().take(submission.prepared.len()).map(|id| id.as_str().into()).collect();
+                let mine: Vec<&String> = ids.by_ref().take(submission.prepared.len()).collect();
+                let answer: Vec<Box<str>> =
+                    mine.iter().map(|id| self.shard.settings.answer_id(self.shard.shard, id)).collect();
                 if submission.reply.wait {
-                    let ticket = PublishTicket::new(submission.reply.to, mine.clone(), shards);
-                    tickets.extend(mine.into_iter().enumerate().map(|(index, id)| (id, (ticket.clone(), index))));
+                    let ticket = PublishTicket::new(submission.reply.to, answer, shards);
+                    tickets.extend(
+                        mine.into_iter().enumerate().map(|(index, id)| (id.as_str().into(), (ticket.clone(), index))),
+                    );
                 } else {
-                    answers.push((submission.reply.clone(), mine));
+                    answers.push((submission.reply.clone(), answer));
                 }
             }
         }
@@ -496,21 +720,21 @@ impl Writer {
     }
 }
 
-struct Reader {
-    connector: Connector,
-    settings: RedisSettings,
+struct Reader<D: Dial> {
+    connector: Connector<D>,
+    shard: ShardSettings,
     bus: Arc<Bus>,
     waits: Arc<Waits>,
     status: Arc<EngineStatus>,
 }
 
-impl Reader {
+impl<D: Dial> Reader<D> {
     fn run(mut self) {
         let mut last: Option<String> = None;
         loop {
             let mut conn = self.connector.connect();
             if let Err(e) = self.follow(&mut conn, &mut last) {
-                self.status.set(Part::Reader, false);
+                self.status.set(self.shard.shard, Part::Reader, false);
                 self.connector.lost(&e);
             }
         }
@@ -518,37 +742,38 @@ impl Reader {
 
     /// Catches up on first connect (or checks for a gap on a reconnect), then reads the
     /// stream in order until an error; a timeout is one.
-    fn follow(&self, conn: &mut redis::Connection, last: &mut Option<String>) -> redis::RedisResult<()> {
+    fn follow(&self, conn: &mut D::Link, last: &mut Option<String>) -> redis::RedisResult<()> {
+        let shard = self.shard.shard;
         match last.as_deref().and_then(parse_stream_id) {
             None => {
                 let newest_first: Value = redis::cmd("XREVRANGE")
-                    .arg(&self.settings.stream)
+                    .arg(&self.shard.stream)
                     .arg("+")
                     .arg("-")
                     .arg("COUNT")
-                    .arg(self.settings.max_len)
+                    .arg(self.shard.settings.max_len)
                     .query(conn)?;
+                // Fewer entries than the stream keeps: it was never trimmed, and this is all of it.
+                let whole = parse_ids(&newest_first).count() < self.shard.settings.max_len;
                 let Parsed { mut entries, newest } = parse_entries(&newest_first);
                 entries.reverse();
+                if let Some(newest) = &newest {
+                    self.status.read_to(shard, newest);
+                }
                 *last = Some(newest.unwrap_or_else(|| "0-0".to_string()));
-                self.bus.preload(entries);
+                self.bus.preload(shard, entries, whole);
             }
             Some(read) => {
-                let oldest: Value = redis::cmd("XRANGE")
-                    .arg(&self.settings.stream)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query(conn)?;
+                let oldest: Value =
+                    redis::cmd("XRANGE").arg(&self.shard.stream).arg("-").arg("+").arg("COUNT").arg(1).query(conn)?;
                 let first = parse_ids(&oldest).next().and_then(|id| parse_stream_id(&id));
                 if let Some(first) = gap(read, first) {
                     tracing::warn!(after = ?read, first = ?first, "redis engine: events were trimmed while away");
-                    self.bus.mark_gap(first);
+                    self.bus.mark_gap(shard, first);
                 }
             }
         }
-        self.status.set(Part::Reader, true);
+        self.status.set(shard, Part::Reader, true);
         loop {
             let from = last.clone().unwrap_or_else(|| "0-0".into());
             let reply: Value = redis::cmd("XREAD")
@@ -557,13 +782,14 @@ impl Reader {
                 .arg("BLOCK")
                 .arg(BLOCK_MS)
                 .arg("STREAMS")
-                .arg(&self.settings.stream)
+                .arg(&self.shard.stream)
                 .arg(&from)
                 .query(conn)?;
             let Parsed { entries, newest } = read_reply(&reply);
             // Past every entry read, volley's or not: a batch of foreign entries would
             // otherwise be read again forever.
             if let Some(newest) = newest {
+                self.status.read_to(shard, &newest);
                 *last = Some(newest);
             }
             let Some(newest) = entries.last() else {
@@ -573,7 +799,8 @@ impl Reader {
             let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             self.status.lag_us.store(now_ms.saturating_sub(newest.key.0) * 1000, Ordering::Relaxed);
             let mut tickets = self.waits.take(entries.iter().map(|e| e.id.as_str()));
-            self.bus.ingest(entries, |id| tickets.remove(id));
+            self.status.ingested.fetch_add(entries.len() as u64, Ordering::Relaxed);
+            self.bus.ingest(shard, entries, |id| tickets.remove(id));
         }
     }
 }
@@ -750,14 +977,14 @@ mod tests {
     #[test]
     fn a_gap_makes_resumes_from_before_it_unrecoverable() {
         let (bus, _poll) = engine_bus();
-        bus.preload(Vec::new());
+        bus.preload(0, Vec::new(), true);
         let resume = |id: &str| bus.resume(id, std::time::Instant::now(), SystemTime::now());
-        bus.ingest(stream_entries(&["5-1", "5-2"]), |_| None);
+        bus.ingest(0, stream_entries(&["5-1", "5-2"]), |_| None);
         assert!(resume("5-1").is_ok());
-        bus.mark_gap((9, 0));
+        bus.mark_gap(0, (9, 0));
         assert!(resume("5-2").is_err(), "the newest read event is before the gap");
         assert!(resume("7-0").is_err(), "an id inside the gap, before the first event after it arrives");
-        bus.ingest(stream_entries(&["9-0", "9-1"]), |_| None);
+        bus.ingest(0, stream_entries(&["9-0", "9-1"]), |_| None);
         assert_eq!(bus.last_seq(), 4, "the first event after the gap is taken");
         assert!(resume("7-0").is_err(), "an id inside the gap");
         assert!(resume("8-99").is_err(), "an id inside the gap");
@@ -768,12 +995,12 @@ mod tests {
     fn the_engine_is_up_only_while_both_threads_are() {
         let status = EngineStatus::default();
         assert!(!status.up.load(Ordering::Acquire), "the reader has not connected");
-        status.set(Part::Reader, true);
+        status.set(0, Part::Reader, true);
         assert!(status.up.load(Ordering::Acquire));
-        status.set(Part::Writer, false);
-        status.set(Part::Reader, true);
+        status.set(0, Part::Writer, false);
+        status.set(0, Part::Reader, true);
         assert!(!status.up.load(Ordering::Acquire), "the writer's failure stands");
-        status.set(Part::Writer, true);
+        status.set(0, Part::Writer, true);
         assert!(status.up.load(Ordering::Acquire));
     }
 

@@ -15,6 +15,29 @@ use crate::protocol::{EVENT_HEAD, EVENT_MID, PublishRequest};
 /// A position in the engine's order: (epoch, seq) locally, (ms, n) for a Redis stream id.
 pub type OrderKey = (u64, u64);
 
+/// Where live delivery to a subscription takes over from its resume: events up to `key`
+/// in this node's order were seen or replayed, and with a sharded engine, events of each
+/// shard up to `positions` too (a client that resumed from a node ahead of this one: what
+/// this node reads later up to there, it has had).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct After {
+    /// This node's order key.
+    pub key: OrderKey,
+    /// Per engine shard, the stream id the client had reached.
+    pub positions: Option<std::sync::Arc<[OrderKey]>>,
+}
+
+impl After {
+    /// Live from the start: nothing seen.
+    pub const START: Self = Self { key: (0, 0), positions: None };
+
+    /// Whether `event` is news to the subscription.
+    #[inline]
+    pub fn passed_by(&self, event: &Event) -> bool {
+        event.key > self.key && self.positions.as_ref().is_none_or(|p| event.is_after(p))
+    }
+}
+
 /// One published event, encoded once and shared by every receiver and the history.
 #[derive(Debug)]
 pub struct Event {
@@ -23,6 +46,9 @@ pub struct Event {
     /// Position in the engine's order, comparable across nodes: (epoch, seq) for the
     /// memory engine, the stream id (ms, n) for Redis.
     pub key: (u64, u64),
+    /// The engine shard it was read from and its stream id there: `(0, key)` but with a
+    /// sharded engine, where `key` is this node's own order.
+    pub origin: (u32, OrderKey),
     /// The opaque id clients see.
     pub id: Box<str>,
     /// Concrete topic.
@@ -89,6 +115,12 @@ impl Event {
         Some(&frame[header..])
     }
 
+    /// Whether the event comes after `positions` (one stream id per engine shard).
+    #[inline]
+    pub fn is_after(&self, positions: &[OrderKey]) -> bool {
+        positions.get(self.origin.0 as usize).is_none_or(|at| self.origin.1 > *at)
+    }
+
     /// Bytes this event holds, as counted against the history bound.
     pub fn retained_bytes(&self) -> usize {
         self.ws_frame.len() + self.sse_head.len() + self.id.len() + self.topic.len() + self.source.len()
@@ -107,6 +139,10 @@ pub enum PublishError {
     /// The cluster engine cannot take publishes now.
     #[error("the engine is unavailable")]
     EngineUnavailable,
+    /// A batch's topics are placed on different engine shards: each shard is its own
+    /// ordered log, so such a batch could not be all-or-nothing.
+    #[error("a batch's topics must share a shard key (the first shard_key_segments segments)")]
+    AcrossShards,
 }
 
 /// One event as it enters the order, with everything but its position.
@@ -194,6 +230,7 @@ pub(crate) fn encode(
     Event {
         seq,
         key,
+        origin: (0, key),
         id: id.into(),
         topic: request.topic.as_str().into(),
         source: request.source.as_str().into(),

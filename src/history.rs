@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::event::Event;
+use crate::event::{Event, OrderKey};
 
 /// Events per sealed chunk. Large enough that a snapshot of 10,000 retained events is a
 /// few dozen reference counts, small enough that copying the open tail (at most
@@ -58,6 +58,18 @@ pub struct History {
     floor: Option<(u64, u64)>,
     /// Sequence of the newest event ever pushed (0: none).
     last_seq: u64,
+    /// With a sharded engine, per shard: positions before this cannot be resumed (the
+    /// stream id of the newest event of that shard evicted, or where its load began).
+    /// Empty otherwise.
+    origin_floors: Vec<Option<OrderKey>>,
+}
+
+/// The key right before `key` (stream ids are `(ms, n)`).
+pub fn key_before(key: OrderKey) -> OrderKey {
+    match key.1.checked_sub(1) {
+        Some(n) => (key.0, n),
+        None => (key.0.saturating_sub(1), u64::MAX),
+    }
 }
 
 /// A resume position that the log can no longer (or never could) serve.
@@ -83,6 +95,8 @@ pub struct Cursor {
     snapshot: Snapshot,
     next: u64,
     upto: u64,
+    /// With a sharded engine: only events of each shard after these stream ids.
+    positions: Option<Arc<[OrderKey]>>,
 }
 
 impl Cursor {
@@ -95,11 +109,19 @@ impl Cursor {
 
     /// Replays what `snapshot` holds after sequence `after`, up to and including `upto`.
     pub fn new(snapshot: Snapshot, after: u64, upto: u64) -> Self {
-        Self { snapshot, next: after, upto }
+        Self { snapshot, next: after, upto, positions: None }
+    }
+
+    /// Replays only events after `positions` in their shards (a sharded engine's resume).
+    pub fn with_positions(mut self, positions: Arc<[OrderKey]>) -> Self {
+        self.positions = Some(positions);
+        self
     }
 
     /// The next at most `max` events that `keep` accepts, oldest first; empty once done.
-    pub fn next_batch(&mut self, max: usize, keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+    pub fn next_batch(&mut self, max: usize, mut keep: impl FnMut(&Event) -> bool) -> Vec<Arc<Event>> {
+        let positions = self.positions.as_deref();
+        let keep = |e: &Event| positions.is_none_or(|p| e.is_after(p)) && keep(e);
         let batch = self.snapshot.after(self.next, self.upto, max, keep);
         self.next = match batch.last() {
             Some(last) if batch.len() == max => last.seq,
@@ -121,6 +143,24 @@ impl History {
             retention,
             floor: None,
             last_seq: 0,
+            origin_floors: Vec::new(),
+        }
+    }
+
+    /// Keeps a floor per engine shard, for `shards` shards.
+    pub fn track_shards(&mut self, shards: usize) {
+        self.origin_floors = vec![None; shards];
+    }
+
+    /// Per engine shard, the position resumes must not be before (see [`Self::track_shards`]).
+    pub fn origin_floors(&self) -> &[Option<OrderKey>] {
+        &self.origin_floors
+    }
+
+    /// Positions of engine shard `shard` before `floor` cannot be resumed any more.
+    pub fn raise_origin_floor(&mut self, shard: u32, floor: OrderKey) {
+        if let Some(f) = self.origin_floors.get_mut(shard as usize) {
+            *f = Some(f.map_or(floor, |f| f.max(floor)));
         }
     }
 
@@ -157,7 +197,7 @@ impl History {
     /// Drops events over the count, byte or age bound.
     pub fn evict(&mut self, now: Instant) {
         while let Some(front) = self.view().front() {
-            let (key, bytes) = (front.key, front.retained_bytes());
+            let (key, bytes, origin) = (front.key, front.retained_bytes(), front.origin);
             let too_many = self.len() > self.retention.max_events || self.bytes > self.retention.max_bytes;
             let too_old = now.saturating_duration_since(front.published_at) > self.retention.max_age;
             if !(too_many || too_old) {
@@ -165,6 +205,7 @@ impl History {
             }
             self.bytes -= bytes;
             self.floor = Some(key);
+            self.raise_origin_floor(origin.0, origin.1);
             self.pop_front();
         }
     }
@@ -223,11 +264,13 @@ impl History {
     /// key just before `first`, so a client that saw exactly that key still resumes, and
     /// `first` itself, newer than the floor, is still taken.
     pub fn mark_gap(&mut self, first: (u64, u64)) {
-        let before = match first.1.checked_sub(1) {
-            Some(n) => (first.0, n),
-            None => (first.0.saturating_sub(1), u64::MAX),
-        };
+        let before = key_before(first);
         self.floor = Some(self.floor.map_or(before, |f| f.max(before)));
+    }
+
+    /// The newest of the last `depth` retained events that `matches` accepts.
+    pub fn find_newest(&self, depth: usize, matches: impl Fn(&Event) -> bool) -> Option<&Arc<Event>> {
+        self.view().iter_from(0).rev().take(depth).find(|e| matches(e))
     }
 
     /// The retained event with exactly `key`: a binary search, cheap enough to run under
@@ -266,6 +309,12 @@ impl Snapshot {
     /// resumes. Fails when events after it were evicted, or `key` is in the future.
     pub fn position(&self, key: (u64, u64)) -> Result<u64, NotRecoverable> {
         self.view().position(key)
+    }
+
+    /// The sequence just before the first event after `positions` in its shard (a
+    /// sharded engine's resume starts there), if there is one.
+    pub fn first_after(&self, positions: &[OrderKey]) -> Option<u64> {
+        self.view().iter_from(0).find(|e| e.is_after(positions)).map(|e| e.seq - 1)
     }
 
     /// The event with exactly `key`.

@@ -25,6 +25,7 @@ pub mod limits;
 pub mod mailbox;
 pub mod metrics;
 pub mod placement;
+pub mod positions;
 pub mod presence;
 pub mod presence_mirror;
 pub mod protocol;

@@ -182,8 +182,8 @@ pub struct Snapshot {
     pub history: (usize, usize),
     /// Merged histograms.
     pub latency: Latency,
-    /// Cluster engine: (up, reconnects, lag in µs), when one runs.
-    pub engine: Option<(bool, u64, u64)>,
+    /// Cluster engine, when one runs.
+    pub engine: Option<crate::engine::EngineFigures>,
     /// Backend proxy calls.
     pub backend: crate::backend::BackendFigures,
     /// Webhooks, when on: (events sent, dropped, failed posts, queued).
@@ -257,7 +257,7 @@ impl Snapshot {
                 "in_flight": self.backend.in_flight,
                 "threads": self.backend.threads,
             },
-            "engine": self.engine.map(|(up, reconnects, lag_us)| json!({"up": up, "reconnects": reconnects, "lag_us": lag_us})),
+            "engine": self.engine,
             "latency_us": {
                 "publish_to_queue": percentiles(&self.latency.publish_to_queue),
                 "publish_to_write": percentiles(&self.latency.publish_to_write),
@@ -403,24 +403,37 @@ impl Snapshot {
         );
         family("volley_history_events", "gauge", "Events retained for resume.", &[("", self.history.0.to_string())]);
         family("volley_history_bytes", "gauge", "Bytes retained for resume.", &[("", self.history.1.to_string())]);
-        if let Some((up, reconnects, lag_us)) = self.engine {
+        if let Some(engine) = &self.engine {
             family(
                 "volley_engine_up",
                 "gauge",
-                "1 while the cluster engine is connected.",
-                &[("", u8::from(up).to_string())],
+                "1 while every shard of the cluster engine is connected.",
+                &[("", u8::from(engine.up).to_string())],
+            );
+            let shards: Vec<(String, String)> = engine
+                .shards
+                .iter()
+                .map(|s| (format!("{{shard=\"{}\"}}", s.shard), u8::from(s.up).to_string()))
+                .collect();
+            let shards: Vec<(&str, String)> = shards.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+            family("volley_engine_shard_up", "gauge", "1 while this engine shard is connected.", &shards);
+            family(
+                "volley_engine_ingested_total",
+                "counter",
+                "Events this node read from the engine.",
+                &[("", engine.ingested.to_string())],
             );
             family(
                 "volley_engine_reconnects_total",
                 "counter",
                 "Reconnections to the cluster engine.",
-                &[("", reconnects.to_string())],
+                &[("", engine.reconnects.to_string())],
             );
             family(
                 "volley_engine_lag_seconds",
                 "gauge",
                 "Age of the newest event read from the engine when read.",
-                &[("", (lag_us as f64 / 1e6).to_string())],
+                &[("", (engine.lag_us as f64 / 1e6).to_string())],
             );
         }
         for (name, help, h) in [

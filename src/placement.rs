@@ -1,5 +1,5 @@
 //! Placement of topics on the logical shards of a sharded engine: the first step of the
-//! plan in docs/architecture.md ("Plan: past one Redis"), not yet used by an engine.
+//! sharded engine (docs/architecture.md, "Past one Redis").
 //!
 //! Owns the shard key of a topic (its first `shard_key_segments` segments), the jump
 //! consistent hash that maps a key to one of `engine_shards` logical shards (Lamping and
@@ -32,6 +32,11 @@ impl Placement {
     /// `shards` logical shards (at least 1), keyed by `key_segments` segments (at least 1).
     pub fn new(shards: u32, key_segments: usize) -> Self {
         Self { shards: shards.max(1), key_segments: key_segments.max(1) }
+    }
+
+    /// Logical shards.
+    pub fn shards(&self) -> u32 {
+        self.shards
     }
 
     /// The shard key of a concrete topic: its first `key_segments` segments (the whole

@@ -478,7 +478,8 @@ pub const MAX_PATTERNS: usize = 64;
 pub const MAX_SOURCES: usize = 64;
 
 /// Longest id a client may make the broker keep or echo: `subscription_id`,
-/// `correlation_id`, `message_id`, `since`, and each source.
+/// `correlation_id`, `message_id`, and each source (`since` and `Last-Event-ID`: up to
+/// [`crate::positions::MAX_POSITION_BYTES`]).
 pub const MAX_ID_BYTES: usize = 128;
 
 /// Checks the client-chosen strings a subscription, stream or query keeps: at most
@@ -497,9 +498,14 @@ pub fn check_ids<'a>(
             format!("a source is over {MAX_ID_BYTES} bytes"),
         ));
     }
-    match ids.into_iter().find(|(_, id)| id.is_some_and(|id| id.len() > MAX_ID_BYTES)) {
+    // An event id names a position per engine shard, so a resume position may be longer.
+    let limit = |field: &str| match field {
+        "since" | "Last-Event-ID" => crate::positions::MAX_POSITION_BYTES,
+        _ => MAX_ID_BYTES,
+    };
+    match ids.into_iter().find(|(field, id)| id.is_some_and(|id| id.len() > limit(field))) {
         Some((field, _)) => {
-            Err(Rejection::at(ErrorCode::LimitExceeded, field, format!("{field} is over {MAX_ID_BYTES} bytes")))
+            Err(Rejection::at(ErrorCode::LimitExceeded, field, format!("{field} is over {} bytes", limit(field))))
         }
         None => Ok(()),
     }

@@ -78,15 +78,18 @@ impl Server {
         let (bus, engine) = if config.engine == "memory" {
             (Bus::new(inboxes, retention, config.max_message_bytes), None)
         } else {
+            let spec = config.engine_spec().map_err(io::Error::other)?;
+            let shards = spec.placement.shards();
             let settings = RedisSettings {
-                url: config.engine.clone(),
+                spec,
                 stream: config.redis_stream.clone(),
                 max_len: config.history_max_events,
                 queue: config.shard_queue_capacity,
                 request_timeout: std::time::Duration::from_millis(config.http_request_timeout_ms),
             };
             let (redis, submit) = Redis::new(settings).map_err(|e| io::Error::other(format!("engine: {e}")))?;
-            let bus = Bus::with_sequencer(inboxes, retention, config.max_message_bytes, Sequencer::Engine(submit));
+            let bus = Bus::with_sequencer(inboxes, retention, config.max_message_bytes, Sequencer::Engine(submit))
+                .with_engine_shards(shards);
             (bus, Some(redis))
         };
         let bus = Arc::new(bus);
@@ -96,8 +99,11 @@ impl Server {
             wait_for_catch_up(&bus);
         }
         let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
-        let mirror = (config.engine != "memory").then(|| crate::presence_mirror::Settings {
-            url: config.engine.clone(),
+        // Presence, webhooks' cluster view and server API actions go through one server:
+        // the first listed (not on a Redis Cluster this round: see docs/operations.md).
+        let mirror_url = config.engine_spec().ok().filter(|spec| !spec.cluster).map(|spec| spec.urls[0].clone());
+        let mirror = mirror_url.map(|url| crate::presence_mirror::Settings {
+            url,
             prefix: config.redis_stream.clone(),
             ttl: std::time::Duration::from_millis(config.presence_ttl_ms),
         });

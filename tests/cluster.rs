@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,31 +31,8 @@ fn node_with(redis: &RedisServer, settings: &[(&str, &str)]) -> Node {
         .unwrap();
     let node = Node { port, process: Proc(child) };
     wait_for_port(port, "volley");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(port, "/health").contains("\"up\"") {
-        assert!(Instant::now() < deadline, "engine did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_engine_up(port);
     node
-}
-
-fn request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.split(' ').nth(1)?.parse().ok()?, body.to_string()))
-}
-
-fn get(port: u16, path: &str) -> String {
-    request(port, "GET", path, "").map(|(_, b)| b).unwrap_or_default()
 }
 
 /// Publishes `events`; the acknowledged ids, or None when refused.
@@ -69,8 +44,6 @@ fn publish(port: u16, events: &Value) -> Option<Vec<String>> {
     let body: Value = serde_json::from_str(&body).ok()?;
     Some(body["message_ids"].as_array()?.iter().map(|v| v.as_str().unwrap().to_string()).collect())
 }
-
-type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
 
 fn subscriber(port: u16, since: Option<&str>) -> Ws {
     let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
@@ -344,17 +317,7 @@ fn presence_is_cluster_wide_and_a_killed_nodes_members_expire() {
 
 /// Subscribes to `pattern` after `since`; the ack's `recovered`.
 fn resume_on(port: u16, pattern: &str, since: &str) -> (Ws, bool) {
-    let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}/ws")).unwrap();
-    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    }
-    assert!(ws.read().unwrap().to_text().unwrap().contains("connected"));
-    let subscribe = json!({"type": "subscribe", "payload": {"topics": [pattern], "since": since}});
-    ws.send(Message::text(subscribe.to_string())).unwrap();
-    let ack: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!(ack["payload"]["status"], "subscribed", "{ack}");
-    let recovered = ack["payload"]["recovered"].as_bool().unwrap();
-    (ws, recovered)
+    subscribe_on(port, pattern, Some(since))
 }
 
 /// Reads `count` events, then checks nothing more comes within a moment.

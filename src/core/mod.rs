@@ -173,9 +173,7 @@ impl Shared {
             (load(&w.counters.sent), load(&w.counters.dropped), load(&w.counters.failed_posts), w.queued())
         });
         snapshot.latency = latency;
-        snapshot.engine = self.engine.as_ref().map(|e| {
-            (e.up.load(Ordering::Acquire), e.reconnects.load(Ordering::Relaxed), e.lag_us.load(Ordering::Relaxed))
-        });
+        snapshot.engine = self.engine.as_ref().map(|e| e.figures());
         snapshot
     }
 

@@ -231,11 +231,20 @@ impl Ctx {
                 let response = if self.shared.draining.load(Ordering::Acquire) {
                     Response::json(503, &json!({"status": "draining"}))
                 } else {
-                    match engine_up {
-                        None => Response::json(200, &json!({"status": "ok"})),
-                        Some(true) => Response::json(200, &json!({"status": "ok", "engine": "up"})),
-                        // Still serving subscribers; publishes fail until the engine is back.
-                        Some(false) => Response::json(200, &json!({"status": "degraded", "engine": "down"})),
+                    match (engine_up, &self.shared.engine) {
+                        (Some(true), _) => Response::json(200, &json!({"status": "ok", "engine": "up"})),
+                        // Still serving subscribers; publishes to the shards down fail until
+                        // they are back.
+                        (Some(false), Some(engine)) => {
+                            let down: Vec<_> = engine
+                                .shards()
+                                .into_iter()
+                                .filter(|s| !s.up)
+                                .map(|s| json!({"shard": s.shard, "server": s.server}))
+                                .collect();
+                            Response::json(200, &json!({"status": "degraded", "engine": "down", "shards_down": down}))
+                        }
+                        _ => Response::json(200, &json!({"status": "ok"})),
                     }
                 };
                 self.respond(key, conn, request, response, now)
@@ -453,7 +462,7 @@ impl Ctx {
         let (events, recovered) = match query.since.as_deref() {
             None => (bus.newest(query.limit, now, |e| filter.accepts(e)), true),
             Some(since) => match bus.replay(since, query.limit, now, self.shared.wall(now), |e| filter.accepts(e)) {
-                Ok((_, events)) => (events, true),
+                Ok(events) => (events, true),
                 Err(NotRecoverable) => (bus.newest(query.limit, now, |e| filter.accepts(e)), false),
             },
         };
@@ -509,7 +518,7 @@ impl Ctx {
             filter: Filter::new(Vec::new(), Vec::new(), None),
             presence: false,
             stats: Some(Box::default()),
-            after: (0, 0),
+            after: crate::event::After::START,
             next_ping: now + super::STATS_PUSH_EVERY,
             user: None,
         }));
@@ -662,6 +671,7 @@ pub(super) fn published_response(result: Result<Vec<Box<str>>, PublishError>, co
         }),
         PublishError::Overloaded => HttpError::new(ErrorCode::Overloaded, error.to_string()),
         PublishError::EngineUnavailable => HttpError::new(ErrorCode::EngineUnavailable, error.to_string()),
+        PublishError::AcrossShards => HttpError::new(ErrorCode::BadRequest, error.to_string()),
     };
     let response = Response::error(&http_error);
     if http_error.status == 503 { response.header("Retry-After", "1") } else { response }

@@ -16,7 +16,7 @@ use crate::auth::Grant;
 use crate::backend::Proxy;
 use crate::bus::Accepted;
 use crate::conn::{Conn, Filter, State, Subscription, WsConn};
-use crate::event::{self, PublishError};
+use crate::event::{self, After, PublishError};
 use crate::history::{Cursor, NotRecoverable};
 use crate::limits::Verdict;
 use crate::mailbox::{BackendCall, Reply, ReplyTo};
@@ -248,11 +248,11 @@ impl Ctx {
     /// For a subscription resuming after `since`: whether it can, the order key live
     /// events must pass, and a cursor over the retained events to replay first (everything
     /// the log holds after `since`; live delivery takes over after the last of them).
-    pub(super) fn resume(&self, since: Option<&str>, now: Instant) -> (bool, (u64, u64), Option<Cursor>) {
-        let Some(since) = since else { return (true, (0, 0), None) };
+    pub(super) fn resume(&self, since: Option<&str>, now: Instant) -> (bool, After, Option<Cursor>) {
+        let Some(since) = since else { return (true, After::START, None) };
         match self.shared.bus.resume(since, now, self.shared.wall(now)) {
             Ok((after, cursor)) => (true, after, cursor),
-            Err(NotRecoverable) => (false, (0, 0), None),
+            Err(NotRecoverable) => (false, After::START, None),
         }
     }
 
@@ -474,6 +474,7 @@ pub(super) fn publish_rejection(error: &PublishError) -> Rejection {
         PublishError::TooLarge(_) => ErrorCode::InvalidMessage,
         PublishError::Overloaded => ErrorCode::Overloaded,
         PublishError::EngineUnavailable => ErrorCode::EngineUnavailable,
+        PublishError::AcrossShards => ErrorCode::InvalidMessage,
     };
     Rejection::new(code, error.to_string())
 }

@@ -742,7 +742,7 @@ fn coalescing_follows_this_nodes_clock_not_the_publishers() {
             prepared: crate::event::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
         })
         .collect();
-    h.shared.bus.ingest(entries, |_| None);
+    h.shared.bus.ingest(0, entries, |_| None);
     h.turn();
     let window = h.shared.counters[0].coalescing_us.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(window, 0, "events that waited no time here do not open the coalescing window");
@@ -797,7 +797,7 @@ fn sources_and_ids_are_capped() {
         format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"sources":[{}]}}}}"#, sources.join(",")),
         format!(r#"{{"type":"subscribe","payload":{{"subscription_id":"{}","topics":["a"]}}}}"#, "i".repeat(129)),
         format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"correlation_id":"{}"}}}}"#, "c".repeat(129)),
-        format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{}"}}}}"#, "9".repeat(129)),
+        format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{}"}}}}"#, "9".repeat(1025)),
         format!(r#"{{"type":"ping","message_id":"{}"}}"#, "m".repeat(129)),
         format!(r#"{{"type":"request","payload":{{"action":"history","sources":[{}]}}}}"#, sources.join(",")),
     ];
