@@ -1,10 +1,14 @@
 //! Engines: where the one total order of events comes from.
 //!
-//! `memory` is the bus's own sequencer (see [`crate::bus`]). `redis` makes a Redis Stream
-//! the cluster's shared, ordered log: publishes go to a dedicated writer thread that
+//! `memory` is the bus's own sequencer (see [`crate::bus`]). `redis` makes Redis Streams
+//! the cluster's shared, ordered log: one stream, or with a sharded engine one per
+//! logical shard (topics placed by [`crate::placement`], streams on a list of servers or
+//! a Redis Cluster, each shard with its own pair of threads). Per stream, publishes go
+//! to a dedicated writer thread that
 //! `XADD`s them (pipelined, one `MULTI`/`EXEC` per batch, trimmed with `MAXLEN ~`), and a
 //! reader thread `XREAD BLOCK`s the stream from its last id and feeds every event, in
-//! stream order and with the stream id as its event id, into the bus. Shards never block
+//! stream order, into the bus (which names the event by the stream id, or by the node's
+//! position in every shard: [`crate::positions`]). Shards never block
 //! on Redis: they hand over a publish and get the answer through their inbox. This module
 //! owns those two threads, the tickets of `?wait=1` publishes between them, the engine's
 //! health, and [`Connector`]: how every Redis thread (these two and the presence
