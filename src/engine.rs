@@ -28,6 +28,7 @@ use crate::bus::{Bus, Submit};
 use crate::config::EngineSpec;
 use crate::event::{Prepared, PublishError, StreamEntry};
 use crate::mailbox::{Control, PublishTicket, Reply};
+use crate::metrics::{EngineFigures, ShardReport};
 use crate::placement::Placement;
 use crate::positions;
 use crate::protocol::{self, PublishRequest};
@@ -59,36 +60,6 @@ struct ShardStatus {
     server: String,
     /// The stream id of the newest entry read.
     last_id: Mutex<String>,
-}
-
-/// The engine as `/stats` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct EngineFigures {
-    /// Every shard is up.
-    pub up: bool,
-    /// Reconnections of every Redis connection.
-    pub reconnects: u64,
-    /// Age of the newest event read when read, µs.
-    pub lag_us: u64,
-    /// Events this node read from the engine.
-    pub ingested: u64,
-    /// Per shard.
-    pub shards: Vec<ShardReport>,
-}
-
-/// One shard's state for `/stats`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ShardReport {
-    /// Logical shard.
-    pub shard: u32,
-    /// Where its stream lives.
-    pub server: String,
-    /// This node reads it.
-    pub reading: bool,
-    /// Newest stream id read (`""`: none).
-    pub last_id: String,
-    /// Its writer and reader are connected.
-    pub up: bool,
 }
 
 impl EngineStatus {

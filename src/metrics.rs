@@ -183,7 +183,7 @@ pub struct Snapshot {
     /// Merged histograms.
     pub latency: Latency,
     /// Cluster engine, when one runs.
-    pub engine: Option<crate::engine::EngineFigures>,
+    pub engine: Option<EngineFigures>,
     /// Backend proxy calls.
     pub backend: crate::backend::BackendFigures,
     /// Webhooks, when on: (events sent, dropped, failed posts, queued).
@@ -534,4 +534,34 @@ impl Drop for Gather {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The engine as `/stats` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineFigures {
+    /// Every shard is up.
+    pub up: bool,
+    /// Reconnections of every Redis connection.
+    pub reconnects: u64,
+    /// Age of the newest event read when read, µs.
+    pub lag_us: u64,
+    /// Events this node read from the engine.
+    pub ingested: u64,
+    /// Per shard.
+    pub shards: Vec<ShardReport>,
+}
+
+/// One shard's state for `/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardReport {
+    /// Logical shard.
+    pub shard: u32,
+    /// Where its stream lives.
+    pub server: String,
+    /// This node reads it.
+    pub reading: bool,
+    /// Newest stream id read (`""`: none).
+    pub last_id: String,
+    /// Its writer and reader are connected.
+    pub up: bool,
 }

@@ -16,7 +16,8 @@
 //! short), or `_<shard>` for a shard nothing was read from yet. Owns that format and
 //! nothing else: no I/O, no clock.
 
-use crate::event::OrderKey;
+/// A stream id `(ms, n)` (the same pair as `event::OrderKey`; this module stays a leaf).
+pub type OrderKey = (u64, u64);
 
 /// Positions per shard: `positions[s]` is the last stream id read from shard `s`
 /// (`(0, 0)`: none).
