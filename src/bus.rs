@@ -50,8 +50,20 @@ struct Ordered {
 struct ShardRead {
     /// Stream id of the newest entry taken (`(0, 0)`: none).
     at: OrderKey,
-    /// The shard's first load is done.
+    /// Its reader has loaded it and follows it: the history holds it from its floor on.
     loaded: bool,
+    /// Event ids name it: its reader started, and every subscription that can match it
+    /// gets its events from `start_at` on.
+    included: bool,
+    /// Where live delivery of this reading began (ids never name an earlier position).
+    start_at: OrderKey,
+}
+
+impl ShardRead {
+    /// This shard's component in an event id.
+    fn position(&self) -> Option<OrderKey> {
+        self.included.then(|| self.at.max(self.start_at))
+    }
 }
 
 impl Ordered {
@@ -75,7 +87,7 @@ impl Ordered {
             return Some(Arc::new(encode(seq, entry.key, &entry.id, prepared, timestamp, published_at, now)));
         };
         read.at = entry.key;
-        let at: Vec<OrderKey> = self.reads.iter().map(|r| r.at).collect();
+        let at: Vec<Option<OrderKey>> = self.reads.iter().map(ShardRead::position).collect();
         let id = positions::encode(shard, entry.key, &at);
         let mut event = encode(seq, (0, seq), &id, prepared, timestamp, published_at, now);
         event.origin = (shard, entry.key);
@@ -143,14 +155,46 @@ impl Bus {
     }
 
     /// Takes its order from a sharded engine of `shards` shards (more than one): event ids
-    /// become [`positions`] vectors, and a resume is judged per shard.
+    /// become [`positions`] vectors, and a resume is judged per shard. Each shard is read
+    /// only while wanted, so there is no load to wait for at start: a resume waits for its
+    /// own shards' loads instead ([`Bus::loaded`]).
     pub fn with_engine_shards(self, shards: u32) -> Self {
         if shards > 1 {
             let mut ordered = self.lock();
             ordered.history.track_shards(shards as usize);
             ordered.reads = vec![ShardRead::default(); shards as usize];
+            ordered.caught_up = true;
         }
         self
+    }
+
+    /// Shard `shard`'s reader starts: ids name it from now on, at `live_from` (wall-clock
+    /// ms: where its live delivery starts) or after. `None`: from where it was read.
+    pub fn start_shard(&self, shard: u32, live_from: Option<u64>) {
+        if let Some(read) = self.lock().reads.get_mut(shard as usize) {
+            read.included = true;
+            read.start_at = live_from.map_or((0, 0), |ms| (ms, 0));
+        }
+    }
+
+    /// Shard `shard`'s reader stopped (nothing here can match it any more): ids stop
+    /// naming it and resumes wait for its next load.
+    pub fn unload(&self, shard: u32) {
+        if let Some(read) = self.lock().reads.get_mut(shard as usize) {
+            read.loaded = false;
+            read.included = false;
+        }
+    }
+
+    /// Whether the history holds shard `shard` (always, but with a sharded engine).
+    pub fn loaded(&self, shard: u32) -> bool {
+        self.lock().reads.get(shard as usize).is_none_or(|read| read.loaded)
+    }
+
+    /// Tells every shard core that an engine shard's load ended (done or failed), so
+    /// resumes waiting for it look again.
+    pub fn tell_loaded(&self) {
+        self.mailboxes.to_every_shard(|| crate::mailbox::Control::EngineShardLoaded);
     }
 
     /// Shards of a sharded engine; 0 when the order has one source.
@@ -242,7 +286,8 @@ impl Bus {
             ordered.caught_up = true;
         } else if let Some(read) = ordered.reads.get_mut(shard as usize) {
             read.loaded = true;
-            ordered.caught_up = ordered.reads.iter().all(|r| r.loaded);
+            drop(ordered);
+            self.tell_loaded();
         }
     }
 
@@ -411,9 +456,15 @@ impl Bus {
         let (snapshot, ahead) = {
             let mut ordered = self.lock();
             ordered.history.evict(now);
+            // Shards not loaded are not this resume's (the core waits for the loads of the
+            // shards a subscription can match before it resumes).
             let floors = ordered.history.origin_floors();
-            let lost = wanted.iter().zip(floors).any(|(at, floor)| floor.is_some_and(|floor| *at < floor));
-            if !ordered.caught_up || lost {
+            let lost = wanted
+                .iter()
+                .zip(floors)
+                .zip(&ordered.reads)
+                .any(|((at, floor), read)| read.loaded && floor.is_some_and(|floor| *at < floor));
+            if lost {
                 return Err(NotRecoverable);
             }
             let ahead = wanted.iter().zip(&ordered.reads).any(|(at, read)| *at > read.at);

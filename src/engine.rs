@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 use crate::bus::{Bus, Submit};
 use crate::config::EngineSpec;
 use crate::event::{Prepared, PublishError, StreamEntry};
+use crate::interest::Interest;
 use crate::mailbox::{Control, PublishTicket, Reply};
 use crate::metrics::{EngineFigures, ShardReport};
 use crate::placement::Placement;
@@ -58,6 +59,8 @@ pub struct EngineStatus {
 struct ShardStatus {
     /// The server (or `cluster`) holding its stream.
     server: String,
+    /// This node follows it.
+    reading: AtomicBool,
     /// The stream id of the newest entry read.
     last_id: Mutex<String>,
 }
@@ -72,7 +75,10 @@ impl EngineStatus {
             lag_us: AtomicU64::new(0),
             ingested: AtomicU64::new(0),
             down: Mutex::new(vec![Part::Reader as u8; servers.len().max(1)]),
-            shards: servers.into_iter().map(|server| ShardStatus { server, last_id: Mutex::default() }).collect(),
+            shards: servers
+                .into_iter()
+                .map(|server| ShardStatus { server, reading: AtomicBool::new(false), last_id: Mutex::default() })
+                .collect(),
         }
     }
 
@@ -91,6 +97,12 @@ impl EngineStatus {
     fn is_down(&self, shard: u32, part: Part) -> bool {
         let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         down.get(shard as usize).is_some_and(|bits| bits & part as u8 != 0)
+    }
+
+    fn reading(&self, shard: u32, reading: bool) {
+        if let Some(status) = self.shards.get(shard as usize) {
+            status.reading.store(reading, Ordering::Relaxed);
+        }
     }
 
     fn read_to(&self, shard: u32, id: &str) {
@@ -122,7 +134,7 @@ impl EngineStatus {
             .map(|(shard, (status, down))| ShardReport {
                 shard: shard as u32,
                 server: status.server.clone(),
-                reading: down & Part::Reader as u8 == 0,
+                reading: status.reading.load(Ordering::Relaxed),
                 last_id: status.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 up: down == 0,
             })
@@ -283,8 +295,10 @@ impl Redis {
     }
 
     /// Starts a writer and a reader thread per shard, feeding `bus`.
-    pub fn start(self, bus: Arc<Bus>) -> std::io::Result<()> {
+    /// With `interest`, each shard is read only while wanted.
+    pub fn start(self, bus: Arc<Bus>, interest: Option<Arc<Interest>>) -> std::io::Result<()> {
         let Redis { settings, receivers, status } = self;
+        let feed = Feed { bus, interest };
         if settings.spec.cluster {
             let client = redis::cluster::ClusterClient::builder(settings.spec.urls.iter().map(String::as_str))
                 .connection_timeout(CONNECT_TIMEOUT)
@@ -294,7 +308,7 @@ impl Redis {
                 .retries(1)
                 .build()
                 .map_err(std::io::Error::other)?;
-            start_shards(&settings, receivers, &status, &bus, |_| client.clone())
+            start_shards(&settings, receivers, &status, &feed, |_| client.clone())
         } else {
             let clients = settings
                 .spec
@@ -303,20 +317,27 @@ impl Redis {
                 .map(|url| redis::Client::open(url.as_str()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(std::io::Error::other)?;
-            start_shards(&settings, receivers, &status, &bus, |shard| {
+            start_shards(&settings, receivers, &status, &feed, |shard| {
                 clients[settings.spec.server_index(shard)].clone()
             })
         }
     }
 }
 
+/// Where the readers' events go, and whether they read only while wanted.
+struct Feed {
+    bus: Arc<Bus>,
+    interest: Option<Arc<Interest>>,
+}
+
 fn start_shards<D: Dial>(
     settings: &RedisSettings,
     receivers: Vec<Receiver<Submission>>,
     status: &Arc<EngineStatus>,
-    bus: &Arc<Bus>,
+    feed: &Feed,
     dial_for: impl Fn(u32) -> D,
 ) -> std::io::Result<()> {
+    let bus = &feed.bus;
     for (shard, receiver) in (0..settings.shards()).zip(receivers) {
         let dial = dial_for(shard);
         let shard_settings = ShardSettings { shard, stream: settings.stream_of(shard), settings: settings.clone() };
@@ -327,11 +348,13 @@ fn start_shards<D: Dial>(
             bus: bus.clone(),
             waits: waits.clone(),
             status: status.clone(),
+            interest: feed.interest.clone(),
         };
         std::thread::Builder::new().name(format!("volley-redis-writer-{shard}")).spawn(move || writer.run(receiver))?;
         let reader = Reader {
             connector: Connector::new(dial, "engine reader", status.clone()),
             shard: shard_settings,
+            interest: feed.interest.clone(),
             bus: bus.clone(),
             waits,
             status: status.clone(),
@@ -575,6 +598,9 @@ impl Waits {
 struct Writer<D: Dial> {
     connector: Connector<D>,
     shard: ShardSettings,
+    /// With interest-based reading: a `?wait=1` publish to a shard nothing here reads is
+    /// answered once written (no shard here will queue it).
+    interest: Option<Arc<Interest>>,
     bus: Arc<Bus>,
     waits: Arc<Waits>,
     status: Arc<EngineStatus>,
@@ -657,7 +683,8 @@ impl<D: Dial> Writer<D> {
                 }
             }
         }
-        let number = batch.iter().any(|s| s.reply.wait).then(|| self.waits.sending());
+        let read_here = self.interest.as_ref().is_none_or(|i| i.wanted(self.shard.shard));
+        let number = (read_here && batch.iter().any(|s| s.reply.wait)).then(|| self.waits.sending());
         let result = D::write_all(conn, pipe);
         let mut tickets = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
@@ -668,7 +695,7 @@ impl<D: Dial> Writer<D> {
                 let mine: Vec<&String> = ids.by_ref().take(submission.prepared.len()).collect();
                 let answer: Vec<Box<str>> =
                     mine.iter().map(|id| self.shard.settings.answer_id(self.shard.shard, id)).collect();
-                if submission.reply.wait {
+                if submission.reply.wait && read_here {
                     let ticket = PublishTicket::new(submission.reply.to, answer, shards);
                     tickets.extend(
                         mine.into_iter().enumerate().map(|(index, id)| (id.as_str().into(), (ticket.clone(), index))),
@@ -698,47 +725,100 @@ impl<D: Dial> Writer<D> {
 struct Reader<D: Dial> {
     connector: Connector<D>,
     shard: ShardSettings,
+    /// With interest-based reading: whether anything here wants this shard.
+    interest: Option<Arc<Interest>>,
     bus: Arc<Bus>,
     waits: Arc<Waits>,
     status: Arc<EngineStatus>,
 }
 
+/// How a reader (re)starts following its stream.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// It was following and its connection failed: go on from its last id (checking for
+    /// a gap), delivering everything after it.
+    Reconnect,
+    /// It starts reading (at start-up, or wanted again after it stopped): load the
+    /// stream's retained tail into the history, delivering only what is newer than
+    /// `live_from` (wall-clock ms; `None`: nothing, no subscription asked for live events).
+    Load { live_from: Option<u64> },
+}
+
+/// How often an idle reader looks whether its shard is wanted.
+const IDLE_POLL: Duration = Duration::from_millis(10);
+/// How long a reader goes on reading a shard nothing here can match any more, so a client
+/// that drops and comes back does not stop and reload it.
+const LINGER: Duration = Duration::from_secs(5);
+
 impl<D: Dial> Reader<D> {
+    /// The reader's state machine: `Idle` (its shard wanted by nothing here; only with
+    /// interest-based reading) → `Starting` (connect, load) → `Reading` (follow) → back to
+    /// `Idle` once nothing wanted it for [`LINGER`]; a failure goes back to `Starting` with
+    /// the cursor kept.
     fn run(mut self) {
+        let shard = self.shard.shard;
         let mut last: Option<String> = None;
         loop {
-            let mut conn = self.connector.connect();
-            if let Err(e) = self.follow(&mut conn, &mut last) {
-                self.status.set(self.shard.shard, Part::Reader, false);
-                self.connector.lost(&e);
+            let live_from = match &self.interest {
+                Some(interest) => {
+                    self.status.reading(shard, false);
+                    // Idle is not down.
+                    self.status.set(shard, Part::Reader, true);
+                    while !interest.wanted(shard) {
+                        std::thread::sleep(IDLE_POLL);
+                    }
+                    // Live from what subscriptions asked, and at least from now (less the
+                    // skew allowance): one made while this loads is covered by no request.
+                    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    let now_ms = now_ms.saturating_sub(crate::interest::SKEW_ALLOWANCE_MS);
+                    let live_from = interest.start(shard).map_or(now_ms, |asked| asked.min(now_ms));
+                    self.bus.start_shard(shard, Some(live_from));
+                    Some(live_from)
+                }
+                None => None,
+            };
+            let mut start = Start::Load { live_from };
+            loop {
+                let mut conn = match self.connector.try_connect() {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        if matches!(error, ConnectError::Redis(_)) {
+                            self.status.set(shard, Part::Reader, false);
+                            // Resumes waiting for this shard's load stop waiting.
+                            self.bus.tell_loaded();
+                        }
+                        std::thread::sleep(FIRST_BACKOFF);
+                        continue;
+                    }
+                };
+                match self.follow(&mut conn, &mut last, start) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.status.set(shard, Part::Reader, false);
+                        self.connector.lost(&e);
+                        if matches!(start, Start::Load { .. }) {
+                            self.bus.tell_loaded();
+                        }
+                        // Loaded already (or not: then it loads again).
+                        if self.bus.loaded(shard) {
+                            start = Start::Reconnect;
+                        }
+                    }
+                }
+            }
+            if let Some(interest) = &self.interest {
+                interest.stop(shard);
+                self.bus.unload(shard);
             }
         }
     }
 
-    /// Catches up on first connect (or checks for a gap on a reconnect), then reads the
-    /// stream in order until an error; a timeout is one.
-    fn follow(&self, conn: &mut D::Link, last: &mut Option<String>) -> redis::RedisResult<()> {
+    /// Loads or checks for a gap, then reads the stream in order until an error (a
+    /// timeout is one) or, with interest-based reading, until nothing here wants it.
+    fn follow(&self, conn: &mut D::Link, last: &mut Option<String>, start: Start) -> redis::RedisResult<()> {
         let shard = self.shard.shard;
-        match last.as_deref().and_then(parse_stream_id) {
-            None => {
-                let newest_first: Value = redis::cmd("XREVRANGE")
-                    .arg(&self.shard.stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(self.shard.settings.max_len)
-                    .query(conn)?;
-                // Fewer entries than the stream keeps: it was never trimmed, and this is all of it.
-                let whole = parse_ids(&newest_first).count() < self.shard.settings.max_len;
-                let Parsed { mut entries, newest } = parse_entries(&newest_first);
-                entries.reverse();
-                if let Some(newest) = &newest {
-                    self.status.read_to(shard, newest);
-                }
-                *last = Some(newest.unwrap_or_else(|| "0-0".to_string()));
-                self.bus.preload(shard, entries, whole);
-            }
-            Some(read) => {
+        match (start, last.as_deref().and_then(parse_stream_id)) {
+            (Start::Reconnect, Some(read)) => {
                 let oldest: Value =
                     redis::cmd("XRANGE").arg(&self.shard.stream).arg("-").arg("+").arg("COUNT").arg(1).query(conn)?;
                 let first = parse_ids(&oldest).next().and_then(|id| parse_stream_id(&id));
@@ -747,9 +827,26 @@ impl<D: Dial> Reader<D> {
                     self.bus.mark_gap(shard, first);
                 }
             }
+            (_, read) => {
+                let live_from = match start {
+                    Start::Load { live_from } => live_from,
+                    Start::Reconnect => None,
+                };
+                self.load(conn, last, read, live_from)?;
+            }
         }
         self.status.set(shard, Part::Reader, true);
+        self.status.reading(shard, true);
+        let mut unwanted_since: Option<Instant> = None;
         loop {
+            if let Some(interest) = &self.interest {
+                match (interest.wanted(shard), unwanted_since) {
+                    (true, _) => unwanted_since = None,
+                    (false, None) => unwanted_since = Some(Instant::now()),
+                    (false, Some(since)) if since.elapsed() >= LINGER => return Ok(()),
+                    (false, Some(_)) => {}
+                }
+            }
             let from = last.clone().unwrap_or_else(|| "0-0".into());
             let reply: Value = redis::cmd("XREAD")
                 .arg("COUNT")
@@ -773,10 +870,60 @@ impl<D: Dial> Reader<D> {
             };
             let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             self.status.lag_us.store(now_ms.saturating_sub(newest.key.0) * 1000, Ordering::Relaxed);
-            let mut tickets = self.waits.take(entries.iter().map(|e| e.id.as_str()));
-            self.status.ingested.fetch_add(entries.len() as u64, Ordering::Relaxed);
-            self.bus.ingest(shard, entries, |id| tickets.remove(id));
+            self.ingest(entries);
         }
+    }
+
+    /// Loads the stream's retained tail: what is older than `live_from` into the history
+    /// only, the rest delivered. `read`: where this node had read it to before (it goes on
+    /// from there when the stream still holds it, else marks the gap).
+    fn load(
+        &self,
+        conn: &mut D::Link,
+        last: &mut Option<String>,
+        read: Option<(u64, u64)>,
+        live_from: Option<u64>,
+    ) -> redis::RedisResult<()> {
+        let shard = self.shard.shard;
+        let newest_first: Value = redis::cmd("XREVRANGE")
+            .arg(&self.shard.stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(self.shard.settings.max_len)
+            .query(conn)?;
+        // Fewer entries than the stream keeps: it was never trimmed, and this is all of it.
+        let whole = parse_ids(&newest_first).count() < self.shard.settings.max_len;
+        let Parsed { mut entries, newest } = parse_entries(&newest_first);
+        entries.reverse();
+        if let (Some(read), false) = (read, whole)
+            && let Some(first) = gap(read, entries.first().map(|e| e.key))
+        {
+            tracing::warn!(after = ?read, first = ?first, "redis engine: events were trimmed while not read");
+            self.bus.mark_gap(shard, first);
+        }
+        if let Some(newest) = &newest {
+            self.status.read_to(shard, newest);
+            *last = Some(newest.clone());
+        } else if last.is_none() {
+            *last = Some("0-0".to_string());
+        }
+        let live = live_from.map_or(entries.len(), |ms| entries.partition_point(|e| e.key < (ms, 0)));
+        let delivered = entries.split_off(live);
+        self.status.ingested.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        // Read before: the history holds it from there on (or from the gap just marked).
+        self.bus.preload(shard, entries, whole || read.is_some());
+        self.ingest(delivered);
+        Ok(())
+    }
+
+    fn ingest(&self, entries: Vec<StreamEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut tickets = self.waits.take(entries.iter().map(|e| e.id.as_str()));
+        self.status.ingested.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        self.bus.ingest(self.shard.shard, entries, |id| tickets.remove(id));
     }
 }
 

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod event;
 pub mod history;
 pub mod http;
+pub mod interest;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;

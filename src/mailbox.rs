@@ -84,6 +84,9 @@ impl Delivery {
 pub enum Control {
     /// Every shard has queued a `?wait=1` publish.
     PublishDone(Arc<PublishTicket>),
+    /// A sharded engine's shard was loaded (or its load failed): subscriptions waiting
+    /// for it resume now.
+    EngineShardLoaded,
     /// An engine has answered a publish.
     Published(Reply, Result<Vec<Box<str>>, PublishError>),
     /// Add this shard's histograms to a stats read.

@@ -28,8 +28,9 @@ pub type Positions = [OrderKey];
 pub const MAX_POSITION_BYTES: usize = 1024;
 
 /// The id of an event of shard `own` at stream id `key`, as a node at `positions`
-/// (which already count the event) sees it.
-pub fn encode(own: u32, key: OrderKey, positions: &Positions) -> String {
+/// (which already count the event; `None`: a shard the node does not read, left out, so
+/// a resume takes it from the event's time) sees it.
+pub fn encode(own: u32, key: OrderKey, positions: &[Option<OrderKey>]) -> String {
     let mut out = String::with_capacity(12 + positions.len() * 8);
     push_base36(&mut out, u64::from(own));
     out.push('.');
@@ -37,12 +38,10 @@ pub fn encode(own: u32, key: OrderKey, positions: &Positions) -> String {
     out.push('.');
     push_base36(&mut out, key.1);
     for (shard, at) in positions.iter().enumerate() {
-        if shard == own as usize {
-            continue;
-        }
+        let Some(at) = at.filter(|_| shard != own as usize) else { continue };
         out.push('_');
         push_base36(&mut out, shard as u64);
-        if *at == (0, 0) {
+        if at == (0, 0) {
             continue;
         }
         out.push('.');
@@ -131,11 +130,11 @@ mod tests {
     #[test]
     fn round_trips_with_shards_behind_ahead_and_unread() {
         let positions = [(1_733_280_000_000, 4), (0, 0), (1_733_280_000_123, 0), (1_733_279_000_000, 77)];
-        let id = encode(2, (1_733_280_000_123, 0), &positions);
+        let id = encode(2, (1_733_280_000_123, 0), &positions.map(Some));
         assert_eq!(decode(&id, 4), Some((2, positions.to_vec())), "{id}");
         assert!(id.len() < 40, "{id} is compact");
         let ahead = [(1_733_280_000_500, 1), (1_733_280_000_100, 2)];
-        let id = encode(1, (1_733_280_000_100, 2), &ahead);
+        let id = encode(1, (1_733_280_000_100, 2), &ahead.map(Some));
         assert!(id.contains("_0.-"), "{id}");
         assert_eq!(decode(&id, 2), Some((1, ahead.to_vec())));
     }
@@ -144,6 +143,12 @@ mod tests {
     fn the_own_component_alone_places_other_shards_at_its_time() {
         let id = encode_own(1, (5_000, 3));
         assert_eq!(decode(&id, 3), Some((1, vec![(5_000, 0), (5_000, 3), (5_000, 0)])));
+    }
+
+    #[test]
+    fn a_shard_not_read_is_left_out_and_taken_from_the_events_time() {
+        let id = encode(0, (9_000, 1), &[Some((9_000, 1)), None, Some((8_000, 2))]);
+        assert_eq!(decode(&id, 3), Some((0, vec![(9_000, 1), (9_000, 0), (8_000, 2)])), "{id}");
     }
 
     #[test]
@@ -157,7 +162,7 @@ mod tests {
     #[test]
     fn sixty_four_shards_fit_the_limit() {
         let positions: Vec<OrderKey> = (0..64).map(|s| (1_000_000_000_000 - s * 86_400_000, 1_000 + s)).collect();
-        let id = encode(0, positions[0], &positions);
+        let id = encode(0, positions[0], &positions.iter().copied().map(Some).collect::<Vec<_>>());
         assert!(id.len() <= MAX_POSITION_BYTES, "{}", id.len());
         assert_eq!(decode(&id, 64), Some((0, positions)));
     }

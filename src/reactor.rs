@@ -94,10 +94,6 @@ impl Server {
         };
         let bus = Arc::new(bus);
         let status = engine.as_ref().map(|e| e.status.clone());
-        if let Some(engine) = engine {
-            engine.start(bus.clone())?;
-            wait_for_catch_up(&bus);
-        }
         let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
         // Presence, webhooks' cluster view and server API actions go through one server:
         // the first listed (not on a Redis Cluster this round: see docs/operations.md).
@@ -107,7 +103,11 @@ impl Server {
             prefix: config.redis_stream.clone(),
             ttl: std::time::Duration::from_millis(config.presence_ttl_ms),
         });
-        let shared = Arc::new(Shared::new(config, bus, status, shards, epoch));
+        let shared = Arc::new(Shared::new(config, bus.clone(), status, shards, epoch));
+        if let Some(engine) = engine {
+            engine.start(bus.clone(), shared.interest.clone())?;
+            wait_for_catch_up(&bus);
+        }
         if let Some(settings) = mirror {
             crate::presence_mirror::start(settings, shared.clone())?;
         }

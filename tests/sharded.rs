@@ -291,7 +291,9 @@ fn four_servers_take_a_quarter_of_400_shard_keys_each_and_one_down_refuses_only_
     assert!(per_server.iter().all(|n| (80..=120).contains(n)), "25 % ± 5 % each: {per_server:?}");
 
     // Server 1 down: publishes placed on it fail within the request timeout, every other
-    // shard is unaffected, and /health names the shard.
+    // shard is unaffected, and /health names the shard. (The subscription starts the
+    // node's readers, which deliver from a second before it: wait that out.)
+    std::thread::sleep(Duration::from_millis(1100 + volley::interest::SKEW_ALLOWANCE_MS));
     let (mut ws, _) = subscribe_on(a.port, ">", None);
     let placement = volley::placement::Placement::new(4, 1);
     let topic_on = |server: u32| (0..400).map(|k| format!("key{k}.x")).find(|t| placement.shard_of(t) == server);
@@ -350,4 +352,67 @@ fn a_batch_across_shard_keys_is_refused() {
     assert!(answer.contains("shard key"), "{answer}");
     let same = json!([{"topic": one, "data": 1}, {"topic": format!("{}.y", one), "data": 2}]).to_string();
     assert_eq!(request(a.port, "POST", "/publish", &same).unwrap().0, 200);
+}
+
+/// The `engine` part of `/stats`.
+fn engine_stats(port: u16) -> Value {
+    serde_json::from_str::<Value>(&get(port, "/stats")).unwrap()["engine"].clone()
+}
+
+/// Interest-based reading: a node whose clients only use `p1.>` reads only `p1`'s shard,
+/// its subscriber still gets what was published right after it subscribed (the reader
+/// started for it), and once nothing wants the shard the node stops reading it; a resume
+/// over it later waits for its load and misses nothing.
+#[test]
+fn a_node_reads_only_the_shards_its_subscriptions_can_match() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let servers: Vec<RedisServer> = (0..4).map(|_| RedisServer::start()).collect();
+    let engine = servers.iter().map(RedisServer::url).collect::<Vec<_>>().join(",");
+    let (a, b) = (node(&engine, 4), node(&engine, 4));
+    assert!(engine_stats(a.port)["shards"].as_array().unwrap().iter().all(|s| s["reading"] == false));
+    let (mut ws, _) = subscribe_on(a.port, "p1.>", None);
+    // At once, before A's reader for the shard has started: not lost.
+    assert_eq!(publish(b.port, "p1.first", 1).0, 200);
+    assert_eq!(next_event(&mut ws).map(|(_, topic)| topic).as_deref(), Some("p1.first"));
+    let placement = volley::placement::Placement::new(4, 1);
+    let mine = placement.shard_of("p1.x");
+    let (mut total, mut on_mine) = (1u64, 1u64);
+    for key in 0..200 {
+        let topic = format!("p{key}.x");
+        assert_eq!(publish(b.port, &topic, 2).0, 200);
+        total += 2;
+        if placement.shard_of(&topic) == mine {
+            on_mine += 2;
+        }
+    }
+    let got = exactly(&mut ws, 2);
+    assert!(got.iter().all(|(_, topic)| topic == "p1.x"), "{got:?}");
+    let stats = engine_stats(a.port);
+    let ingested = stats["ingested"].as_u64().unwrap();
+    println!("node A ingested {ingested} of {total} events ({on_mine} on its one shard of 4)");
+    assert_eq!(ingested, on_mine, "only p1's shard: {stats}");
+    assert!(ingested as f64 <= total as f64 * (0.25 + 0.05), "<= 1/K + 5 %: {ingested} of {total}");
+    let reading: Vec<_> = stats["shards"].as_array().unwrap().iter().filter(|s| s["reading"] == true).collect();
+    assert_eq!(reading.len(), 1, "{stats}");
+    assert_eq!(reading[0]["shard"], mine);
+    assert_eq!(engine_stats(b.port)["ingested"], 0, "B's clients want nothing");
+
+    // Nothing wants the shard any more: A stops reading it after the linger, events go
+    // on being published, and a resume from the last id A gave waits for the shard's
+    // load and gets exactly what it missed.
+    let last = got.last().unwrap().0.clone();
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while engine_stats(a.port)["shards"][mine as usize]["reading"] == true {
+        assert!(Instant::now() < deadline, "still reading");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..3 {
+        assert_eq!(publish(b.port, "p1.y", 1).0, 200);
+        assert_eq!(publish(b.port, "p2.y", 1).0, 200);
+    }
+    let (mut ws, recovered) = subscribe_on(a.port, "p1.>", Some(&last));
+    assert!(recovered);
+    let got = exactly(&mut ws, 3);
+    assert!(got.iter().all(|(_, topic)| topic == "p1.y"), "{got:?}");
 }

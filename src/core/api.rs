@@ -285,7 +285,7 @@ impl Ctx {
             sub.filter.patterns.retain(|pattern| {
                 let keep = pattern.as_str() != topic;
                 if !keep {
-                    self.index.remove(pattern, SubRef { conn: key, sub: sub.key });
+                    self.unindex_pattern(pattern, SubRef { conn: key, sub: sub.key });
                     self.leave_presence(conn_id, pattern);
                 }
                 keep

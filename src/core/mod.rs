@@ -38,7 +38,7 @@ use crate::metrics::{Latency, ShardCounters, Snapshot, StatsFormat};
 use crate::protocol;
 use crate::protocol::ErrorCode;
 use crate::sse;
-use crate::topic::Index;
+use crate::topic::{Index, Pattern};
 use crate::ws::Close;
 
 mod api;
@@ -95,6 +95,13 @@ pub struct Shared {
     pub api_outbox: crossbeam_queue::ArrayQueue<crate::mailbox::ApiAction>,
     /// Webhooks, when `webhook_url` is set.
     pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
+    /// With a sharded engine: which shards this node's subscriptions can match.
+    pub interest: Option<Arc<crate::interest::Interest>>,
+}
+
+/// Milliseconds since the Unix epoch of `wall`.
+fn wall_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Most `/stats/stream`s open at once (dashboards are few; each holds a copy of the
@@ -154,6 +161,11 @@ impl Shared {
             stats_gathers: Default::default(),
             auth: Auth::new(&config.jwt_secret),
             epoch,
+            interest: config
+                .engine_spec()
+                .ok()
+                .filter(|spec| spec.placement.shards() > 1)
+                .map(|spec| Arc::new(crate::interest::Interest::new(spec.placement))),
             config,
         }
     }
@@ -301,6 +313,8 @@ struct Ctx {
     /// When draining: the time the shard stops regardless.
     drain_deadline: Option<Instant>,
     stopping: bool,
+    /// Resumes waiting for engine shards to load.
+    parked: Vec<session::Parked>,
 }
 
 /// A shard's connections and everything it decides about them, without I/O.
@@ -352,6 +366,7 @@ impl Core {
                 directory: api::Directory::default(),
                 new_writes_limit: NEW_WRITES_PER_TURN,
                 drain_deadline: None,
+                parked: Vec::new(),
                 stopping: false,
             },
         }
@@ -605,7 +620,7 @@ impl Core {
         let Some(conn) = self.conns.try_remove(key) else { return };
         self.ctx.timers.set(key, None);
         for (pattern, sub) in conn.index_entries() {
-            self.ctx.index.remove(pattern, SubRef { conn: key, sub });
+            self.ctx.unindex_pattern(pattern, SubRef { conn: key, sub });
             self.ctx.leave_presence(conn.id, pattern);
         }
         if matches!(&conn.state, State::Sse(sse) if sse.stats.is_some()) {
@@ -695,6 +710,13 @@ impl Core {
         }
         while let Some(message) = inbox.control.pop() {
             match message {
+                Control::EngineShardLoaded => {
+                    for (parked, ready) in self.ctx.take_unparked(now) {
+                        let Core { conns, ctx } = self;
+                        let Some(conn) = ctx.reach(conns, parked.key, parked.conn_id) else { continue };
+                        ctx.unpark(parked.key, conn, parked.waiting, ready, now);
+                    }
+                }
                 Control::PublishDone(ticket) => {
                     let ReplyTo { key, conn_id, .. } = ticket.reply_to;
                     let body = json!({"message_ids": ticket.ids, "delivered_to": ticket.delivered()});
@@ -1014,6 +1036,23 @@ fn write_batch(conn: &mut Conn, wall: SystemTime) -> usize {
 impl Ctx {
     fn counters(&self) -> &ShardCounters {
         &self.shared.counters[self.id]
+    }
+
+    /// Indexes `pattern` for `sub`, and counts it in the node's interest in engine shards.
+    fn index_pattern(&mut self, pattern: &Pattern, sub: SubRef, now: Instant) {
+        self.index.insert(pattern, sub);
+        if let Some(interest) = &self.shared.interest {
+            interest.add(pattern, wall_ms(self.shared.wall(now)));
+        }
+    }
+
+    /// Undoes [`Ctx::index_pattern`].
+    fn unindex_pattern(&mut self, pattern: &Pattern, sub: SubRef) {
+        if self.index.remove(pattern, sub)
+            && let Some(interest) = &self.shared.interest
+        {
+            interest.remove(pattern);
+        }
     }
 
     fn config(&self) -> &Config {

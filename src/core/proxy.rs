@@ -164,7 +164,7 @@ impl Ctx {
             other => Err(rejection_of(other, Some(ErrorCode::Unauthorized))),
         };
         let routed = match grant {
-            Ok(grant) => self.start_sse_granted(key, conn, &request, grant, now),
+            Ok(grant) => self.start_sse_granted(key, conn, &request, grant, None, now),
             Err(rejection) => {
                 let response = Response::error(&super::routes::http_error_of(&rejection));
                 self.respond(key, conn, &request, response, now)

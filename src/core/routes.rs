@@ -545,16 +545,19 @@ impl Ctx {
             Ok(grant) => grant,
             Err(error) => return Some(self.respond(key, conn, request, unauthorized(&error), now)),
         };
-        Some(self.start_sse_granted(key, conn, request, grant, now))
+        Some(self.start_sse_granted(key, conn, request, grant, None, now))
     }
 
-    /// Starts an SSE stream for what `grant` allows.
+    /// Starts an SSE stream for what `grant` allows. `shards_ready`: `None` the first
+    /// time (a resume over engine shards not loaded here waits for them), then whether
+    /// they loaded.
     pub(super) fn start_sse_granted(
         &mut self,
         key: usize,
         conn: &mut Conn,
         request: &Request,
         grant: Grant,
+        shards_ready: Option<bool>,
         now: Instant,
     ) -> Routed {
         let query = match query_allowed(request, &grant) {
@@ -563,11 +566,30 @@ impl Ctx {
         };
         let filter = Filter::new(query.topics, query.sources, query.correlation_id);
         let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
-        let (recovered, after, replay) = self.resume(since.as_deref(), now);
+        if since.is_some()
+            && shards_ready.is_none()
+            && let Some(shards) = self.shards_to_load(&filter.patterns)
+        {
+            let waiting = super::session::Waiting::Sse { grant };
+            return match self.park(key, conn.id, filter.patterns, shards, waiting, now) {
+                Ok(()) => {
+                    if let State::Http(http) = &mut conn.state {
+                        http.waiting = Some(Box::new(request.clone()));
+                        http.deadline = now + Duration::from_millis(self.config().http_request_timeout_ms);
+                    }
+                    Routed::Halt
+                }
+                Err(rejection) => self.respond(key, conn, request, Response::error(&http_error_of(&rejection)), now),
+            };
+        }
+        let (recovered, after, replay) = match shards_ready {
+            Some(false) => (false, crate::event::After::START, None),
+            _ => self.resume(since.as_deref(), now),
+        };
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
         self.send(key, conn, head, now);
         for pattern in &filter.patterns {
-            self.index.insert(pattern, SubRef { conn: key, sub: SSE_SUB });
+            self.index_pattern(pattern, SubRef { conn: key, sub: SSE_SUB }, now);
         }
         let user = grant.sub.as_deref();
         let info = grant.info.as_deref().filter(|i| i.get().len() <= self.config().presence_info_max_bytes);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::members::Joiner;
-use super::{Ctx, LINGER, SubRef};
+use super::{Ctx, LINGER, Routed, SubRef};
 use crate::auth::Grant;
 use crate::backend::Proxy;
 use crate::bus::Accepted;
@@ -23,7 +23,36 @@ use crate::mailbox::{BackendCall, Reply, ReplyTo};
 use crate::metrics::{Latency, ShardCounters, StatsFormat};
 use crate::presence::Transport;
 use crate::protocol::{self, ClientMessage, ErrorCode, Rejection};
+use crate::topic::Pattern;
 use crate::ws::{Close, Ended, Received};
+
+/// How long a resume waits for the engine shards it can match to be loaded before it goes
+/// on with `recovered:false`.
+const LOAD_WAIT: Duration = Duration::from_secs(3);
+
+/// Resumes one connection may have waiting for engine shards at once.
+const PARKED_PER_CONNECTION: usize = 16;
+
+/// A resume waiting for the engine shards its patterns can match to be loaded.
+#[derive(Debug)]
+pub(super) struct Parked {
+    pub(super) key: usize,
+    pub(super) conn_id: u64,
+    pub(super) waiting: Waiting,
+    /// Counted in the node's interest while it waits.
+    patterns: Vec<Pattern>,
+    shards: Vec<u32>,
+    until: Instant,
+}
+
+/// What a parked resume goes on with.
+#[derive(Debug)]
+pub(super) enum Waiting {
+    /// A WebSocket `subscribe`.
+    Subscribe { correlation: Option<String>, args: protocol::SubscribeArgs },
+    /// An SSE stream (its request is the connection's waiting request).
+    Sse { grant: Grant },
+}
 
 impl Ctx {
     pub(super) fn on_ws_bytes(&mut self, key: usize, conn: &mut Conn, mut data: &[u8], now: Instant) {
@@ -173,13 +202,110 @@ impl Ctx {
         self.subscribe_granted(key, conn, correlation, args, now);
     }
 
-    /// A subscription whose topics the grant (or the subscribe proxy) allows.
+    /// A subscription whose topics the grant (or the subscribe proxy) allows. With a
+    /// sharded engine, a resume whose shards this node does not read yet waits for their
+    /// loads (at most [`LOAD_WAIT`]); meanwhile it counts as interest, which starts them.
     pub(super) fn subscribe_granted(
         &mut self,
         key: usize,
         conn: &mut Conn,
         correlation: Option<&str>,
         args: protocol::SubscribeArgs,
+        now: Instant,
+    ) {
+        if args.since.is_some() {
+            let patterns = if args.topics.is_empty() { vec![Pattern::everything()] } else { args.topics.clone() };
+            if let Some(shards) = self.shards_to_load(&patterns) {
+                let waiting = Waiting::Subscribe { correlation: correlation.map(str::to_string), args };
+                if let Err(rejection) = self.park(key, conn.id, patterns, shards, waiting, now) {
+                    self.send_error(key, conn, correlation, &rejection, now);
+                }
+                return;
+            }
+        }
+        self.subscribe_now(key, conn, correlation, args, true, now)
+    }
+
+    /// With a sharded engine, the shards `patterns` can match that this node has not
+    /// loaded, when there are any: a resume over them waits.
+    pub(super) fn shards_to_load(&self, patterns: &[Pattern]) -> Option<Vec<u32>> {
+        let shards = self.shared.interest.as_ref()?.shards_of(patterns);
+        shards.iter().any(|&shard| !self.shared.bus.loaded(shard)).then_some(shards)
+    }
+
+    /// Makes `waiting` wait for `shards` to load, counting `patterns` as interest (which
+    /// starts their readers) meanwhile; at most [`PARKED_PER_CONNECTION`] per connection.
+    pub(super) fn park(
+        &mut self,
+        key: usize,
+        conn_id: u64,
+        patterns: Vec<Pattern>,
+        shards: Vec<u32>,
+        waiting: Waiting,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        if self.parked.iter().filter(|p| p.key == key && p.conn_id == conn_id).count() >= PARKED_PER_CONNECTION {
+            return Err(Rejection::new(
+                ErrorCode::Overloaded,
+                format!("{PARKED_PER_CONNECTION} resumes already wait for engine shards to load"),
+            ));
+        }
+        if let Some(interest) = &self.shared.interest {
+            let wall = super::wall_ms(self.shared.wall(now));
+            patterns.iter().for_each(|pattern| interest.add(pattern, wall));
+        }
+        // Within the request timeout, so an SSE request waiting is not answered 504.
+        let wait = LOAD_WAIT.min(Duration::from_millis(self.config().http_request_timeout_ms) / 2);
+        self.parked.push(Parked { key, conn_id, waiting, patterns, shards, until: now + wait });
+        Ok(())
+    }
+
+    /// A resume that waited for engine shards goes on (`ready`: they loaded).
+    pub(super) fn unpark(&mut self, key: usize, conn: &mut Conn, waiting: Waiting, ready: bool, now: Instant) {
+        match waiting {
+            Waiting::Subscribe { correlation, args } => {
+                self.subscribe_now(key, conn, correlation.as_deref(), args, ready, now);
+            }
+            Waiting::Sse { grant } => {
+                if conn.closing.is_some() {
+                    return;
+                }
+                let State::Http(http) = &mut conn.state else { return };
+                let Some(request) = http.waiting.take() else { return };
+                if let Routed::Next = self.start_sse_granted(key, conn, &request, grant, Some(ready), now) {
+                    self.process_http(key, conn, now);
+                }
+            }
+        }
+    }
+
+    /// Resumes whose engine shards are loaded now (`true`) or that waited [`LOAD_WAIT`]
+    /// (`false`) go on.
+    pub(super) fn take_unparked(&mut self, now: Instant) -> Vec<(Parked, bool)> {
+        let mut going = Vec::new();
+        for parked in std::mem::take(&mut self.parked) {
+            let loaded = parked.shards.iter().all(|&shard| self.shared.bus.loaded(shard));
+            if loaded || now >= parked.until {
+                if let Some(interest) = &self.shared.interest {
+                    parked.patterns.iter().for_each(|pattern| interest.remove(pattern));
+                }
+                going.push((parked, loaded));
+            } else {
+                self.parked.push(parked);
+            }
+        }
+        going
+    }
+
+    /// [`Ctx::subscribe_granted`] once its shards are loaded (`shards_ready`) or it gave
+    /// up waiting.
+    pub(super) fn subscribe_now(
+        &mut self,
+        key: usize,
+        conn: &mut Conn,
+        correlation: Option<&str>,
+        args: protocol::SubscribeArgs,
+        shards_ready: bool,
         now: Instant,
     ) {
         let max = self.config().max_subscriptions_per_connection;
@@ -204,7 +330,11 @@ impl Ctx {
             return self.send_error(key, conn, correlation, &rejection, now);
         }
         let filter = Filter::new(topics, args.sources, args.correlation_id);
-        let (recovered, after, replay) = self.resume(args.since.as_deref(), now);
+        let since = args.since.as_deref().filter(|_| shards_ready);
+        let (recovered, after, replay) = match (args.since.is_some(), since) {
+            (true, None) => (false, After::START, None),
+            _ => self.resume(since, now),
+        };
         let sub = Subscription {
             key: sub_key,
             id,
@@ -226,7 +356,7 @@ impl Ctx {
         }
         let State::WebSocket(ws) = &mut conn.state else { return };
         for pattern in &sub.filter.patterns {
-            self.index.insert(pattern, SubRef { conn: key, sub: sub_key });
+            self.index_pattern(pattern, SubRef { conn: key, sub: sub_key }, now);
         }
         let user = ws.grant.as_ref().and_then(|g| g.sub.as_deref());
         let joiner = Joiner { conn_id: conn.id, user, info: info.as_deref(), transport: Transport::WebSocket };
@@ -281,7 +411,7 @@ impl Ctx {
         };
         let sub = ws.subs.swap_remove(position);
         for pattern in &sub.filter.patterns {
-            self.index.remove(pattern, SubRef { conn: key, sub: sub.key });
+            self.unindex_pattern(pattern, SubRef { conn: key, sub: sub.key });
             self.leave_presence(conn.id, pattern);
         }
         self.gauge(None, None, -1);
