@@ -255,6 +255,71 @@ impl Dial for redis::cluster::ClusterClient {
     }
 }
 
+/// One connection for what must live on one server: the first listed server, or on a
+/// Redis Cluster the master that owns `key`'s slot (looked up on each connect through any
+/// seed, so a failover moves it). For the presence mirror: its hashes share one hash tag
+/// and `SCAN` must see all of them, and a cluster's pub/sub reaches every node from any.
+#[derive(Clone)]
+pub struct OneServer {
+    seeds: Vec<redis::Client>,
+    /// With a cluster: the key whose slot's master to reach.
+    cluster_key: Option<String>,
+}
+
+impl OneServer {
+    /// The first of `spec`'s servers, or the master of `key`'s slot on `spec`'s cluster.
+    pub fn new(spec: &EngineSpec, key: &str) -> redis::RedisResult<Self> {
+        let seeds = spec.urls.iter().map(|url| redis::Client::open(url.as_str())).collect::<Result<Vec<_>, _>>()?;
+        let seeds = if spec.cluster { seeds } else { seeds.into_iter().take(1).collect() };
+        Ok(Self { seeds, cluster_key: spec.cluster.then(|| key.to_string()) })
+    }
+
+    /// Through `seed`, the address of the master owning `key`'s slot.
+    fn owner(seed: &redis::Client, key: &str) -> redis::RedisResult<redis::Client> {
+        let mut conn = seed.dial()?;
+        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut conn)?;
+        let slots: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+        let owner = slots.iter().find_map(|range| {
+            let Value::Array(range) = range else { return None };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (range.first(), range.get(1), range.get(2))
+            else {
+                return None;
+            };
+            let (Some(host), Some(Value::Int(port))) = (master.first().and_then(text), master.get(1)) else {
+                return None;
+            };
+            (*start <= slot && slot <= *end).then(|| format!("redis://{host}:{port}"))
+        });
+        let owner =
+            owner.ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "no master owns the slot")))?;
+        redis::Client::open(owner.as_str())
+    }
+}
+
+impl Dial for OneServer {
+    type Link = redis::Connection;
+
+    fn dial(&self) -> redis::RedisResult<redis::Connection> {
+        let mut last = None;
+        for seed in &self.seeds {
+            let attempt = match &self.cluster_key {
+                Some(key) => Self::owner(seed, key).and_then(|owner| owner.dial()),
+                None => seed.dial(),
+            };
+            match attempt {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "no server"))))
+    }
+
+    fn write_all(conn: &mut redis::Connection, pipe: redis::Pipeline) -> redis::RedisResult<Vec<String>> {
+        redis::Client::write_all(conn, pipe)
+    }
+}
+
 /// The Redis engine before its threads start: the bus's submit function is made first,
 /// the threads need the finished bus.
 pub struct Redis {
@@ -400,7 +465,7 @@ pub enum ConnectError {
 /// How one thread connects to Redis: every connection has read and write timeouts
 /// ([`IO_TIMEOUT`]) and has answered a `PING`; failed attempts back off exponentially
 /// from 50 ms to 2 s; an outage is logged once, and each reconnection counted.
-pub struct Connector<D: Dial = redis::Client> {
+pub struct Connector<D: Dial = OneServer> {
     dial: D,
     /// The thread, for the log.
     name: &'static str,

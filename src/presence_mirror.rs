@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::core::Shared;
-use crate::engine::Connector;
+use crate::engine::{Connector, OneServer};
 use crate::mailbox::Control;
 use crate::presence::{Entry, Notice, Presence, Transport};
 
@@ -78,8 +78,9 @@ struct Batch {
 /// Where a node's presence lives.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `redis://host:port[/db]`.
-    pub url: String,
+    /// The engine's servers: presence lives on the first, or on a Redis Cluster with the
+    /// master of its hash tag's slot.
+    pub spec: crate::config::EngineSpec,
     /// Key prefix (the event stream's key).
     pub prefix: String,
     /// Entries of a node that stops renewing them are gone from every node within this.
@@ -87,8 +88,10 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// `{<prefix>}:presence:<node>`: the hash tag keeps every node's hash on one slot of
+    /// a Redis Cluster, where one `SCAN` sees them all.
     fn hash_of(&self, node: u64) -> String {
-        format!("{}:presence:{node:x}", self.prefix)
+        format!("{{{}}}:presence:{node:x}", self.prefix)
     }
 
     fn channel(&self) -> String {
@@ -103,7 +106,7 @@ impl Settings {
 
 /// Starts the writer and subscriber threads.
 pub fn start(settings: Settings, shared: Arc<Shared>) -> std::io::Result<()> {
-    let client = redis::Client::open(settings.url.as_str()).map_err(std::io::Error::other)?;
+    let client = OneServer::new(&settings.spec, &settings.hash_of(0)).map_err(std::io::Error::other)?;
     // Reconnections count with the engine's: the mirror's connections are the engine's too.
     let status = shared.engine.clone().unwrap_or_default();
     let mirror = Arc::new(Mirror::default());
@@ -319,7 +322,7 @@ impl Writer {
     /// Makes the mirror of other nodes what their hashes say.
     fn reconcile(&self, conn: &mut redis::Connection, node: u64) -> redis::RedisResult<()> {
         self.mirror.begin_reconcile();
-        let pattern = format!("{}:presence:*", self.settings.prefix);
+        let pattern = format!("{{{}}}:presence:*", self.settings.prefix);
         // SCAN, not KEYS: it does not hold Redis up while it walks the keyspace.
         let keys: Vec<String> = redis::Commands::scan_match::<_, String>(conn, &pattern)?.collect::<Result<_, _>>()?;
         let own = self.settings.hash_of(node);

@@ -96,10 +96,9 @@ impl Server {
         let status = engine.as_ref().map(|e| e.status.clone());
         let epoch = (std::time::Instant::now(), std::time::SystemTime::now());
         // Presence, webhooks' cluster view and server API actions go through one server:
-        // the first listed (not on a Redis Cluster this round: see docs/operations.md).
-        let mirror_url = config.engine_spec().ok().filter(|spec| !spec.cluster).map(|spec| spec.urls[0].clone());
-        let mirror = mirror_url.map(|url| crate::presence_mirror::Settings {
-            url,
+        // the first listed, or the master of their hash tag's slot on a Redis Cluster.
+        let mirror = config.engine_spec().ok().map(|spec| crate::presence_mirror::Settings {
+            spec,
             prefix: config.redis_stream.clone(),
             ttl: std::time::Duration::from_millis(config.presence_ttl_ms),
         });

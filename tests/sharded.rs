@@ -22,12 +22,18 @@ struct Node {
 }
 
 fn node(engine: &str, shards: u32) -> Node {
+    node_with(engine, shards, &[])
+}
+
+/// A node with extra `VOLLEY_*` settings.
+fn node_with(engine: &str, shards: u32, settings: &[(&str, &str)]) -> Node {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_volley"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--engine", engine])
         .env("VOLLEY_LOG_LEVEL", "error")
         .env("VOLLEY_ENGINE_SHARDS", shards.to_string())
         .env("VOLLEY_HTTP_REQUEST_TIMEOUT_MS", "2000")
+        .envs(settings.iter().copied())
         .spawn()
         .unwrap();
     let node = Node { port, _process: Proc(child) };
@@ -415,4 +421,33 @@ fn a_node_reads_only_the_shards_its_subscriptions_can_match() {
     assert!(recovered);
     let got = exactly(&mut ws, 3);
     assert!(got.iter().all(|(_, topic)| topic == "p1.y"), "{got:?}");
+}
+
+/// Presence through a Redis Cluster: a member on one node is listed on another, and a
+/// killed node's members are gone from the others within the TTL.
+#[test]
+fn presence_is_cluster_wide_on_a_redis_cluster() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let cluster = RedisCluster::start(3);
+    let ttl = [("VOLLEY_PRESENCE_TTL_MS", "2000")];
+    let a = node_with(&cluster.url(), 8, &ttl);
+    let mut b = Some(node_with(&cluster.url(), 8, &ttl));
+    let members = |port: u16| {
+        let stats: Value = serde_json::from_str(&get(port, "/presence/stats?topic=room.1")).unwrap();
+        stats["connections"].as_u64().unwrap()
+    };
+    let (_member, _) = subscribe_on(b.as_ref().unwrap().port, "room.1", None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members(a.port) != 1 {
+        assert!(Instant::now() < deadline, "the member on B is not listed on A");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b = None;
+    let killed_at = Instant::now();
+    while members(a.port) != 0 {
+        assert!(killed_at.elapsed() < Duration::from_secs(5), "B's member outlived it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.is_none());
+    println!("gone {:?} after the kill (TTL 2 s)", killed_at.elapsed());
 }

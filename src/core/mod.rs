@@ -99,6 +99,14 @@ pub struct Shared {
     pub interest: Option<Arc<crate::interest::Interest>>,
 }
 
+/// Where shard `shard`'s connection ids start: 16 bits of the node's random id, 8 of the
+/// shard, then a 40-bit count. Client ids (the hex of a connection id) name a connection
+/// across the cluster, where the server API acts on every node: without the node's bits
+/// every node's first connection would be client `1`.
+fn first_conn_id(node: u64, shard: usize) -> u64 {
+    ((node & 0xffff) << 48) | ((shard as u64 & 0xff) << 40)
+}
+
 /// Milliseconds since the Unix epoch of `wall`.
 fn wall_ms(wall: SystemTime) -> u64 {
     wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -343,6 +351,7 @@ pub enum AfterWrite {
 impl Core {
     /// The core of shard `id`.
     pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        let next_conn = first_conn_id(shared.node, id);
         let coalescing = Coalescing::new(
             Duration::from_millis(shared.config.write_coalescing_min_ms),
             Duration::from_millis(shared.config.write_coalescing_max_ms),
@@ -362,7 +371,7 @@ impl Core {
                 read_again: Vec::new(),
                 closed: Vec::new(),
                 changed: Vec::new(),
-                next_conn: (id as u64) << 48,
+                next_conn,
                 directory: api::Directory::default(),
                 new_writes_limit: NEW_WRITES_PER_TURN,
                 drain_deadline: None,
