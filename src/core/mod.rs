@@ -512,7 +512,10 @@ impl Core {
 
     /// When [`Self::handle_timeout`] wants to be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.ctx.timers.next(), self.ctx.drain_deadline, self.ctx.next_flush].into_iter().flatten().min()
+        [self.ctx.timers.next(), self.ctx.drain_deadline, self.ctx.next_flush, self.ctx.next_unpark()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs every deadline due at `now`, each once: a handler always moves its
@@ -522,6 +525,7 @@ impl Core {
             self.ctx.stopping = true;
             return;
         }
+        self.unpark_ready(now);
         let mut due = Vec::new();
         while let Some(key) = self.ctx.timers.pop_due(now) {
             due.push(key);
@@ -672,7 +676,16 @@ impl Core {
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), mio::Token(0))?;
         let inbox = crate::mailbox::Inbox::new(waker, config.shard_queue_capacity);
-        let bus = Bus::new(vec![inbox], config.retention(), config.max_message_bytes);
+        // A sharded engine's bus (fed by hand) when `engine` names several servers.
+        let bus = match config.engine_spec().map(|spec| spec.placement.shards()) {
+            Ok(shards) if shards > 1 => {
+                let submit: crate::bus::Submit = Box::new(|_, _| Err(crate::event::PublishError::EngineUnavailable));
+                let sequencer = crate::bus::Sequencer::Engine(submit);
+                Bus::with_sequencer(vec![inbox], config.retention(), config.max_message_bytes, sequencer)
+                    .with_engine_shards(shards)
+            }
+            _ => Bus::new(vec![inbox], config.retention(), config.max_message_bytes),
+        };
         let shared = Arc::new(Shared::new(config, Arc::new(bus), None, 1, epoch));
         Ok((Self::new(0, shared.clone()), shared, poll))
     }
@@ -719,13 +732,9 @@ impl Core {
         }
         while let Some(message) = inbox.control.pop() {
             match message {
-                Control::EngineShardLoaded => {
-                    for (parked, ready) in self.ctx.take_unparked(now) {
-                        let Core { conns, ctx } = self;
-                        let Some(conn) = ctx.reach(conns, parked.key, parked.conn_id) else { continue };
-                        ctx.unpark(parked.key, conn, parked.waiting, ready, now);
-                    }
-                }
+                // Looked at below, with every turn that has resumes waiting: a load told
+                // while this queue was full is not missed for long.
+                Control::EngineShardLoaded => {}
                 Control::PublishDone(ticket) => {
                     let ReplyTo { key, conn_id, .. } = ticket.reply_to;
                     let body = json!({"message_ids": ticket.ids, "delivered_to": ticket.delivered()});
@@ -765,6 +774,19 @@ impl Core {
                     self.backend_answered(pending, outcome, now);
                 }
             }
+        }
+        self.unpark_ready(now);
+    }
+
+    /// Resumes waiting for engine shards go on where the shards loaded or the wait ran out.
+    fn unpark_ready(&mut self, now: Instant) {
+        if self.ctx.parked.is_empty() {
+            return;
+        }
+        for (parked, ready) in self.ctx.take_unparked(now) {
+            let Core { conns, ctx } = self;
+            let Some(conn) = ctx.reach(conns, parked.key, parked.conn_id) else { continue };
+            ctx.unpark(parked.key, conn, parked.waiting, ready, now);
         }
     }
 

@@ -279,6 +279,11 @@ impl Ctx {
         }
     }
 
+    /// When the first parked resume stops waiting.
+    pub(super) fn next_unpark(&self) -> Option<Instant> {
+        self.parked.iter().map(|p| p.until).min()
+    }
+
     /// Resumes whose engine shards are loaded now (`true`) or that waited [`LOAD_WAIT`]
     /// (`false`) go on.
     pub(super) fn take_unparked(&mut self, now: Instant) -> Vec<(Parked, bool)> {

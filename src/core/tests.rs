@@ -1044,3 +1044,63 @@ fn check_resumers(
     }
     (exact, unrecovered)
 }
+
+/// Stream entries of topic `a` with ids `1-n` for `ns`.
+fn entries_of_a(ns: std::ops::RangeInclusive<u64>) -> Vec<crate::event::StreamEntry> {
+    let mut timestamp = String::new();
+    crate::protocol::push_timestamp(&mut timestamp, std::time::SystemTime::now());
+    let raw = serde_json::value::RawValue::from_string(r#"{"topic":"a","data":1}"#.into()).unwrap();
+    let request = crate::protocol::PublishRequest::from_json(&raw, "").unwrap();
+    ns.map(|n| crate::event::StreamEntry {
+        id: format!("1-{n}"),
+        key: (1, n),
+        timestamp: timestamp.clone(),
+        prepared: crate::event::Prepared::all(vec![request.clone()], 1024).unwrap().remove(0),
+    })
+    .collect()
+}
+
+/// With a sharded engine, a resume over a shard this node does not read waits for that
+/// shard's load, counting as interest meanwhile, and is acknowledged `recovered:true`
+/// with the replay once the load is done; one whose shard never loads gives up after
+/// three seconds (manual clock) with `recovered:false`.
+#[test]
+fn a_resume_over_a_shard_not_loaded_waits_for_its_load_or_gives_up() {
+    let mut h = Harness::new(|c| {
+        c.engine = "redis://127.0.0.1:1,redis://127.0.0.1:2".into();
+        c.engine_shards = 2;
+    });
+    let interest = h.shared.interest.clone().expect("sharded");
+    let placement = crate::placement::Placement::new(2, 1);
+    let shard = placement.shard_of("a");
+    let key = h.websocket("/ws");
+    let since = crate::positions::encode_own(shard, (1, 2));
+    let subscribe = format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{since}"}}}}"#);
+    h.input(key, &text(&subscribe));
+    assert!(h.frames(key).is_empty(), "no ack before the shard is loaded");
+    assert!(interest.wanted(shard), "the waiting resume starts the shard's reader");
+    h.advance(Duration::from_millis(100));
+    assert!(h.frames(key).is_empty());
+    h.shared.bus.start_shard(shard, None);
+    h.shared.bus.preload(shard, entries_of_a(1..=5), true);
+    h.turn();
+    let frames = read_all(&mut h, key);
+    let ack = frames.iter().map(Frame::json).find(|m| m["type"] == "ack").expect("acknowledged");
+    assert_eq!(ack["payload"]["recovered"], true, "{ack}");
+    assert_eq!(event_data(&frames).len(), 3, "events 3, 4 and 5 replayed");
+    assert!(interest.wanted(shard), "the subscription itself wants it now");
+
+    // The other shard never loads: after three seconds, live only.
+    let other = 1 - shard;
+    let topic = (0..100).map(|i| format!("t{i}")).find(|t| placement.shard_of(t) == other).unwrap();
+    let since = crate::positions::encode_own(other, (1, 1));
+    let subscribe = format!(r#"{{"type":"subscribe","payload":{{"topics":["{topic}"],"since":"{since}"}}}}"#);
+    h.input(key, &text(&subscribe));
+    assert!(h.frames(key).is_empty());
+    assert_eq!(h.core.poll_timeout(), Some(h.now + Duration::from_secs(3)), "the wait is a deadline");
+    h.advance(Duration::from_millis(2_999));
+    assert!(h.frames(key).is_empty());
+    h.advance(Duration::from_millis(1));
+    let ack = h.frames(key).iter().map(Frame::json).find(|m| m["type"] == "ack").expect("acknowledged");
+    assert_eq!(ack["payload"]["recovered"], false, "{ack}");
+}
