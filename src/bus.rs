@@ -173,8 +173,42 @@ impl Bus {
     pub fn start_shard(&self, shard: u32, live_from: Option<u64>) {
         if let Some(read) = self.lock().reads.get_mut(shard as usize) {
             read.included = true;
-            read.start_at = live_from.map_or((0, 0), |ms| (ms, 0));
+            // Just before: the entry at `(ms, 0)` itself is delivered live.
+            read.start_at = live_from.map_or((0, 0), |ms| crate::history::key_before((ms, 0)));
         }
+    }
+
+    /// A subscription here wants shard `shard` from wall-clock millisecond `from` on:
+    /// until its reader starts, ids name the shard there, not at the id's time (which
+    /// would claim events the subscription is still owed).
+    pub fn want_shard(&self, shard: u32, from: u64) {
+        if let Some(read) = self.lock().reads.get_mut(shard as usize).filter(|read| !read.included) {
+            read.included = true;
+            read.start_at = crate::history::key_before((from, 0));
+        }
+    }
+
+    /// Whether this node has read every one of `shards` up to `wanted` (a resume from a
+    /// node that was ahead waits for that, so the ids it is given here never fall behind
+    /// what it had).
+    pub fn reached(&self, shards: &[u32], wanted: &[OrderKey]) -> bool {
+        let ordered = self.lock();
+        shards.iter().all(|&shard| {
+            let (read, wanted) = (ordered.reads.get(shard as usize), wanted.get(shard as usize));
+            read.zip(wanted).is_none_or(|(read, wanted)| read.at >= *wanted)
+        })
+    }
+
+    /// The per-shard positions a sharded engine's id names (`None`: not such an id).
+    pub fn positions_of(&self, id: &str) -> Option<Vec<OrderKey>> {
+        let shards = self.engine_shards();
+        (shards > 0).then(|| positions::decode(id, shards as u32).map(|(_, at)| at)).flatten()
+    }
+
+    /// Positions before `floor` in shard `shard` cannot be resumed (its reader loaded a
+    /// stream that had lost what came before).
+    pub fn raise_floor(&self, shard: u32, floor: OrderKey) {
+        self.lock().history.raise_origin_floor(shard, floor);
     }
 
     /// Shard `shard`'s reader stopped (nothing here can match it any more): ids stop
@@ -271,8 +305,8 @@ impl Bus {
         let now = Instant::now();
         let wall_now = SystemTime::now();
         if let Some(first) = entries.first().filter(|_| !whole) {
-            // What came before the first entry loaded is gone: resumes from before it are
-            // refused.
+            // What came before the first entry loaded may be gone: resumes from before it
+            // are refused.
             ordered.history.raise_origin_floor(shard, first.key);
         }
         for entry in entries {
@@ -421,9 +455,21 @@ impl Bus {
         now: Instant,
         wall: SystemTime,
     ) -> Result<(After, Option<Cursor>), NotRecoverable> {
+        self.resume_over(since, None, now, wall)
+    }
+
+    /// [`Bus::resume`] for a subscription that can match only `over` of a sharded
+    /// engine's shards (`None`: any): only their floors can refuse it.
+    pub fn resume_over(
+        &self,
+        since: &str,
+        over: Option<&[u32]>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(After, Option<Cursor>), NotRecoverable> {
         let shards = self.engine_shards();
         if shards > 0 {
-            return self.resume_sharded(since, shards as u32, now, wall);
+            return self.resume_sharded(since, shards as u32, over, now, wall);
         }
         let key = self.parse_key(since).ok_or(NotRecoverable)?;
         let (snapshot, caught_up) = self.snapshot(now);
@@ -448,6 +494,7 @@ impl Bus {
         &self,
         since: &str,
         shards: u32,
+        over: Option<&[u32]>,
         now: Instant,
         wall: SystemTime,
     ) -> Result<(After, Option<Cursor>), NotRecoverable> {
@@ -459,11 +506,10 @@ impl Bus {
             // Shards not loaded are not this resume's (the core waits for the loads of the
             // shards a subscription can match before it resumes).
             let floors = ordered.history.origin_floors();
-            let lost = wanted
-                .iter()
-                .zip(floors)
-                .zip(&ordered.reads)
-                .any(|((at, floor), read)| read.loaded && floor.is_some_and(|floor| *at < floor));
+            let matters = |shard: usize| over.is_none_or(|over| over.contains(&(shard as u32)));
+            let lost = wanted.iter().zip(floors).zip(&ordered.reads).enumerate().any(|(shard, ((at, floor), read))| {
+                matters(shard) && read.loaded && floor.is_some_and(|floor| *at < floor)
+            });
             if lost {
                 return Err(NotRecoverable);
             }

@@ -872,8 +872,10 @@ impl<D: Dial> Reader<D> {
                 }
             }
             if let Some(interest) = &self.interest {
-                interest.stop(shard);
+                // Unloaded first: a subscription made between the two finds the shard not
+                // named by ids and names it from its own moment (`Bus::want_shard`).
                 self.bus.unload(shard);
+                interest.stop(shard);
             }
         }
     }
@@ -973,11 +975,16 @@ impl<D: Dial> Reader<D> {
         } else if last.is_none() {
             *last = Some("0-0".to_string());
         }
+        if let (None, false, Some(oldest)) = (read, whole, entries.first()) {
+            // Never read here and trimmed: nothing before its oldest entry can be resumed
+            // (whether that entry is loaded into the history or delivered).
+            self.bus.raise_floor(shard, oldest.key);
+        }
         let live = live_from.map_or(entries.len(), |ms| entries.partition_point(|e| e.key < (ms, 0)));
         let delivered = entries.split_off(live);
         self.status.ingested.fetch_add(entries.len() as u64, Ordering::Relaxed);
-        // Read before: the history holds it from there on (or from the gap just marked).
-        self.bus.preload(shard, entries, whole || read.is_some());
+        // The floor is set above (or by the gap just marked).
+        self.bus.preload(shard, entries, true);
         self.ingest(delivered);
         Ok(())
     }

@@ -110,6 +110,9 @@ impl Interest {
 
     /// The reader of `shard` stopped: subscriptions from now on ask again.
     pub fn stop(&self, shard: u32) {
+        // An ask that raced with the start (made after it took the asks) was covered by
+        // that reading: forget it, or the next start would deliver from then.
+        self.wanted_from[shard as usize].store(u64::MAX, Ordering::SeqCst);
         self.reading[shard as usize].store(false, Ordering::SeqCst);
     }
 }

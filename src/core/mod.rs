@@ -1073,7 +1073,12 @@ impl Ctx {
     fn index_pattern(&mut self, pattern: &Pattern, sub: SubRef, now: Instant) {
         self.index.insert(pattern, sub);
         if let Some(interest) = &self.shared.interest {
-            interest.add(pattern, wall_ms(self.shared.wall(now)));
+            let wall = wall_ms(self.shared.wall(now));
+            interest.add(pattern, wall);
+            let from = wall.saturating_sub(crate::interest::SKEW_ALLOWANCE_MS);
+            for shard in interest.shards_of([pattern]) {
+                self.shared.bus.want_shard(shard, from);
+            }
         }
     }
 

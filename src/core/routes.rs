@@ -459,12 +459,16 @@ impl Ctx {
     pub(super) fn history(&self, query: &HistoryQuery, now: Instant) -> String {
         let filter = Filter::new(query.topics.clone(), query.sources.clone(), query.correlation_id.clone());
         let bus = &self.shared.bus;
-        let (events, recovered) = match query.since.as_deref() {
-            None => (bus.newest(query.limit, now, |e| filter.accepts(e)), true),
-            Some(since) => match bus.replay(since, query.limit, now, self.shared.wall(now), |e| filter.accepts(e)) {
-                Ok(events) => (events, true),
-                Err(NotRecoverable) => (bus.newest(query.limit, now, |e| filter.accepts(e)), false),
-            },
+        // A sharded engine's shards this node does not read are not in its history: a
+        // query from a position over them cannot be answered whole.
+        let unread = query.since.is_some() && self.shards_to_load(&filter.patterns).is_some();
+        let replayed = match query.since.as_deref() {
+            Some(since) if !unread => bus.replay(since, query.limit, now, self.shared.wall(now), |e| filter.accepts(e)),
+            _ => Err(NotRecoverable),
+        };
+        let (events, recovered) = match replayed {
+            Ok(events) => (events, true),
+            Err(NotRecoverable) => (bus.newest(query.limit, now, |e| filter.accepts(e)), query.since.is_none()),
         };
         let mut out = String::from("{\"events\":[");
         for (i, event) in events.iter().enumerate() {
@@ -568,9 +572,9 @@ impl Ctx {
         let since = sse::resume_from(request.last_event_id.as_deref(), query.since.as_deref());
         if since.is_some()
             && shards_ready.is_none()
-            && let Some(shards) = self.shards_to_load(&filter.patterns)
+            && let Some(shards) = self.resume_waits_for(&filter.patterns, since.as_deref())
         {
-            let waiting = super::session::Waiting::Sse { grant };
+            let waiting = super::session::Waiting::Sse { grant, since: since.clone() };
             return match self.park(key, conn.id, filter.patterns, shards, waiting, now) {
                 Ok(()) => {
                     if let State::Http(http) = &mut conn.state {
@@ -584,7 +588,7 @@ impl Ctx {
         }
         let (recovered, after, replay) = match shards_ready {
             Some(false) => (false, crate::event::After::START, None),
-            _ => self.resume(since.as_deref(), now),
+            _ => self.resume(since.as_deref(), &filter.patterns, now),
         };
         let head = sse::stream_head(self.allow_origin(request), self.config().reconnect_delay_ms, recovered);
         self.send(key, conn, head, now);

@@ -30,6 +30,10 @@ use crate::ws::{Close, Ended, Received};
 /// on with `recovered:false`.
 const LOAD_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a resume from a node that was ahead waits for this one to read as far (nodes
+/// follow the same streams, so they lag each other by milliseconds).
+const AHEAD_WAIT: Duration = Duration::from_millis(250);
+
 /// Resumes one connection may have waiting for engine shards at once.
 const PARKED_PER_CONNECTION: usize = 16;
 
@@ -42,7 +46,12 @@ pub(super) struct Parked {
     /// Counted in the node's interest while it waits.
     patterns: Vec<Pattern>,
     shards: Vec<u32>,
+    /// The positions its `since` names, per shard.
+    wanted: Option<Vec<crate::event::OrderKey>>,
+    /// It goes on by then whatever happens (`recovered:false` if not loaded).
     until: Instant,
+    /// Loaded but not read as far as `wanted`: it goes on by then. `None` once passed.
+    behind_until: Option<Instant>,
 }
 
 /// What a parked resume goes on with.
@@ -51,7 +60,7 @@ pub(super) enum Waiting {
     /// A WebSocket `subscribe`.
     Subscribe { correlation: Option<String>, args: protocol::SubscribeArgs },
     /// An SSE stream (its request is the connection's waiting request).
-    Sse { grant: Grant },
+    Sse { grant: Grant, since: Option<String> },
 }
 
 impl Ctx {
@@ -215,7 +224,7 @@ impl Ctx {
     ) {
         if args.since.is_some() {
             let patterns = if args.topics.is_empty() { vec![Pattern::everything()] } else { args.topics.clone() };
-            if let Some(shards) = self.shards_to_load(&patterns) {
+            if let Some(shards) = self.resume_waits_for(&patterns, args.since.as_deref()) {
                 let waiting = Waiting::Subscribe { correlation: correlation.map(str::to_string), args };
                 if let Err(rejection) = self.park(key, conn.id, patterns, shards, waiting, now) {
                     self.send_error(key, conn, correlation, &rejection, now);
@@ -231,6 +240,18 @@ impl Ctx {
     pub(super) fn shards_to_load(&self, patterns: &[Pattern]) -> Option<Vec<u32>> {
         let shards = self.shared.interest.as_ref()?.shards_of(patterns);
         shards.iter().any(|&shard| !self.shared.bus.loaded(shard)).then_some(shards)
+    }
+
+    /// With a sharded engine, the shards `patterns` can match when a resume from `since`
+    /// must wait: some are not loaded, or this node has not yet read them as far as
+    /// `since` says (a client moving from a node that was ahead: the ids it would be
+    /// given meanwhile would name positions behind what it has).
+    pub(super) fn resume_waits_for(&self, patterns: &[Pattern], since: Option<&str>) -> Option<Vec<u32>> {
+        let shards = self.shared.interest.as_ref()?.shards_of(patterns);
+        let bus = &self.shared.bus;
+        let loaded = shards.iter().all(|&shard| bus.loaded(shard));
+        let reached = since.and_then(|since| bus.positions_of(since)).is_none_or(|at| bus.reached(&shards, &at));
+        (!loaded || !reached).then_some(shards)
     }
 
     /// Makes `waiting` wait for `shards` to load, counting `patterns` as interest (which
@@ -256,7 +277,14 @@ impl Ctx {
         }
         // Within the request timeout, so an SSE request waiting is not answered 504.
         let wait = LOAD_WAIT.min(Duration::from_millis(self.config().http_request_timeout_ms) / 2);
-        self.parked.push(Parked { key, conn_id, waiting, patterns, shards, until: now + wait });
+        let since = match &waiting {
+            Waiting::Subscribe { args, .. } => args.since.as_deref(),
+            Waiting::Sse { since, .. } => since.as_deref(),
+        };
+        let wanted = since.and_then(|since| self.shared.bus.positions_of(since));
+        let until = now + wait;
+        let behind_until = Some(now + AHEAD_WAIT);
+        self.parked.push(Parked { key, conn_id, waiting, patterns, shards, wanted, until, behind_until });
         Ok(())
     }
 
@@ -266,7 +294,7 @@ impl Ctx {
             Waiting::Subscribe { correlation, args } => {
                 self.subscribe_now(key, conn, correlation.as_deref(), args, ready, now);
             }
-            Waiting::Sse { grant } => {
+            Waiting::Sse { grant, .. } => {
                 if conn.closing.is_some() {
                     return;
                 }
@@ -281,16 +309,24 @@ impl Ctx {
 
     /// When the first parked resume stops waiting.
     pub(super) fn next_unpark(&self) -> Option<Instant> {
-        self.parked.iter().map(|p| p.until).min()
+        self.parked.iter().map(|p| p.behind_until.unwrap_or(p.until)).min()
     }
 
     /// Resumes whose engine shards are loaded now (`true`) or that waited [`LOAD_WAIT`]
     /// (`false`) go on.
     pub(super) fn take_unparked(&mut self, now: Instant) -> Vec<(Parked, bool)> {
         let mut going = Vec::new();
-        for parked in std::mem::take(&mut self.parked) {
-            let loaded = parked.shards.iter().all(|&shard| self.shared.bus.loaded(shard));
-            if loaded || now >= parked.until {
+        for mut parked in std::mem::take(&mut self.parked) {
+            let bus = &self.shared.bus;
+            let loaded = parked.shards.iter().all(|&shard| bus.loaded(shard));
+            let reached = parked.wanted.as_ref().is_none_or(|wanted| bus.reached(&parked.shards, wanted));
+            // Behind for longer than a node lags another: go on, live delivery skips up to
+            // the wanted positions (`event::After`).
+            if parked.behind_until.is_some_and(|at| now >= at) {
+                parked.behind_until = None;
+            }
+            let behind_waited = parked.behind_until.is_none();
+            if (loaded && (reached || behind_waited)) || now >= parked.until {
                 if let Some(interest) = &self.shared.interest {
                     parked.patterns.iter().for_each(|pattern| interest.remove(pattern));
                 }
@@ -338,7 +374,7 @@ impl Ctx {
         let since = args.since.as_deref().filter(|_| shards_ready);
         let (recovered, after, replay) = match (args.since.is_some(), since) {
             (true, None) => (false, After::START, None),
-            _ => self.resume(since, now),
+            _ => self.resume(since, &filter.patterns, now),
         };
         let sub = Subscription {
             key: sub_key,
@@ -383,9 +419,15 @@ impl Ctx {
     /// For a subscription resuming after `since`: whether it can, the order key live
     /// events must pass, and a cursor over the retained events to replay first (everything
     /// the log holds after `since`; live delivery takes over after the last of them).
-    pub(super) fn resume(&self, since: Option<&str>, now: Instant) -> (bool, After, Option<Cursor>) {
+    pub(super) fn resume(
+        &self,
+        since: Option<&str>,
+        patterns: &[Pattern],
+        now: Instant,
+    ) -> (bool, After, Option<Cursor>) {
         let Some(since) = since else { return (true, After::START, None) };
-        match self.shared.bus.resume(since, now, self.shared.wall(now)) {
+        let over = self.shared.interest.as_ref().map(|interest| interest.shards_of(patterns));
+        match self.shared.bus.resume_over(since, over.as_deref(), now, self.shared.wall(now)) {
             Ok((after, cursor)) => (true, after, cursor),
             Err(NotRecoverable) => (false, After::START, None),
         }

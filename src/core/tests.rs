@@ -1097,10 +1097,45 @@ fn a_resume_over_a_shard_not_loaded_waits_for_its_load_or_gives_up() {
     let subscribe = format!(r#"{{"type":"subscribe","payload":{{"topics":["{topic}"],"since":"{since}"}}}}"#);
     h.input(key, &text(&subscribe));
     assert!(h.frames(key).is_empty());
-    assert_eq!(h.core.poll_timeout(), Some(h.now + Duration::from_secs(3)), "the wait is a deadline");
-    h.advance(Duration::from_millis(2_999));
+    let parked_at = h.now;
+    assert_eq!(h.core.poll_timeout(), Some(parked_at + Duration::from_millis(250)), "waiting has deadlines");
+    h.advance(Duration::from_millis(250));
+    assert_eq!(h.core.poll_timeout(), Some(parked_at + Duration::from_secs(3)), "not loaded: the long one");
+    h.advance(Duration::from_millis(2_749));
     assert!(h.frames(key).is_empty());
     h.advance(Duration::from_millis(1));
     let ack = h.frames(key).iter().map(Frame::json).find(|m| m["type"] == "ack").expect("acknowledged");
     assert_eq!(ack["payload"]["recovered"], false, "{ack}");
+}
+
+/// A resume from a node that was ahead waits (briefly) until this node has read as far,
+/// so nothing it already had comes again and the ids it is given never fall behind.
+#[test]
+fn a_resume_from_a_node_ahead_waits_until_this_one_has_read_as_far() {
+    let mut h = Harness::new(|c| {
+        c.engine = "redis://127.0.0.1:1,redis://127.0.0.1:2".into();
+        c.engine_shards = 2;
+    });
+    let shard = crate::placement::Placement::new(2, 1).shard_of("a");
+    h.shared.bus.start_shard(shard, None);
+    h.shared.bus.preload(shard, entries_of_a(1..=5), true);
+    h.turn();
+    let key = h.websocket("/ws");
+    let since = crate::positions::encode_own(shard, (1, 8));
+    h.input(key, &text(&format!(r#"{{"type":"subscribe","payload":{{"topics":["a"],"since":"{since}"}}}}"#)));
+    assert!(h.frames(key).is_empty(), "this node has read 1-5 only");
+    h.shared.bus.ingest(shard, entries_of_a(6..=9), |_| None);
+    h.turn();
+    let frames = read_all(&mut h, key);
+    let ack = frames.iter().map(Frame::json).find(|m| m["type"] == "ack").expect("acknowledged");
+    assert_eq!(ack["payload"]["recovered"], true, "{ack}");
+    let ids: Vec<String> = frames
+        .iter()
+        .map(Frame::json)
+        .filter(|m| m["type"] == "event")
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "only 1-9: it had 6, 7 and 8 ({ids:?})");
+    let (_, at) = crate::positions::decode(&ids[0], 2).unwrap();
+    assert_eq!(at[shard as usize], (1, 9));
 }
