@@ -2,28 +2,32 @@
 //!
 //! Owns loading `tls_cert`/`tls_key` into a rustls `ServerConfig` ([`Certificates`]: TLS
 //! 1.3 and 1.2, ALPN `http/1.1`, swapped whole on reload so new handshakes use the new pair
-//! and established connections keep theirs), and [`TlsStream`]: a socket with its
-//! `rustls::ServerConnection`, driven without a runtime: records read from the socket
-//! (`read_tls`, `process_new_packets`) become plaintext for the connection core, and what
-//! the core writes is encrypted straight from its slices (the shared event bytes) into
-//! records and pushed to the socket (`write_tls`). rustls' own buffers are capped
-//! ([`BUFFER_LIMIT`]): when they are full the writer says `WouldBlock`, so the core's
-//! outbound queue, with its bound, stays the only queue. It does not know HTTP, WebSocket
-//! or the core's connections; the shard owns the sockets and calls it.
+//! and established connections keep theirs), and [`TlsStream`]: a socket with its rustls
+//! session, driven without a runtime through rustls' unbuffered API. Records read from
+//! the socket into the shard's scratch become plaintext for the connection core; what the
+//! core writes is gathered from its slices (the shared event bytes), sealed into records in
+//! the shard's scratch and written to the socket at once. A connection keeps a buffer of
+//! its own only for what is unfinished (a record in part, records the socket did not take),
+//! so an idle TLS connection holds none; the writer says `WouldBlock` while records wait,
+//! so the core's outbound queue, with its bound, stays the only queue. It does not know
+//! HTTP, WebSocket or the core's connections; the shard owns the sockets and calls it.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use mio::net::TcpStream;
 use rustls::ServerConfig;
-use rustls::server::ServerConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, UnbufferedStatus, WriteTraffic,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Bytes rustls may hold per connection, plaintext waiting for the handshake and records
-/// waiting for the socket each: past it the writer reports `WouldBlock` and the bytes wait
-/// in the core's bounded queue instead.
+/// Plaintext the core may write before the handshake ends (a refusal answered at accept):
+/// past it the writer reports `WouldBlock` and the bytes wait in the core's bounded queue.
 pub const BUFFER_LIMIT: usize = 32 * 1024;
 
 /// Why the certificate pair could not be used.
@@ -163,24 +167,78 @@ pub enum Broken {
     Later,
 }
 
+/// The largest TLS record on the wire (16 KiB of plaintext, its header, tag and padding):
+/// a read asks the socket for at least this much so a record never waits for a second read.
+const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
+
+/// Plaintext encrypted per write: two full records, one `write` to the socket.
+const PLAINTEXT_PER_WRITE: usize = 32 * 1024;
+
+/// A TLS connection's bytes live in the shard's thread while it reads or writes, not in
+/// the connection: an idle connection keeps no buffer at all (rustls' buffered API keeps a
+/// 4 KiB read buffer per connection, however idle).
+#[derive(Default)]
+struct Scratch {
+    /// Records as they arrive, before decryption.
+    wire: Vec<u8>,
+    /// Plaintext gathered from the core's slices.
+    plain: Vec<u8>,
+    /// Records sealed from it, on their way to the socket.
+    sealed: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
 /// A socket speaking TLS (a mio `TcpStream` on the shards; any byte stream in the fuzzer).
+///
+/// Built on rustls' unbuffered API: the session only decides, the bytes are ours. Between
+/// calls a connection keeps only what could not be finished: a record that arrived in
+/// part (`incoming`), records the socket did not take (`outgoing`, at most one write's
+/// worth: the writer says `WouldBlock` until it is gone), plaintext that did not fit the
+/// reader's buffer (`received`, at most one read's worth), and what the core wrote before
+/// the handshake finished (`early`, at most [`BUFFER_LIMIT`]). Each is freed once empty.
 pub struct TlsStream<S = TcpStream> {
     socket: S,
-    session: ServerConnection,
+    session: UnbufferedServerConnection,
+    incoming: Vec<u8>,
+    outgoing: Vec<u8>,
+    received: Vec<u8>,
+    early: Vec<u8>,
+    established: bool,
+    peer_closed: bool,
+    close_queued: bool,
 }
 
 impl<S> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("handshaking", &self.session.is_handshaking()).finish()
+        f.debug_struct("TlsStream").field("established", &self.established).finish()
     }
+}
+
+/// What the session asked for once it had processed every whole record it was given.
+enum Settled {
+    /// More bytes from the peer (a record in part, or the handshake's next flight).
+    NeedBytes,
+    /// The peer sent close_notify: nothing more will come.
+    PeerClosed,
 }
 
 impl<S: Read + Write> TlsStream<S> {
     /// Starts the server side of a handshake on `socket`.
     pub fn accept(socket: S, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
-        let mut session = ServerConnection::new(config)?;
-        session.set_buffer_limit(Some(BUFFER_LIMIT));
-        Ok(Self { socket, session })
+        Ok(Self {
+            socket,
+            session: UnbufferedServerConnection::new(config)?,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            received: Vec::new(),
+            early: Vec::new(),
+            established: false,
+            peer_closed: false,
+            close_queued: false,
+        })
     }
 
     /// The socket (to register it, or shut it).
@@ -191,38 +249,133 @@ impl<S: Read + Write> TlsStream<S> {
     /// Reads plaintext into `buf`, reading and decrypting records from the socket as
     /// needed and sending what the handshake answers.
     pub fn read(&mut self, buf: &mut [u8]) -> Result<Input, Broken> {
-        loop {
-            match self.session.reader().read(buf) {
-                Ok(0) if !buf.is_empty() => return Ok(Input::Eof),
-                Ok(n) => return Ok(Input::Data(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Ok(Input::Eof),
-            }
-            match self.session.read_tls(&mut self.socket) {
-                Ok(0) => return Ok(Input::Eof),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Input::WouldBlock),
+        if !self.received.is_empty() {
+            let n = buf.len().min(self.received.len());
+            buf[..n].copy_from_slice(&self.received[..n]);
+            self.received.drain(..n);
+            release_if_empty(&mut self.received);
+            return Ok(Input::Data(n));
+        }
+        if self.peer_closed {
+            return Ok(Input::Eof);
+        }
+        SCRATCH.with_borrow_mut(|scratch| self.read_through(&mut scratch.wire, buf))
+    }
+
+    fn read_through(&mut self, wire: &mut Vec<u8>, buf: &mut [u8]) -> Result<Input, Broken> {
+        wire.clear();
+        wire.extend_from_slice(&self.incoming);
+        self.incoming = Vec::new();
+        let mut produced = 0;
+        let input = loop {
+            // At most what the reader asked for, or one whole record: `received` never
+            // holds more than one read's worth.
+            let filled = wire.len();
+            wire.resize(filled + buf.len().max(MAX_RECORD), 0);
+            let read = self.socket.read(&mut wire[filled..]);
+            wire.truncate(filled + *read.as_ref().unwrap_or(&0));
+            let eof = match read {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Input::WouldBlock,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(self.broken(None)),
+            };
+            let (consumed, settled) = self.process(wire, buf, &mut produced)?;
+            wire.drain(..consumed);
+            if matches!(settled, Settled::PeerClosed) || eof {
+                break Input::Eof;
             }
-            if let Err(error) = self.session.process_new_packets() {
-                // The alert rustls queued tells the client why, if the socket takes it.
-                let _ = self.flush();
-                return Err(self.broken(Some(&error)));
+            if produced > 0 {
+                break Input::Data(produced);
             }
-            // Handshake answers (ServerHello, tickets) go out as soon as they exist.
-            if let Err(e) = self.flush()
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                return Err(self.broken(None));
+        };
+        self.incoming.extend_from_slice(wire);
+        if input == Input::Eof {
+            self.peer_closed = true;
+        }
+        // Plaintext that arrived with the end is handed over first; the next read says Eof.
+        Ok(if produced > 0 { Input::Data(produced) } else { input })
+    }
+
+    /// Lets the session process every whole record in `records`: plaintext into `buf`
+    /// (past `produced`; what does not fit into `received`), handshake flights out.
+    /// Returns how many bytes of `records` are done with.
+    fn process(
+        &mut self,
+        records: &mut [u8],
+        buf: &mut [u8],
+        produced: &mut usize,
+    ) -> Result<(usize, Settled), Broken> {
+        let mut consumed = 0;
+        loop {
+            let UnbufferedStatus { discard, state } = self.session.process_tls_records(&mut records[consumed..]);
+            consumed += discard;
+            match state {
+                Err(error) => {
+                    // The alert rustls queued tells the client why, if the socket takes it.
+                    self.send_alert();
+                    return Err(self.broken(Some(&error)));
+                }
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(|_| Broken::Later)?;
+                        consumed += record.discard;
+                        let n = (buf.len() - *produced).min(record.payload.len());
+                        buf[*produced..*produced + n].copy_from_slice(&record.payload[..n]);
+                        *produced += n;
+                        self.received.extend_from_slice(&record.payload[n..]);
+                    }
+                }
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    if encode_into(&mut encode, &mut self.outgoing).is_err() {
+                        return Err(self.broken(None));
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    // Handshake answers (ServerHello, tickets) go out as soon as they
+                    // exist; what the socket does not take waits in `outgoing`, in order.
+                    match send(&mut self.socket, &mut self.outgoing) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(self.broken(None)),
+                    }
+                    transmit.done();
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    if !self.established {
+                        self.established = true;
+                        let early = std::mem::take(&mut self.early);
+                        if seal(&mut traffic, &early, &mut self.outgoing).is_err() {
+                            return Err(Broken::Later);
+                        }
+                    }
+                    return Ok((consumed, Settled::NeedBytes));
+                }
+                Ok(ConnectionState::BlockedHandshake) => return Ok((consumed, Settled::NeedBytes)),
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                    return Ok((consumed, Settled::PeerClosed));
+                }
+                // Early data is never enabled in the server configuration.
+                Ok(_) => return Err(self.broken(None)),
             }
+        }
+    }
+
+    /// After a session error: the alert it queued, if any, best effort.
+    fn send_alert(&mut self) {
+        let UnbufferedStatus { state, .. } = self.session.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state
+            && encode_into(&mut encode, &mut self.outgoing).is_ok()
+        {
+            let _ = send(&mut self.socket, &mut self.outgoing);
         }
     }
 
     fn broken(&self, error: Option<&rustls::Error>) -> Broken {
         match error {
-            Some(error) if self.session.is_handshaking() => Broken::Handshake(HandshakeFailure::of(error)),
-            None if self.session.is_handshaking() => Broken::Handshake(HandshakeFailure::Other),
+            Some(error) if !self.established => Broken::Handshake(HandshakeFailure::of(error)),
+            None if !self.established => Broken::Handshake(HandshakeFailure::Other),
             _ => Broken::Later,
         }
     }
@@ -230,21 +383,57 @@ impl<S: Read + Write> TlsStream<S> {
     /// Pushes pending records to the socket: `Ok` once none are left, `WouldBlock` when
     /// the socket is full.
     pub fn flush(&mut self) -> io::Result<()> {
-        while self.session.wants_write() {
-            match self.session.write_tls(&mut self.socket) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        send(&mut self.socket, &mut self.outgoing)
     }
 
     /// Queues close_notify and pushes it with what is pending; true when all of it left.
     pub fn close(&mut self) -> bool {
-        self.session.send_close_notify();
+        if self.established && !self.close_queued {
+            self.close_queued = true;
+            let queued = self.with_traffic(|traffic, outgoing| {
+                append(outgoing, |out| traffic.queue_close_notify(out).map_err(EncryptError::required_size))
+            });
+            if !matches!(queued, Ok(Ok(()))) {
+                return false;
+            }
+        }
         self.flush().is_ok()
+    }
+
+    /// Runs `f` with the session in its traffic state: past the handshake, every whole
+    /// record already read (`incoming` holds at most part of one), so the session only
+    /// has its own messages (tickets, a key update) to send first.
+    fn with_traffic<T>(
+        &mut self,
+        mut f: impl FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> T,
+    ) -> io::Result<T> {
+        loop {
+            let UnbufferedStatus { discard, state } = self.session.process_tls_records(&mut self.incoming);
+            let result = match state {
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => Some(Ok(f(&mut traffic, &mut self.outgoing))),
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_into(&mut encode, &mut self.outgoing)
+                    .map_err(|()| io::Error::other("TLS record not encoded"))
+                    .err()
+                    .map(Err),
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    // Ordered behind what `outgoing` holds; the socket takes it later.
+                    transmit.done();
+                    None
+                }
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    while let Some(Ok(record)) = traffic.next_record() {
+                        self.received.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                Ok(_) => Some(Err(io::ErrorKind::WouldBlock.into())),
+                Err(e) => Some(Err(io::Error::other(e))),
+            };
+            self.incoming.drain(..discard);
+            if let Some(result) = result {
+                return result;
+            }
+        }
     }
 
     /// The plaintext side, for the core to write into.
@@ -254,12 +443,102 @@ impl<S: Read + Write> TlsStream<S> {
 
     /// Whether the handshake is still going on.
     pub fn is_handshaking(&self) -> bool {
-        self.session.is_handshaking()
+        !self.established
+    }
+
+    /// Bytes this connection holds in buffers of its own (0 when idle).
+    pub fn buffered_bytes(&self) -> usize {
+        [&self.incoming, &self.outgoing, &self.received, &self.early].iter().map(|b| b.capacity()).sum()
     }
 }
 
-/// Writes plaintext into a [`TlsStream`]: encrypted into records at once (once the
-/// handshake is done), records pushed to the socket when rustls' buffer fills.
+/// Writes what `outgoing` holds to `socket`, dropping its allocation once it is empty.
+fn send(socket: &mut impl Write, outgoing: &mut Vec<u8>) -> io::Result<()> {
+    let mut sent = 0;
+    let result = loop {
+        if sent == outgoing.len() {
+            break Ok(());
+        }
+        match socket.write(&outgoing[sent..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    outgoing.drain(..sent);
+    release_if_empty(outgoing);
+    result
+}
+
+fn release_if_empty(buffer: &mut Vec<u8>) {
+    if buffer.is_empty() {
+        *buffer = Vec::new();
+    }
+}
+
+/// Appends to `out` what `write` puts into room after its end, growing the room to the
+/// size rustls asks for (`Err(Some(size))`); `Err(None)` is any other failure.
+fn append(out: &mut Vec<u8>, mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>) -> Result<(), ()> {
+    let len = out.len();
+    let mut room = 1024;
+    loop {
+        out.resize(len + room, 0);
+        match write(&mut out[len..]) {
+            Ok(n) => {
+                out.truncate(len + n);
+                return Ok(());
+            }
+            Err(Some(required)) if required > room => room = required,
+            Err(_) => {
+                out.truncate(len);
+                release_if_empty(out);
+                return Err(());
+            }
+        }
+    }
+}
+
+/// Appends the handshake record rustls has ready to `out`.
+fn encode_into(encode: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) -> Result<(), ()> {
+    append(out, |room| encode.encode(room).map_err(EncodeError::required_size))
+}
+
+/// Encrypts `plain` into records appended to `out`.
+fn seal(traffic: &mut WriteTraffic<'_, ServerConnectionData>, plain: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+    if plain.is_empty() {
+        return Ok(());
+    }
+    append(out, |room| traffic.encrypt(plain, room).map_err(EncryptError::required_size))
+}
+
+/// The buffer size rustls asked for, when that is what went wrong.
+trait RequiredSize {
+    fn required_size(self) -> Option<usize>;
+}
+
+impl RequiredSize for EncodeError {
+    fn required_size(self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
+            _ => None,
+        }
+    }
+}
+
+impl RequiredSize for EncryptError {
+    fn required_size(self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
+            _ => None,
+        }
+    }
+}
+
+/// Writes plaintext into a [`TlsStream`]: the core's slices gathered (up to
+/// [`PLAINTEXT_PER_WRITE`]), sealed into records in the shard's scratch and written to
+/// the socket at once; only what the socket does not take is kept, and until it has gone
+/// the writer says `WouldBlock`, so the core's bounded queue stays the only queue.
 pub struct Plaintext<'a, S = TcpStream> {
     tls: &'a mut TlsStream<S>,
 }
@@ -273,20 +552,280 @@ impl<S: Read + Write> Write for Plaintext<'_, S> {
         if bufs.iter().all(|b| b.is_empty()) {
             return Ok(0);
         }
-        loop {
-            let n = self.tls.session.writer().write_vectored(bufs)?;
-            if n > 0 {
-                return Ok(n);
-            }
-            // rustls is at its limit: only the socket taking records makes room.
-            if !self.tls.session.wants_write() {
+        let tls = &mut *self.tls;
+        tls.flush()?;
+        if !tls.established {
+            // Held until the handshake ends (a refusal answered at accept, say).
+            let room = BUFFER_LIMIT.saturating_sub(tls.early.len());
+            if room == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            self.tls.flush()?;
+            return Ok(gather(bufs, &mut tls.early, room));
         }
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch { plain, sealed, .. } = scratch;
+            plain.clear();
+            let taken = gather(bufs, plain, PLAINTEXT_PER_WRITE);
+            sealed.clear();
+            match tls.with_traffic(|traffic, _| seal(traffic, plain, sealed)) {
+                Ok(Ok(())) => {}
+                Ok(Err(())) => return Err(io::Error::other("TLS record not sealed")),
+                Err(e) => return Err(e),
+            }
+            if !tls.outgoing.is_empty() {
+                // The session's own records (a ticket, a key update) went first.
+                tls.outgoing.extend_from_slice(sealed);
+                return match send(&mut tls.socket, &mut tls.outgoing) {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                    _ => Ok(taken),
+                };
+            }
+            // Straight to the socket; only the part it does not take is kept.
+            let written = match tls.socket.write(sealed) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+            tls.outgoing.extend_from_slice(&sealed[written..]);
+            Ok(taken)
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.tls.flush()
+    }
+}
+
+/// Copies the slices, in order, into `into` up to `limit` bytes; returns how many.
+fn gather(bufs: &[IoSlice<'_>], into: &mut Vec<u8>, limit: usize) -> usize {
+    let mut taken = 0;
+    for buf in bufs {
+        let n = buf.len().min(limit - taken);
+        into.extend_from_slice(&buf[..n]);
+        taken += n;
+        if taken == limit {
+            break;
+        }
+    }
+    taken
+}
+
+#[cfg(test)]
+mod tests {
+    //! A [`TlsStream`] against a real rustls client over an in-memory socket that takes
+    //! and gives bytes in small pieces and fills up: every byte arrives once and in order,
+    //! both ways and across record sizes, and an idle connection keeps no buffer.
+
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::bench::Pki;
+
+    /// Both directions of one loopback socket; the server's side takes at most `room`
+    /// bytes in flight to the client and reads at most `chunk` at a time.
+    #[derive(Default)]
+    struct Wire {
+        to_server: VecDeque<u8>,
+        to_client: VecDeque<u8>,
+        chunk: usize,
+        room: usize,
+    }
+
+    #[derive(Clone)]
+    struct ServerSide(Rc<RefCell<Wire>>);
+
+    impl Read for ServerSide {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut wire = self.0.borrow_mut();
+            if wire.to_server.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(wire.chunk).min(wire.to_server.len());
+            for (slot, byte) in buf.iter_mut().zip(wire.to_server.drain(..n)) {
+                *slot = byte;
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for ServerSide {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut wire = self.0.borrow_mut();
+            let n = buf.len().min(wire.room.saturating_sub(wire.to_client.len())).min(wire.chunk);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            wire.to_client.extend(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Pair {
+        wire: Rc<RefCell<Wire>>,
+        server: TlsStream<ServerSide>,
+        client: rustls::ClientConnection,
+        /// Plaintext the server read so far.
+        server_got: Vec<u8>,
+        /// Plaintext the client read so far.
+        client_got: Vec<u8>,
+    }
+
+    impl Pair {
+        fn new(chunk: usize, room: usize) -> Self {
+            // One pair of files for every test of the process (they run in parallel).
+            static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<rustls::ClientConfig>)> =
+                std::sync::OnceLock::new();
+            let (server_config, client_config) = CONFIGS.get_or_init(|| {
+                let pki = Pki::new("tls-unit").unwrap();
+                let certificates =
+                    Certificates::load(&pki.cert.display().to_string(), &pki.key.display().to_string()).unwrap();
+                (certificates.current(), pki.client_config().unwrap())
+            });
+            let wire = Rc::new(RefCell::new(Wire { chunk, room, ..Wire::default() }));
+            let server = TlsStream::accept(ServerSide(wire.clone()), server_config.clone()).unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let client = rustls::ClientConnection::new(client_config.clone(), name).unwrap();
+            Self { wire, server, client, server_got: Vec::new(), client_got: Vec::new() }
+        }
+
+        /// Moves bytes both ways until nothing moves: the client as a blocking peer that
+        /// always reads, the server as the shard does (read with `read_size`, flush).
+        fn pump(&mut self, read_size: usize) {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                {
+                    let mut wire = self.wire.borrow_mut();
+                    while self.client.wants_write() {
+                        let mut out = Vec::new();
+                        self.client.write_tls(&mut out).unwrap();
+                        moved |= !out.is_empty();
+                        wire.to_server.extend(out);
+                    }
+                    let bytes: Vec<u8> = wire.to_client.drain(..).collect();
+                    let mut reader = &bytes[..];
+                    loop {
+                        if !reader.is_empty() {
+                            self.client.read_tls(&mut reader).unwrap();
+                            self.client.process_new_packets().unwrap();
+                            moved = true;
+                        }
+                        // Its plaintext, before it reads more records.
+                        let mut plain = vec![0; 1 << 16];
+                        while let Ok(n @ 1..) = self.client.reader().read(&mut plain) {
+                            self.client_got.extend_from_slice(&plain[..n]);
+                        }
+                        if reader.is_empty() {
+                            break;
+                        }
+                    }
+                }
+                let mut buf = vec![0; read_size];
+                loop {
+                    match self.server.read(&mut buf) {
+                        Ok(Input::Data(n)) => {
+                            self.server_got.extend_from_slice(&buf[..n]);
+                            moved = true;
+                        }
+                        Ok(Input::WouldBlock | Input::Eof) => break,
+                        Err(broken) => panic!("server broke: {broken:?}"),
+                    }
+                }
+                moved |= !self.server.outgoing.is_empty();
+                let _ = self.server.flush();
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the pair never settled");
+        }
+
+        /// Writes `slices` through the server's plaintext side as the core does: again
+        /// while it takes bytes, pumping the wire whenever it says `WouldBlock`.
+        fn server_writes(&mut self, slices: &[&[u8]]) {
+            let mut queue: VecDeque<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            while !queue.is_empty() {
+                let (front, back) = queue.as_slices();
+                match self.server.writer().write_vectored(&[IoSlice::new(front), IoSlice::new(back)]) {
+                    Ok(n) => {
+                        queue.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.pump(4096),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            self.pump(4096);
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    #[test]
+    fn every_byte_arrives_once_in_order_both_ways_through_small_reads_and_a_full_socket() {
+        for (chunk, room, read_size) in [(1 << 20, 1 << 20, 65536), (7, 300, 13), (1500, 4000, 100), (64, 20_000, 1)] {
+            let mut pair = Pair::new(chunk, room);
+            pair.pump(read_size);
+            assert!(!pair.server.is_handshaking(), "handshake done ({chunk}, {room})");
+            let mut sent_up = Vec::new();
+            for (i, len) in [1, 100, 16_384, 16_385, 70_000].into_iter().enumerate() {
+                let up = pattern(len, i as u8);
+                // The client's own buffer takes 64 KiB at most: pump between pieces.
+                for piece in up.chunks(20_000) {
+                    pair.client.writer().write_all(piece).unwrap();
+                    pair.pump(read_size);
+                }
+                sent_up.extend_from_slice(&up);
+            }
+            assert_eq!(pair.server_got, sent_up, "client to server ({chunk}, {room}, {read_size})");
+            let events: Vec<Vec<u8>> = (0..300).map(|i| pattern(50 + i * 7, i as u8)).collect();
+            let slices: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
+            pair.server_writes(&slices);
+            assert_eq!(pair.client_got, events.concat(), "server to client ({chunk}, {room})");
+            assert_eq!(pair.server.buffered_bytes(), 0, "an idle connection keeps no buffer");
+        }
+    }
+
+    #[test]
+    fn what_the_core_writes_before_the_handshake_ends_follows_it() {
+        let mut pair = Pair::new(1 << 20, 1 << 20);
+        let refusal = b"HTTP/1.1 503 Service Unavailable\r\n\r\n";
+        assert_eq!(pair.server.writer().write(refusal).unwrap(), refusal.len());
+        pair.pump(4096);
+        assert_eq!(pair.client_got, refusal);
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn close_notify_reaches_the_client_and_the_clients_ends_the_reader() {
+        let mut pair = Pair::new(1 << 20, 1 << 20);
+        pair.pump(4096);
+        pair.server_writes(&[b"bye"]);
+        assert!(pair.server.close());
+        pair.pump(4096);
+        let mut rest = [0u8; 8];
+        assert_eq!(pair.client.reader().read(&mut rest).unwrap(), 0, "clean end after close_notify");
+        assert_eq!(pair.client_got, b"bye");
+        pair.client.writer().write_all(b"last").unwrap();
+        pair.client.send_close_notify();
+        pair.pump(4096);
+        assert_eq!(pair.server_got, b"last");
+        assert_eq!(pair.server.read(&mut [0; 16]).unwrap(), Input::Eof);
+    }
+
+    #[test]
+    fn garbage_instead_of_a_client_hello_is_a_protocol_failure() {
+        let mut pair = Pair::new(1 << 20, 1 << 20);
+        pair.wire.borrow_mut().to_server.extend(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        match pair.server.read(&mut [0; 1024]) {
+            Err(Broken::Handshake(HandshakeFailure::Protocol)) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }
