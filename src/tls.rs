@@ -262,27 +262,31 @@ impl<S: Read + Write> TlsStream<S> {
         SCRATCH.with_borrow_mut(|scratch| self.read_through(&mut scratch.wire, buf))
     }
 
+    /// `wire` only grows (its length is its capacity): nothing is zeroed per read.
     fn read_through(&mut self, wire: &mut Vec<u8>, buf: &mut [u8]) -> Result<Input, Broken> {
-        wire.clear();
-        wire.extend_from_slice(&self.incoming);
+        let mut filled = self.incoming.len();
+        grow_to(wire, filled);
+        wire[..filled].copy_from_slice(&self.incoming);
         self.incoming = Vec::new();
         let mut produced = 0;
         let input = loop {
             // At most what the reader asked for, or one whole record: `received` never
             // holds more than one read's worth.
-            let filled = wire.len();
-            wire.resize(filled + buf.len().max(MAX_RECORD), 0);
-            let read = self.socket.read(&mut wire[filled..]);
-            wire.truncate(filled + *read.as_ref().unwrap_or(&0));
-            let eof = match read {
+            let end = filled + buf.len().max(MAX_RECORD);
+            grow_to(wire, end);
+            let eof = match self.socket.read(&mut wire[filled..end]) {
                 Ok(0) => true,
-                Ok(_) => false,
+                Ok(n) => {
+                    filled += n;
+                    false
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Input::WouldBlock,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(self.broken(None)),
             };
-            let (consumed, settled) = self.process(wire, buf, &mut produced)?;
-            wire.drain(..consumed);
+            let (consumed, settled) = self.process(&mut wire[..filled], buf, &mut produced)?;
+            wire.copy_within(consumed..filled, 0);
+            filled -= consumed;
             if matches!(settled, Settled::PeerClosed) || eof {
                 break Input::Eof;
             }
@@ -290,7 +294,7 @@ impl<S: Read + Write> TlsStream<S> {
                 break Input::Data(produced);
             }
         };
-        self.incoming.extend_from_slice(wire);
+        self.incoming.extend_from_slice(&wire[..filled]);
         if input == Input::Eof {
             self.peer_closed = true;
         }
@@ -512,6 +516,30 @@ fn seal(traffic: &mut WriteTraffic<'_, ServerConnectionData>, plain: &[u8], out:
     append(out, |room| traffic.encrypt(plain, room).map_err(EncryptError::required_size))
 }
 
+/// Encrypts `plain` into records at the start of `scratch`, which only grows (its length
+/// is its capacity: nothing is zeroed per write); returns their length.
+fn seal_in_scratch(
+    traffic: &mut WriteTraffic<'_, ServerConnectionData>,
+    plain: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Option<usize> {
+    loop {
+        match traffic.encrypt(plain, scratch) {
+            Ok(len) => return Some(len),
+            Err(e) => match e.required_size() {
+                Some(required) if required > scratch.len() => grow_to(scratch, required),
+                _ => return None,
+            },
+        }
+    }
+}
+
+fn grow_to(buffer: &mut Vec<u8>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+}
+
 /// The buffer size rustls asked for, when that is what went wrong.
 trait RequiredSize {
     fn required_size(self) -> Option<usize>;
@@ -566,12 +594,11 @@ impl<S: Read + Write> Write for Plaintext<'_, S> {
             let Scratch { plain, sealed, .. } = scratch;
             plain.clear();
             let taken = gather(bufs, plain, PLAINTEXT_PER_WRITE);
-            sealed.clear();
-            match tls.with_traffic(|traffic, _| seal(traffic, plain, sealed)) {
-                Ok(Ok(())) => {}
-                Ok(Err(())) => return Err(io::Error::other("TLS record not sealed")),
+            let sealed = match tls.with_traffic(|traffic, _| seal_in_scratch(traffic, plain, sealed)) {
+                Ok(Some(len)) => &sealed[..len],
+                Ok(None) => return Err(io::Error::other("TLS record not sealed")),
                 Err(e) => return Err(e),
-            }
+            };
             if !tls.outgoing.is_empty() {
                 // The session's own records (a ticket, a key update) went first.
                 tls.outgoing.extend_from_slice(sealed);
