@@ -458,6 +458,9 @@ impl<S: Read + Write> TlsStream<S> {
 
 /// Writes what `outgoing` holds to `socket`, dropping its allocation once it is empty.
 fn send(socket: &mut impl Write, outgoing: &mut Vec<u8>) -> io::Result<()> {
+    if outgoing.is_empty() {
+        return Ok(());
+    }
     let mut sent = 0;
     let result = loop {
         if sent == outgoing.len() {
