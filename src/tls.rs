@@ -318,7 +318,7 @@ impl<S: Read + Write> TlsStream<S> {
             match state {
                 Err(error) => {
                     // The alert rustls queued tells the client why, if the socket takes it.
-                    self.send_alert();
+                    self.send_alert(&mut records[consumed..]);
                     return Err(self.broken(Some(&error)));
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -366,9 +366,11 @@ impl<S: Read + Write> TlsStream<S> {
         }
     }
 
-    /// After a session error: the alert it queued, if any, best effort.
-    fn send_alert(&mut self) {
-        let UnbufferedStatus { state, .. } = self.session.process_tls_records(&mut []);
+    /// After a session error: the alert it queued, if any, best effort. Given the bytes
+    /// the session has not discarded: a handshake message it was joining across records
+    /// is known by its place in them.
+    fn send_alert(&mut self, records: &mut [u8]) {
+        let UnbufferedStatus { state, .. } = self.session.process_tls_records(records);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state
             && encode_into(&mut encode, &mut self.outgoing).is_ok()
         {
@@ -708,6 +710,12 @@ mod tests {
 
     impl Pair {
         fn new(chunk: usize, room: usize) -> Self {
+            Self::fragmenting(chunk, room, None)
+        }
+
+        /// A client that cuts its records to `fragment` bytes of plaintext: its
+        /// ClientHello spans several records, which the session joins.
+        fn fragmenting(chunk: usize, room: usize, fragment: Option<usize>) -> Self {
             // One pair of files for every test of the process (they run in parallel).
             static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<rustls::ClientConfig>)> =
                 std::sync::OnceLock::new();
@@ -720,7 +728,9 @@ mod tests {
             let wire = Rc::new(RefCell::new(Wire { chunk, room, ..Wire::default() }));
             let server = TlsStream::accept(ServerSide(wire.clone()), server_config.clone()).unwrap();
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let client = rustls::ClientConnection::new(client_config.clone(), name).unwrap();
+            let mut client_config = (**client_config).clone();
+            client_config.max_fragment_size = fragment;
+            let client = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
             Self { wire, server, client, server_got: Vec::new(), client_got: Vec::new() }
         }
 
@@ -819,6 +829,36 @@ mod tests {
             pair.server_writes(&slices);
             assert_eq!(pair.client_got, events.concat(), "server to client ({chunk}, {room})");
             assert_eq!(pair.server.buffered_bytes(), 0, "an idle connection keeps no buffer");
+        }
+    }
+
+    #[test]
+    fn a_client_hello_across_many_small_records_is_joined() {
+        for chunk in [1, 5, 1 << 20] {
+            let mut pair = Pair::fragmenting(chunk, 1 << 20, Some(64));
+            pair.pump(100);
+            assert!(!pair.server.is_handshaking(), "handshake done (reads of {chunk})");
+            pair.client.writer().write_all(&pattern(5_000, 3)).unwrap();
+            pair.pump(100);
+            assert_eq!(pair.server_got, pattern(5_000, 3));
+        }
+    }
+
+    #[test]
+    fn garbage_after_part_of_a_client_hello_is_refused_without_a_panic() {
+        let mut pair = Pair::fragmenting(1 << 20, 1 << 20, Some(64));
+        let mut hello = Vec::new();
+        pair.client.write_tls(&mut hello).unwrap();
+        // The first two records (a ClientHello in part), then a record of no known type.
+        let record_end = |at: usize| at + 5 + usize::from(u16::from_be_bytes([hello[at + 3], hello[at + 4]]));
+        let first_two = record_end(record_end(0));
+        assert!(first_two < hello.len(), "the ClientHello spans more than two records");
+        let mut wire = hello[..first_two].to_vec();
+        wire.extend_from_slice(&[0x63, 3, 3, 0, 4, 0xff, 0xff, 0xff, 0xff]);
+        pair.wire.borrow_mut().to_server.extend(wire);
+        match pair.server.read(&mut [0; 1024]) {
+            Err(Broken::Handshake(_)) => {}
+            other => panic!("{other:?}"),
         }
     }
 
