@@ -242,14 +242,18 @@ impl Shard {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(_) => return self.core.remove(key),
                 }
-                let after = self.core.write_to(key, &mut tls.writer(), now);
+                if self.core.write_to(key, &mut tls.writer(), now) == AfterWrite::Shutdown {
+                    tls.want_close();
+                }
                 match tls.flush() {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(_) => return self.core.remove(key),
                 }
-                // Half-close only once close_notify and everything before it left.
-                after == AfterWrite::Shutdown && tls.close()
+                // Half-close only once close_notify and everything before it left: asked
+                // on every write turn, as the socket may have been full when the core
+                // finished.
+                tls.ready_to_shut()
             }
         };
         if shutdown && socket.tcp().shutdown(Shutdown::Write).is_err() {

@@ -171,6 +171,12 @@ pub enum Broken {
 /// a read asks the socket for at least this much so a record never waits for a second read.
 const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
 
+/// Bytes a connection may hold undiscarded: a handshake message rustls is joining across
+/// records stays until it is whole (rustls allows 64 KiB of message, its buffered API as
+/// much of buffer), plus one record read past it. A peer that sends more (one byte of
+/// message per padded record, say) is refused rather than kept.
+const MAX_HELD: usize = 64 * 1024 + MAX_RECORD;
+
 /// Plaintext encrypted per write: two full records, one `write` to the socket.
 const PLAINTEXT_PER_WRITE: usize = 32 * 1024;
 
@@ -206,15 +212,28 @@ pub struct TlsStream<S = TcpStream> {
     outgoing: Vec<u8>,
     received: Vec<u8>,
     early: Vec<u8>,
-    established: bool,
     peer_closed: bool,
-    close_queued: bool,
+    close: Close,
+    /// The session or the socket failed: nothing more is read or written.
+    failed: bool,
 }
 
 impl<S> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("established", &self.established).finish()
+        f.debug_struct("TlsStream").field("handshaking", &self.session.is_handshaking()).finish()
     }
+}
+
+/// How far ending the connection has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Close {
+    Open,
+    /// The core finished; close_notify is not queued yet.
+    Wanted,
+    /// close_notify is queued behind everything before it.
+    Queued,
+    /// It left: the shard shut the socket's write side.
+    Shut,
 }
 
 /// What the session asked for once it had processed every whole record it was given.
@@ -235,9 +254,9 @@ impl<S: Read + Write> TlsStream<S> {
             outgoing: Vec::new(),
             received: Vec::new(),
             early: Vec::new(),
-            established: false,
             peer_closed: false,
-            close_queued: false,
+            close: Close::Open,
+            failed: false,
         })
     }
 
@@ -256,37 +275,82 @@ impl<S: Read + Write> TlsStream<S> {
             release_if_empty(&mut self.received);
             return Ok(Input::Data(n));
         }
+        if self.failed {
+            return Err(Broken::Later);
+        }
         if self.peer_closed {
             return Ok(Input::Eof);
         }
-        SCRATCH.with_borrow_mut(|scratch| self.read_through(&mut scratch.wire, buf))
+        let result = if self.incoming.is_empty() {
+            // The usual case: records read into the shard's scratch, and only a record's
+            // unfinished part (if any) copied to the connection.
+            SCRATCH.with_borrow_mut(|scratch| {
+                let mut filled = 0;
+                let read_size = buf.len().max(MAX_RECORD);
+                let result = self.read_into(&mut scratch.wire, &mut filled, read_size, buf);
+                self.incoming.extend_from_slice(&scratch.wire[..filled]);
+                result
+            })
+        } else {
+            // Bytes already held are read onto in place, never copied per read: a peer
+            // sending a record a byte at a time costs no more than one sending it whole.
+            // One record's worth at a time, so what a connection holds stays near what it
+            // needs.
+            let mut held = std::mem::take(&mut self.incoming);
+            let mut filled = held.len();
+            let result = self.read_into(&mut held, &mut filled, MAX_RECORD, buf);
+            held.truncate(filled);
+            release_if_empty(&mut held);
+            self.incoming = held;
+            result
+        };
+        if result.is_err() {
+            self.failed = true;
+        }
+        // A handshake that ended in this read lets what the core wrote before it go out.
+        if !self.early.is_empty() && !self.session.is_handshaking() && !self.failed {
+            let early = std::mem::take(&mut self.early);
+            let sealed = self.with_traffic(|traffic, outgoing| seal(traffic, &early, outgoing));
+            if !matches!(sealed, Ok(Ok(()))) {
+                self.failed = true;
+                return Err(Broken::Later);
+            }
+            let _ = self.flush();
+        }
+        result
     }
 
-    /// `wire` only grows (its length is its capacity): nothing is zeroed per read.
-    fn read_through(&mut self, wire: &mut Vec<u8>, buf: &mut [u8]) -> Result<Input, Broken> {
-        let mut filled = self.incoming.len();
-        grow_to(wire, filled);
-        wire[..filled].copy_from_slice(&self.incoming);
-        self.incoming = Vec::new();
+    /// Reads records onto `wire[..filled]`, `read_size` bytes at a time, and processes them
+    /// until plaintext is produced, the socket is empty or the peer is done; `filled` ends
+    /// as the bytes still held. `wire`'s length only grows (it is its capacity): nothing
+    /// is zeroed per read. `received` never holds more than one read's worth.
+    fn read_into(
+        &mut self,
+        wire: &mut Vec<u8>,
+        filled: &mut usize,
+        read_size: usize,
+        buf: &mut [u8],
+    ) -> Result<Input, Broken> {
         let mut produced = 0;
         let input = loop {
-            // At most what the reader asked for, or one whole record: `received` never
-            // holds more than one read's worth.
-            let end = filled + buf.len().max(MAX_RECORD);
+            let end = *filled + read_size;
             grow_to(wire, end);
-            let eof = match self.socket.read(&mut wire[filled..end]) {
+            let eof = match self.socket.read(&mut wire[*filled..end]) {
                 Ok(0) => true,
                 Ok(n) => {
-                    filled += n;
+                    *filled += n;
                     false
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Input::WouldBlock,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(self.broken(None)),
             };
-            let (consumed, settled) = self.process(&mut wire[..filled], buf, &mut produced)?;
-            wire.copy_within(consumed..filled, 0);
-            filled -= consumed;
+            let (consumed, settled) = self.process(&mut wire[..*filled], buf, &mut produced)?;
+            wire.copy_within(consumed..*filled, 0);
+            *filled -= consumed;
+            if *filled > MAX_HELD {
+                return Err(self.broken(None));
+            }
             if matches!(settled, Settled::PeerClosed) || eof {
                 break Input::Eof;
             }
@@ -294,7 +358,6 @@ impl<S: Read + Write> TlsStream<S> {
                 break Input::Data(produced);
             }
         };
-        self.incoming.extend_from_slice(&wire[..filled]);
         if input == Input::Eof {
             self.peer_closed = true;
         }
@@ -346,17 +409,9 @@ impl<S: Read + Write> TlsStream<S> {
                     }
                     transmit.done();
                 }
-                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    if !self.established {
-                        self.established = true;
-                        let early = std::mem::take(&mut self.early);
-                        if seal(&mut traffic, &early, &mut self.outgoing).is_err() {
-                            return Err(Broken::Later);
-                        }
-                    }
+                Ok(ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake) => {
                     return Ok((consumed, Settled::NeedBytes));
                 }
-                Ok(ConnectionState::BlockedHandshake) => return Ok((consumed, Settled::NeedBytes)),
                 Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
                     return Ok((consumed, Settled::PeerClosed));
                 }
@@ -380,8 +435,8 @@ impl<S: Read + Write> TlsStream<S> {
 
     fn broken(&self, error: Option<&rustls::Error>) -> Broken {
         match error {
-            Some(error) if !self.established => Broken::Handshake(HandshakeFailure::of(error)),
-            None if !self.established => Broken::Handshake(HandshakeFailure::Other),
+            Some(error) if self.session.is_handshaking() => Broken::Handshake(HandshakeFailure::of(error)),
+            None if self.session.is_handshaking() => Broken::Handshake(HandshakeFailure::Other),
             _ => Broken::Later,
         }
     }
@@ -392,18 +447,35 @@ impl<S: Read + Write> TlsStream<S> {
         send(&mut self.socket, &mut self.outgoing)
     }
 
-    /// Queues close_notify and pushes it with what is pending; true when all of it left.
-    pub fn close(&mut self) -> bool {
-        if self.established && !self.close_queued {
-            self.close_queued = true;
+    /// The core has nothing more to send: close_notify follows what is queued, and
+    /// [`Self::ready_to_shut`] says when the socket's write side may be shut.
+    pub fn want_close(&mut self) {
+        self.close = self.close.max(Close::Wanted);
+    }
+
+    /// True once, when a wanted close can be finished: the handshake is over (so what the
+    /// core wrote during it, a refusal at accept, has gone out first), close_notify is
+    /// queued and everything up to it has left. Asked on every write turn, so a socket
+    /// that was full when the core finished still gets its close_notify.
+    pub fn ready_to_shut(&mut self) -> bool {
+        if self.failed || self.session.is_handshaking() || !self.early.is_empty() {
+            return false;
+        }
+        if self.close == Close::Wanted {
             let queued = self.with_traffic(|traffic, outgoing| {
                 append(outgoing, |out| traffic.queue_close_notify(out).map_err(EncryptError::required_size))
             });
             if !matches!(queued, Ok(Ok(()))) {
+                self.failed = true;
                 return false;
             }
+            self.close = Close::Queued;
         }
-        self.flush().is_ok()
+        if self.close == Close::Queued && self.flush().is_ok() {
+            self.close = Close::Shut;
+            return true;
+        }
+        false
     }
 
     /// Runs `f` with the session in its traffic state: past the handshake, every whole
@@ -447,9 +519,9 @@ impl<S: Read + Write> TlsStream<S> {
         Plaintext { tls: self }
     }
 
-    /// Whether the handshake is still going on.
+    /// Whether the handshake is still going on (until the client's Finished is read).
     pub fn is_handshaking(&self) -> bool {
-        !self.established
+        self.session.is_handshaking()
     }
 
     /// Bytes this connection holds in buffers of its own (0 when idle).
@@ -539,8 +611,10 @@ fn seal_in_scratch(
     }
 }
 
+/// Lengthens `buffer` to `len` (never shortens it), to exactly that capacity.
 fn grow_to(buffer: &mut Vec<u8>, len: usize) {
     if buffer.len() < len {
+        buffer.reserve_exact(len - buffer.len());
         buffer.resize(len, 0);
     }
 }
@@ -586,8 +660,11 @@ impl<S: Read + Write> Write for Plaintext<'_, S> {
             return Ok(0);
         }
         let tls = &mut *self.tls;
+        if tls.failed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         tls.flush()?;
-        if !tls.established {
+        if tls.session.is_handshaking() || !tls.early.is_empty() {
             // Held until the handshake ends (a refusal answered at accept, say).
             let room = BUFFER_LIMIT.saturating_sub(tls.early.len());
             if room == 0 {
@@ -867,9 +944,15 @@ mod tests {
         let mut pair = Pair::new(1 << 20, 1 << 20);
         let refusal = b"HTTP/1.1 503 Service Unavailable\r\n\r\n";
         assert_eq!(pair.server.writer().write(refusal).unwrap(), refusal.len());
+        pair.server.want_close();
+        assert!(!pair.server.ready_to_shut(), "no shutdown before the answer can go out");
         pair.pump(4096);
         assert_eq!(pair.client_got, refusal);
         assert_eq!(pair.server.buffered_bytes(), 0);
+        assert!(pair.server.ready_to_shut());
+        assert!(!pair.server.ready_to_shut(), "once");
+        pair.pump(4096);
+        assert_eq!(pair.client.reader().read(&mut [0; 8]).unwrap(), 0, "then close_notify");
     }
 
     #[test]
@@ -877,7 +960,8 @@ mod tests {
         let mut pair = Pair::new(1 << 20, 1 << 20);
         pair.pump(4096);
         pair.server_writes(&[b"bye"]);
-        assert!(pair.server.close());
+        pair.server.want_close();
+        assert!(pair.server.ready_to_shut());
         pair.pump(4096);
         let mut rest = [0u8; 8];
         assert_eq!(pair.client.reader().read(&mut rest).unwrap(), 0, "clean end after close_notify");
@@ -887,6 +971,55 @@ mod tests {
         pair.pump(4096);
         assert_eq!(pair.server_got, b"last");
         assert_eq!(pair.server.read(&mut [0; 16]).unwrap(), Input::Eof);
+    }
+
+    #[test]
+    fn a_request_arriving_with_the_clients_finished_and_close_notify_is_answered() {
+        let mut pair = Pair::new(1 << 20, 1 << 20);
+        let mut hello = Vec::new();
+        pair.client.write_tls(&mut hello).unwrap();
+        pair.wire.borrow_mut().to_server.extend(hello);
+        assert_eq!(pair.server.read(&mut [0; 1024]).unwrap(), Input::WouldBlock);
+        let flight: Vec<u8> = pair.wire.borrow_mut().to_client.drain(..).collect();
+        pair.client.read_tls(&mut &flight[..]).unwrap();
+        pair.client.process_new_packets().unwrap();
+        // Finished, the request and close_notify in one read.
+        pair.client.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        pair.client.send_close_notify();
+        let mut last = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut last).unwrap();
+        }
+        pair.wire.borrow_mut().to_server.extend(last);
+        let mut buf = [0; 1024];
+        let Ok(Input::Data(n)) = pair.server.read(&mut buf) else { panic!("the request is read") };
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(pair.server.read(&mut buf).unwrap(), Input::Eof);
+        assert!(!pair.server.is_handshaking());
+        pair.server_writes(&[b"HTTP/1.1 200 OK\r\n\r\n"]);
+        pair.server.want_close();
+        assert!(pair.server.ready_to_shut());
+        pair.pump(4096);
+        assert_eq!(pair.client_got, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[test]
+    fn a_handshake_message_dribbled_one_byte_per_record_is_refused_not_kept() {
+        let mut pair = Pair::new(1 << 20, 1 << 20);
+        // A ClientHello declaring 64 KiB, then one byte of it per record: each byte costs
+        // six on the wire, and rustls keeps every record until the message is whole.
+        let mut wire = vec![22, 3, 1, 0, 4, 1, 0, 0xff, 0xff];
+        for _ in 0..20_000 {
+            wire.extend_from_slice(&[22, 3, 1, 0, 1, 0]);
+        }
+        pair.wire.borrow_mut().to_server.extend(wire);
+        match pair.server.read(&mut [0; 1024]) {
+            Err(Broken::Handshake(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        let unread = pair.wire.borrow().to_server.len();
+        assert!(20_000 * 6 + 9 - unread > 64 * 1024, "refused once past the bound, not before ({unread} unread)");
+        assert!(pair.server.buffered_bytes() <= 2 * MAX_HELD, "{}", pair.server.buffered_bytes());
     }
 
     #[test]
