@@ -562,6 +562,9 @@ pub struct Conn {
     pub state: State,
     /// Set once it is closing; never cleared.
     pub closing: Option<Closing>,
+    /// The peer half-closed after a request whose answer is still being written: its
+    /// end, seen again, must not cut that answer.
+    pub answering_half_close: bool,
     /// Most bytes `queued_bytes` may reach (`max_outbound_bytes`).
     pub limit: usize,
     /// Sequence of the last event queued (deduplicates overlapping subscriptions).
@@ -599,6 +602,7 @@ impl Conn {
             backlog: None,
             state: State::Http(http),
             closing: None,
+            answering_half_close: false,
             limit,
             last_seq: 0,
             dirty_since: None,

@@ -489,8 +489,12 @@ impl Core {
         // The peer may have half-closed after its last request: answer it first.
         if matches!(conn.state, State::Http(_)) && conn.closing.is_none() && !conn.out.is_empty() {
             conn.begin_close(None, LINGER, now);
+            conn.answering_half_close = true;
             self.ctx.changed.push(key);
             self.settle();
+        } else if conn.answering_half_close && conn.closing.as_ref().is_some_and(|closing| !closing.shut) {
+            // The same end seen again (another readiness event) while that answer is
+            // still being written: it goes on, bounded by the linger.
         } else {
             self.remove(key);
         }

@@ -647,6 +647,35 @@ fn a_closing_connection_is_shut_once_its_queue_is_written() {
     assert!(h.core.conn(key).is_none());
 }
 
+#[test]
+fn a_half_closed_requests_answer_is_written_whole_however_often_the_end_is_seen() {
+    let mut h = Harness::new(|_| {});
+    for i in 0..200 {
+        h.publish("a", &format!(r#""{}-{i}""#, "x".repeat(400)));
+    }
+    h.turn();
+    let key = h.connect();
+    h.input(key, b"GET /history?topics=a HTTP/1.1\r\nHost: t\r\n\r\n");
+    h.core.handle_eof(key, h.now);
+    h.core.poll_transmit(h.now);
+    let mut got = Vec::new();
+    assert_eq!(h.core.write_to(key, &mut Slow { got: &mut got, room: 1000 }, h.now), AfterWrite::Keep);
+    // The socket says "read closed" again while the answer waits for room.
+    h.core.handle_eof(key, h.now);
+    assert!(h.core.conn(key).is_some(), "the answer is not cut");
+    assert_eq!(h.core.write_to(key, &mut got, h.now), AfterWrite::Shutdown);
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+        .expect("content-length");
+    assert!(length > 50_000, "a large answer: {length}");
+    assert_eq!(body.len(), length, "written whole");
+    h.core.handle_eof(key, h.now);
+    assert!(h.core.conn(key).is_none(), "gone once it was written");
+}
+
 /// Everything the connection writes until it has nothing more (a reader keeping up).
 fn read_all(h: &mut Harness, key: usize) -> Vec<Frame> {
     let mut got = Vec::new();
