@@ -525,7 +525,8 @@ impl<S: Read + Write> TlsStream<S> {
     }
 
     /// Bytes this connection holds in buffers of its own (0 when idle).
-    pub fn buffered_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn buffered_bytes(&self) -> usize {
         [&self.incoming, &self.outgoing, &self.received, &self.early].iter().map(|b| b.capacity()).sum()
     }
 }
