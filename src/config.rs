@@ -206,7 +206,7 @@ impl Default for Config {
             http_request_timeout_ms: 10_000,
             shard_queue_capacity: 65_536,
             write_coalescing_min_ms: 0,
-            write_coalescing_max_ms: 20,
+            write_coalescing_max_ms: 200,
             presence_max_entries: 1000,
             presence_info_max_bytes: 1024,
             presence_ttl_ms: 30_000,

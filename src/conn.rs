@@ -108,7 +108,7 @@ impl Chunk {
     }
 }
 
-/// Most slices handed to one `writev`.
+/// Most slices handed to one vectored write (`sendmsg`).
 const MAX_IOV: usize = 64;
 
 /// A connection's queue of frames to write, bounded by the caller through [`Self::bytes`].

@@ -9,13 +9,14 @@
 //! does, its timers and the fan-out belong to the core; other shards reach this one only
 //! through its inbox and waker.
 
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use socket2::SockRef;
 
 use crate::core::{AfterWrite, Core, Shared};
 use crate::limits::Refusal;
@@ -48,6 +49,32 @@ impl Socket {
             Socket::Plain(socket) => socket,
             Socket::Tls(tls) => tls.socket(),
         }
+    }
+}
+
+/// Writes to a plain socket with `send`/`sendmsg` instead of `write`/`writev`.
+///
+/// The socket calls go straight to the protocol; the file calls first pass through the
+/// file layer (`vfs_writev`: iovec import, area checks, change notification). At one small
+/// write per delivery (a pinned 10,000-subscriber fan-out, perf), the way from the system
+/// call to `tcp_sendmsg` was 9.9 % of the shard's samples with `writev` and 8.0 % with
+/// `send`. The bytes and errors are the same.
+struct Sender<'s>(&'s TcpStream);
+
+impl Write for Sender<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        SockRef::from(self.0).send(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match bufs {
+            [one] => self.write(one),
+            _ => SockRef::from(self.0).send_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -234,7 +261,7 @@ impl Shard {
     fn write(&mut self, key: usize, now: Instant) {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else { return };
         let shutdown = match socket {
-            Socket::Plain(socket) => self.core.write_to(key, socket, now) == AfterWrite::Shutdown,
+            Socket::Plain(socket) => self.core.write_to(key, &mut Sender(socket), now) == AfterWrite::Shutdown,
             Socket::Tls(tls) => {
                 // Records rustls still holds go first: they are older than anything queued.
                 match tls.flush() {

@@ -14,6 +14,8 @@
 //! and timer is tested with plain byte slices and a manual clock (see `tests` below and
 //! the `connection` fuzz target). It must not touch sockets, the poll or the clock.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -264,6 +266,8 @@ struct Coalescing {
     window: Duration,
     min: Duration,
     max: Duration,
+    /// When the window last changed: it narrows at most once per its own length.
+    changed_at: Option<Instant>,
 }
 
 impl Coalescing {
@@ -272,20 +276,30 @@ impl Coalescing {
     const FIRST: Duration = Duration::from_millis(1);
 
     fn new(min: Duration, max: Duration) -> Self {
-        Self { window: min, min, max }
+        Self { window: min, min, max, changed_at: None }
     }
 
     /// Takes how long the oldest event drained in a loop turn waited in the inbox.
-    fn observe(&mut self, waited: Duration) {
+    ///
+    /// It widens at once (a turn behind doubles it) and narrows slowly (halving once a
+    /// window has passed since it last changed, while caught up): holding events is what
+    /// lets a shard at its limit catch up, so being caught up is no sign the window can
+    /// go; narrowed every turn, it closed in the turns right after it opened, and a
+    /// shard at the edge went back to one write per delivery and fell behind again.
+    fn observe(&mut self, waited: Duration, now: Instant) {
+        let before = self.window;
         if waited > Self::BEHIND {
             self.window = (self.window * 2).max(Self::FIRST).min(self.max);
-        } else if waited < Self::CAUGHT_UP {
+        } else if waited < Self::CAUGHT_UP && self.changed_at.is_none_or(|at| now >= at + self.window) {
             self.window /= 2;
             if self.window < Self::FIRST / 4 {
                 self.window = Duration::ZERO;
             }
         }
         self.window = self.window.max(self.min);
+        if self.window != before {
+            self.changed_at = Some(now);
+        }
     }
 
     fn window(&self) -> Duration {
@@ -300,8 +314,10 @@ struct Ctx {
     index: Index<SubRef>,
     timers: timers::Timers,
     latency: Latency,
-    /// Connections with events queued and not yet written.
+    /// Connections with events queued since this turn began, not yet written or held.
     dirty: Vec<usize>,
+    /// Connections whose queued events wait for company, by when they were last written.
+    held: BinaryHeap<Reverse<(Instant, usize)>>,
     coalescing: Coalescing,
     /// When the first of the connections `coalescing` holds back is due.
     next_flush: Option<Instant>,
@@ -365,6 +381,7 @@ impl Core {
                 timers: timers::Timers::default(),
                 latency: Latency::default(),
                 dirty: Vec::new(),
+                held: BinaryHeap::new(),
                 coalescing,
                 next_flush: None,
                 transmit: Vec::new(),
@@ -894,6 +911,7 @@ impl Core {
             let counters = &shared.counters[ctx.id];
             let local = LocalEvent::new(event.clone());
             let mut slow = Vec::new();
+            let mut full = Vec::new();
             ctx.index.for_each_match(&event.topic, |at| {
                 let Some(conn) = conns.get_mut(at.conn) else { return };
                 if conn.last_seq == event.seq || !conn.wants(at.sub, &event) {
@@ -907,10 +925,16 @@ impl Core {
                 if conn.dirty_since.is_none() {
                     conn.dirty_since = Some(now);
                     ctx.dirty.push(at.conn);
+                } else if conn.queued_bytes() >= COALESCE_BYTES {
+                    // Enough to amortize a write: held or not, it goes this turn.
+                    full.push(at.conn);
                 }
             });
             for (key, over) in slow {
                 ctx.slow_consumer(key, &mut conns[key], over, now);
+            }
+            for key in full.drain(..) {
+                ctx.transmit_now(&mut conns[key], key);
             }
             // Counted once per event, not per delivery: a locked add per delivery showed in
             // a saturated shard's profile (about 3 % of its samples).
@@ -942,7 +966,7 @@ impl Core {
             ctx.new_writes_limit = NEW_WRITES_PER_TURN;
         }
         if let Some(oldest) = oldest {
-            ctx.coalescing.observe(oldest);
+            ctx.coalescing.observe(oldest, now);
             ctx.counters().coalescing_us.store(ctx.coalescing.window().as_micros() as u64, Ordering::Relaxed);
         }
         #[cfg(feature = "fault-injection")]
@@ -953,11 +977,19 @@ impl Core {
     }
 
     /// Moves the dirty connections whose events may be written now to the transmit list;
-    /// the coalescing window lets the rest wait for more (they stay dirty and set the next
+    /// the coalescing window lets the rest wait for more (in `held`, setting the next
     /// wake-up), but only while more events wait in the inbox: once it is empty nothing is
     /// known to be coming, and holding events then would leave the shard idle while a
     /// publisher that waits for them (a closed loop) waits too. That was the half-speed
     /// mode the window alone settled into.
+    ///
+    /// A connection is held only if it was written within the last window, and then until
+    /// a window after that write: each connection is written at most once per window, and
+    /// one that hears an event every 50 ms is not held by a 20 ms window (it would gain no
+    /// company, only pay the wait; that kept a many-topic load's median at tens of
+    /// milliseconds). Held connections wait in a heap by their last write, so a turn costs
+    /// what it releases, not a pass over every connection held (at a window as long as a
+    /// topic's gap between events that is all of them).
     fn flush_dirty(&mut self, now: Instant) {
         let company_coming = !self.ctx.shared.bus.inboxes()[self.ctx.id].events.is_empty();
         let window = if self.ctx.drain_deadline.is_some() || !company_coming {
@@ -965,26 +997,31 @@ impl Core {
         } else {
             self.ctx.coalescing.window()
         };
-        let mut dirty = std::mem::take(&mut self.ctx.dirty);
-        self.ctx.next_flush = None;
-        dirty.retain(|&key| {
-            let Some(conn) = self.conns.get_mut(key) else { return false };
-            let Some(since) = conn.dirty_since else { return false };
-            // Only a connection written within the last window is likely to get company
-            // within the next: one that hears an event every 50 ms gains nothing from a
-            // 20 ms wait, it only pays it.
-            let busy = conn.released_at.is_some_and(|at| now < at + window);
-            let due = if busy { since + window } else { now };
-            if now < due && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES {
-                self.ctx.next_flush = Some(self.ctx.next_flush.map_or(due, |next| next.min(due)));
-                return true;
+        let Core { conns, ctx } = self;
+        let mut dirty = std::mem::take(&mut ctx.dirty);
+        for key in dirty.drain(..) {
+            let Some(conn) = conns.get_mut(key).filter(|c| c.dirty_since.is_some()) else { continue };
+            match conn.released_at {
+                Some(at) if now < at + window && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES => {
+                    ctx.held.push(Reverse((at, key)))
+                }
+                _ => ctx.release(conn, key, now),
             }
-            conn.dirty_since = None;
-            conn.released_at = Some(now);
-            self.ctx.transmit_now(conn, key);
-            false
-        });
-        self.ctx.dirty = dirty;
+        }
+        ctx.dirty = dirty;
+        while let Some(&Reverse((at, key))) = ctx.held.peek() {
+            if now < at + window {
+                break;
+            }
+            ctx.held.pop();
+            // Skipped if written since (a reply took its events along and a later flush
+            // released it) or the key now names another connection.
+            let Some(conn) = conns.get_mut(key).filter(|c| c.released_at == Some(at) && c.dirty_since.is_some()) else {
+                continue;
+            };
+            ctx.release(conn, key, now);
+        }
+        ctx.next_flush = ctx.held.peek().map(|Reverse((at, _))| *at + window);
     }
 
     fn begin_drain(&mut self, now: Instant) {
@@ -1132,6 +1169,13 @@ impl Ctx {
         let conn = conns.get_mut(key).filter(|c| c.id == conn_id)?;
         self.changed.push(key);
         Some(conn)
+    }
+
+    /// Ends a connection's wait for company: its events are written this turn.
+    fn release(&mut self, conn: &mut Conn, key: usize, now: Instant) {
+        conn.dirty_since = None;
+        conn.released_at = Some(now);
+        self.transmit_now(conn, key);
     }
 
     /// Schedules a write of `conn` this turn.

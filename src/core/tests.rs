@@ -308,6 +308,112 @@ fn coalescing_holds_a_busy_connection_while_more_wait_and_its_timer_writes_them(
 }
 
 #[test]
+fn each_held_connection_waits_a_window_from_its_own_last_write() {
+    // Held connections wait in a heap by their last write: the one written earlier is
+    // due earlier, whatever order their events came in, and one timer at a time is set.
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 4096;
+        c.write_coalescing_min_ms = 300;
+        c.write_coalescing_max_ms = 300;
+    });
+    let (first, second) = (h.websocket("/ws"), h.websocket("/ws"));
+    for (key, topic) in [(first, "a"), (second, "b")] {
+        h.input(key, &text(&format!(r#"{{"type":"subscribe","payload":{{"topics":["{topic}"]}}}}"#)));
+        h.output(key);
+    }
+    let start = h.now;
+    let big = |i: i32| format!(r#""{}-{i}""#, "x".repeat(600));
+    // Written at `start` and 100 ms later: nothing else waits, so nothing is held.
+    h.publish("a", &big(0));
+    h.turn();
+    assert_eq!(h.frames(first).len(), 1);
+    h.now += Duration::from_millis(100);
+    h.publish("b", &big(0));
+    h.turn();
+    assert_eq!(h.frames(second).len(), 1);
+    // Events for the second, then the first, with more waiting in the inbox: both held.
+    h.now += Duration::from_millis(50);
+    for i in 1..4 {
+        h.publish("b", &big(i));
+        h.publish("a", &big(i));
+    }
+    assert!(h.core.handle_inbox(h.now));
+    assert!(h.frames(first).is_empty() && h.frames(second).is_empty(), "both held");
+    assert_eq!(h.core.poll_timeout(), Some(start + Duration::from_millis(300)), "the first is due first");
+    h.now = start + Duration::from_millis(300);
+    h.core.handle_timeout(h.now);
+    assert!(!h.frames(first).is_empty(), "written a window after its last write");
+    assert!(h.frames(second).is_empty(), "still within its own window");
+    assert_eq!(h.core.poll_timeout(), Some(start + Duration::from_millis(400)));
+    h.now = start + Duration::from_millis(400);
+    h.core.handle_timeout(h.now);
+    assert!(!h.frames(second).is_empty());
+}
+
+#[test]
+fn a_held_connection_with_a_writes_worth_queued_goes_at_once() {
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 256 * 1024;
+        c.write_coalescing_min_ms = 300;
+        c.write_coalescing_max_ms = 300;
+    });
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.output(key);
+    h.publish("a", "0");
+    h.turn();
+    assert_eq!(event_data(&h.frames(key)), [0], "written: the next events may be held");
+    // 5 KiB events for another topic, more than a turn's 64 KiB of them, keep company
+    // coming: the connection's next small event is held.
+    let big = |i: i32| format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(5000));
+    h.publish("a", "1");
+    for i in 0..20 {
+        h.publish("b", &big(i));
+    }
+    assert!(h.core.handle_inbox(h.now));
+    assert!(h.frames(key).is_empty(), "held");
+    // Held, it gets 16 KiB more: worth a write of its own, in the turn that queued them.
+    for i in 0..4 {
+        h.publish("a", &big(i));
+    }
+    for i in 0..20 {
+        h.publish("b", &big(i));
+    }
+    assert!(h.core.handle_inbox(h.now));
+    assert!(h.core.poll_timeout().is_some_and(|t| t > h.now), "the window has not passed");
+    assert_eq!(h.frames(key).len(), 5, "the held event and the four behind it");
+}
+
+#[test]
+fn the_coalescing_window_opens_at_once_and_closes_one_window_at_a_time() {
+    let mut window = super::Coalescing::new(Duration::ZERO, Duration::from_millis(200));
+    let start = Instant::now();
+    let behind = Duration::from_millis(10);
+    let ms = Duration::from_millis;
+    let widths: Vec<_> = (0..9)
+        .map(|_| {
+            window.observe(behind, start);
+            window.window()
+        })
+        .collect();
+    assert_eq!(widths, [1, 2, 4, 8, 16, 32, 64, 128, 200].map(ms), "a turn behind doubles it");
+    // Caught up: the window is what let the shard catch up; it narrows once per its length.
+    window.observe(Duration::ZERO, start + ms(199));
+    assert_eq!(window.window(), ms(200));
+    window.observe(Duration::ZERO, start + ms(200));
+    assert_eq!(window.window(), ms(100));
+    window.observe(Duration::ZERO, start + ms(299));
+    assert_eq!(window.window(), ms(100));
+    window.observe(Duration::ZERO, start + ms(300));
+    assert_eq!(window.window(), ms(50));
+    // Between caught up and behind it stays; behind again, it doubles at once.
+    window.observe(ms(3), start + ms(900));
+    assert_eq!(window.window(), ms(50));
+    window.observe(behind, start + ms(900));
+    assert_eq!(window.window(), ms(100));
+}
+
+#[test]
 fn events_are_never_held_once_the_inbox_is_empty() {
     // The half-speed mode: a closed-loop publisher waits for its events while the shard,
     // with nothing else to do, holds them for company that cannot come.
