@@ -135,6 +135,11 @@ impl Outbound {
         self.queue.is_empty()
     }
 
+    /// Frames queued.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Holds something besides shared events (a reply, a ping, a close).
     pub fn has_owned(&self) -> bool {
         self.owned > 0
@@ -577,6 +582,8 @@ pub struct Conn {
     pub released_at: Option<Instant>,
     /// Waits in the core's list of connections to write.
     pub transmit_queued: bool,
+    /// Has an entry in the core's heap of connections waiting for company.
+    pub held: bool,
     /// Reading stopped because too much is queued; resumed once it drains.
     pub read_blocked: bool,
     /// Counted by admission (false for a connection being turned away).
@@ -608,6 +615,7 @@ impl Conn {
             dirty_since: None,
             released_at: None,
             transmit_queued: false,
+            held: false,
             read_blocked: false,
             admitted,
             admin: false,
@@ -641,6 +649,16 @@ impl Conn {
             _ => 0,
         };
         self.out.bytes() + pending + self.backlog.as_ref().map_or(0, |b| b.live_bytes())
+    }
+
+    /// Frames queued or waiting to be (a batch-mode connection's pending events count one
+    /// each): what a write would carry.
+    pub fn queued_events(&self) -> usize {
+        let pending = match &self.state {
+            State::WebSocket(ws) => ws.batch_pending.len(),
+            _ => 0,
+        };
+        self.out.len() + pending
     }
 
     /// Holds more than its reading share of the bound.

@@ -250,60 +250,81 @@ const NEW_WRITES_PER_TURN: usize = 1024;
 /// already amortizes its syscall.
 const COALESCE_BYTES: usize = 16 * 1024;
 
-/// How long a shard lets a connection's queued events wait for more before writing them.
+/// How many events a shard lets a connection's queue gather before writing it, and for
+/// how long.
 ///
-/// `min` while the shard keeps up (0 by default: events are written in the loop turn that
-/// fans them out). Once fan-out falls behind (events wait in the inbox longer than
-/// `BEHIND`), every delivery costs a kernel send for the shard and a read for the client,
-/// and the only way to deliver more per second is to put several events in one write:
-/// the window doubles, up to `max`, while the shard is behind, and halves back to `min`
-/// while it is not. Only connections written within the last window wait (`flush_dirty`):
-/// one that hears an event every 50 ms gains no company in 20 ms and would only pay the
-/// wait, which kept a many-topic load's median at tens of milliseconds. Replies and
-/// control frames never wait.
+/// While the shard keeps up, nothing waits beyond `min` (0 by default: events are written
+/// in the loop turn that fans them out). Once fan-out falls behind (events wait in the
+/// inbox longer than `BEHIND`), every delivery costs a kernel send for the shard and a
+/// read for the client, and the only way to deliver more per second is to put several
+/// events in one write: the batch a connection gathers doubles on every turn the shard
+/// is behind (up to `MAX_BATCH`, 16), and a connection waits until it has that many events or
+/// until `max` has passed since it was last written. The batch, not a time, is what
+/// adapts, because connections hear events at very different rates: a connection of a
+/// 1,000-subscriber broadcast at 4,000/s gathers 8 events in 2 ms, one of a 100-topic
+/// fan-out at 1,000/s gathers 2 in 100 ms. A window of time that widened until the
+/// fan-out caught up held the broadcast's connections that long too (p99 262 against
+/// 65 ms), and one that widened slowly enough for the broadcast let the fan-out fall
+/// behind first.
+///
+/// The batch halves at most once per `max` while the shard is caught up: holding is what
+/// let it catch up, so catching up is no sign the batch can go (halved on every turn, it
+/// was gone in the turns after it grew, and a shard at the edge went back to one write
+/// per delivery and fell behind again). Only connections written within `max` wait
+/// (`flush_dirty`): one that hears an event less often gains no company and would only
+/// pay the wait. Replies and control frames never wait.
 #[derive(Debug)]
 struct Coalescing {
-    window: Duration,
+    /// Events a connection gathers before it is written while the shard is behind; 1
+    /// while it keeps up.
+    batch: usize,
     min: Duration,
     max: Duration,
-    /// When the window last changed: it narrows at most once per its own length.
+    /// When the batch last changed.
     changed_at: Option<Instant>,
 }
 
 impl Coalescing {
     const BEHIND: Duration = Duration::from_millis(5);
     const CAUGHT_UP: Duration = Duration::from_millis(1);
-    const FIRST: Duration = Duration::from_millis(1);
+    const MAX_BATCH: usize = 4;
+    /// A connection written this recently is not held for its batch: it hears events
+    /// often enough that every turn brings it company (a broadcast's connections at the
+    /// edge), and holding it only added delay (p50 40-300 ms against 16-25 ms at 4,000/s
+    /// to 1,000 connections).
+    const RECENT: Duration = Duration::from_millis(5);
 
     fn new(min: Duration, max: Duration) -> Self {
-        Self { window: min, min, max, changed_at: None }
+        Self { batch: 1, min, max, changed_at: None }
     }
 
     /// Takes how long the oldest event drained in a loop turn waited in the inbox.
-    ///
-    /// It widens at once (a turn behind doubles it) and narrows slowly (halving once a
-    /// window has passed since it last changed, while caught up): holding events is what
-    /// lets a shard at its limit catch up, so being caught up is no sign the window can
-    /// go; narrowed every turn, it closed in the turns right after it opened, and a
-    /// shard at the edge went back to one write per delivery and fell behind again.
     fn observe(&mut self, waited: Duration, now: Instant) {
-        let before = self.window;
-        if waited > Self::BEHIND {
-            self.window = (self.window * 2).max(Self::FIRST).min(self.max);
-        } else if waited < Self::CAUGHT_UP && self.changed_at.is_none_or(|at| now >= at + self.window) {
-            self.window /= 2;
-            if self.window < Self::FIRST / 4 {
-                self.window = Duration::ZERO;
-            }
-        }
-        self.window = self.window.max(self.min);
-        if self.window != before {
+        if waited > Self::BEHIND && !self.max.is_zero() && self.batch < Self::MAX_BATCH {
+            self.batch *= 2;
+            self.changed_at = Some(now);
+        } else if waited < Self::CAUGHT_UP && self.batch > 1 && self.changed_at.is_none_or(|at| now >= at + self.max) {
+            self.batch /= 2;
             self.changed_at = Some(now);
         }
     }
 
-    fn window(&self) -> Duration {
-        self.window
+    /// How long a connection written at `released_at` may still wait at `now` with
+    /// `queued` events: `None` once it should be written.
+    fn holds(&self, released_at: Instant, queued: usize, now: Instant) -> Option<Instant> {
+        let due = released_at + self.wait();
+        let gathering = self.batch > 1 && queued < self.batch && now >= released_at + Self::RECENT;
+        (now < due && (gathering || now < released_at + self.min)).then_some(due)
+    }
+
+    /// The longest a connection's events may wait now.
+    fn wait(&self) -> Duration {
+        if self.batch > 1 { self.max } else { self.min }
+    }
+
+    /// The batch while the shard is behind; 1 while it keeps up.
+    fn batch(&self) -> usize {
+        self.batch
     }
 }
 
@@ -316,8 +337,9 @@ struct Ctx {
     latency: Latency,
     /// Connections with events queued since this turn began, not yet written or held.
     dirty: Vec<usize>,
-    /// Connections whose queued events wait for company, by when they were last written.
-    held: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connections whose queued events wait for company, by when they were last written
+    /// (with the connection's id: a key is reused): at most one entry per connection.
+    held: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     coalescing: Coalescing,
     /// When the first of the connections `coalescing` holds back is due.
     next_flush: Option<Instant>,
@@ -727,6 +749,11 @@ impl Core {
         self.ctx.timers.len()
     }
 
+    /// Entries in the heap of connections waiting for company (at most one per connection).
+    pub fn held_entries(&self) -> usize {
+        self.ctx.held.len()
+    }
+
     /// Brings every connection changed since the last call (the one an entry point was
     /// called for, and those a control message or fan-out reached) in line with its
     /// state: its deadline in the timer queue is [`Conn::deadline`], and it is written
@@ -912,6 +939,11 @@ impl Core {
             let local = LocalEvent::new(event.clone());
             let mut slow = Vec::new();
             let mut full = Vec::new();
+            // A connection gathering a batch is written once it has it (1: nothing gathers).
+            let batch = match ctx.coalescing.batch() {
+                1 => usize::MAX,
+                batch => batch,
+            };
             ctx.index.for_each_match(&event.topic, |at| {
                 let Some(conn) = conns.get_mut(at.conn) else { return };
                 if conn.last_seq == event.seq || !conn.wants(at.sub, &event) {
@@ -925,8 +957,9 @@ impl Core {
                 if conn.dirty_since.is_none() {
                     conn.dirty_since = Some(now);
                     ctx.dirty.push(at.conn);
-                } else if conn.queued_bytes() >= COALESCE_BYTES {
-                    // Enough to amortize a write: held or not, it goes this turn.
+                } else if conn.queued_events() >= batch || conn.queued_bytes() >= COALESCE_BYTES {
+                    // Its batch, or enough bytes to amortize a write: held or not, it
+                    // goes this turn.
                     full.push(at.conn);
                 }
             });
@@ -934,7 +967,9 @@ impl Core {
                 ctx.slow_consumer(key, &mut conns[key], over, now);
             }
             for key in full.drain(..) {
-                ctx.transmit_now(&mut conns[key], key);
+                if conns[key].dirty_since.is_some() {
+                    ctx.release(&mut conns[key], key, now);
+                }
             }
             // Counted once per event, not per delivery: a locked add per delivery showed in
             // a saturated shard's profile (about 3 % of its samples).
@@ -967,7 +1002,7 @@ impl Core {
         }
         if let Some(oldest) = oldest {
             ctx.coalescing.observe(oldest, now);
-            ctx.counters().coalescing_us.store(ctx.coalescing.window().as_micros() as u64, Ordering::Relaxed);
+            ctx.counters().coalescing_us.store(ctx.coalescing.wait().as_micros() as u64, Ordering::Relaxed);
         }
         #[cfg(feature = "fault-injection")]
         for key in dropped {
@@ -977,51 +1012,64 @@ impl Core {
     }
 
     /// Moves the dirty connections whose events may be written now to the transmit list;
-    /// the coalescing window lets the rest wait for more (in `held`, setting the next
-    /// wake-up), but only while more events wait in the inbox: once it is empty nothing is
-    /// known to be coming, and holding events then would leave the shard idle while a
-    /// publisher that waits for them (a closed loop) waits too. That was the half-speed
-    /// mode the window alone settled into.
+    /// [`Coalescing`] lets the rest gather more (in `held`, setting the next wake-up), but
+    /// only while more events wait in the inbox: once it is empty nothing is known to be
+    /// coming, and holding events then would leave the shard idle while a publisher that
+    /// waits for them (a closed loop) waits too. That was the half-speed mode the window
+    /// alone settled into.
     ///
-    /// A connection is held only if it was written within the last window, and then until
-    /// a window after that write: each connection is written at most once per window, and
-    /// one that hears an event every 50 ms is not held by a 20 ms window (it would gain no
-    /// company, only pay the wait; that kept a many-topic load's median at tens of
-    /// milliseconds). Held connections wait in a heap by their last write, so a turn costs
-    /// what it releases, not a pass over every connection held (at a window as long as a
-    /// topic's gap between events that is all of them).
+    /// A connection is held only if it was written within the longest wait, and then
+    /// until that long after that write (or until it has its batch, `drain_events`): one
+    /// that hears an event less often gains no company and is not held. Held connections
+    /// wait in a heap by their last write, at most one entry each, so a turn costs what it
+    /// releases, not a pass over every connection held (at a wait as long as a topic's gap
+    /// between events that is all of them), and the heap is bounded by the connections.
     fn flush_dirty(&mut self, now: Instant) {
         let company_coming = !self.ctx.shared.bus.inboxes()[self.ctx.id].events.is_empty();
-        let window = if self.ctx.drain_deadline.is_some() || !company_coming {
-            Duration::ZERO
-        } else {
-            self.ctx.coalescing.window()
-        };
+        let hold = self.ctx.drain_deadline.is_none() && company_coming;
         let Core { conns, ctx } = self;
         let mut dirty = std::mem::take(&mut ctx.dirty);
         for key in dirty.drain(..) {
             let Some(conn) = conns.get_mut(key).filter(|c| c.dirty_since.is_some()) else { continue };
+            let held = hold
+                && !conn.out.has_owned()
+                && conn.queued_bytes() < COALESCE_BYTES
+                && conn.released_at.is_some_and(|at| ctx.coalescing.holds(at, conn.queued_events(), now).is_some());
             match conn.released_at {
-                Some(at) if now < at + window && !conn.out.has_owned() && conn.queued_bytes() < COALESCE_BYTES => {
-                    ctx.held.push(Reverse((at, key)))
+                // One entry per connection: one already in the heap is brought up to date
+                // when it comes out.
+                Some(at) if held => {
+                    if !conn.held {
+                        conn.held = true;
+                        ctx.held.push(Reverse((at, key, conn.id)));
+                    }
                 }
                 _ => ctx.release(conn, key, now),
             }
         }
         ctx.dirty = dirty;
-        while let Some(&Reverse((at, key))) = ctx.held.peek() {
-            if now < at + window {
+        let wait = if hold { ctx.coalescing.wait() } else { Duration::ZERO };
+        while let Some(&Reverse((at, key, id))) = ctx.held.peek() {
+            if now < at + wait {
                 break;
             }
             ctx.held.pop();
-            // Skipped if written since (a reply took its events along and a later flush
-            // released it) or the key now names another connection.
-            let Some(conn) = conns.get_mut(key).filter(|c| c.released_at == Some(at) && c.dirty_since.is_some()) else {
-                continue;
-            };
-            ctx.release(conn, key, now);
+            // The key may name another connection by now.
+            let Some(conn) = conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            match (conn.dirty_since, conn.released_at) {
+                // Written since (it gathered its batch, or a reply took its events along)
+                // and dirty again: due a wait after that write.
+                (Some(_), Some(last)) if last != at && now < last + wait => {
+                    ctx.held.push(Reverse((last, key, id)));
+                }
+                (Some(_), _) => {
+                    conn.held = false;
+                    ctx.release(conn, key, now);
+                }
+                (None, _) => conn.held = false,
+            }
         }
-        ctx.next_flush = ctx.held.peek().map(|Reverse((at, _))| *at + window);
+        ctx.next_flush = ctx.held.peek().map(|Reverse((at, _, _))| *at + wait);
     }
 
     fn begin_drain(&mut self, now: Instant) {

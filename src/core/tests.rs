@@ -385,32 +385,93 @@ fn a_held_connection_with_a_writes_worth_queued_goes_at_once() {
 }
 
 #[test]
-fn the_coalescing_window_opens_at_once_and_closes_one_window_at_a_time() {
-    let mut window = super::Coalescing::new(Duration::ZERO, Duration::from_millis(200));
-    let start = Instant::now();
-    let behind = Duration::from_millis(10);
+fn the_batch_grows_on_every_turn_behind_and_shrinks_once_per_longest_wait() {
     let ms = Duration::from_millis;
-    let widths: Vec<_> = (0..9)
+    let mut coalescing = super::Coalescing::new(Duration::ZERO, ms(200));
+    let start = Instant::now();
+    assert_eq!(coalescing.holds(start, 1, start), None, "keeping up: nothing waits");
+    let batches: Vec<_> = (0..3)
         .map(|_| {
-            window.observe(behind, start);
-            window.window()
+            coalescing.observe(ms(10), start);
+            coalescing.batch()
         })
         .collect();
-    assert_eq!(widths, [1, 2, 4, 8, 16, 32, 64, 128, 200].map(ms), "a turn behind doubles it");
-    // Caught up: the window is what let the shard catch up; it narrows once per its length.
-    window.observe(Duration::ZERO, start + ms(199));
-    assert_eq!(window.window(), ms(200));
-    window.observe(Duration::ZERO, start + ms(200));
-    assert_eq!(window.window(), ms(100));
-    window.observe(Duration::ZERO, start + ms(299));
-    assert_eq!(window.window(), ms(100));
-    window.observe(Duration::ZERO, start + ms(300));
-    assert_eq!(window.window(), ms(50));
-    // Between caught up and behind it stays; behind again, it doubles at once.
-    window.observe(ms(3), start + ms(900));
-    assert_eq!(window.window(), ms(50));
-    window.observe(behind, start + ms(900));
-    assert_eq!(window.window(), ms(100));
+    assert_eq!(batches, [2, 4, 4]);
+    // A connection written at `start` waits for its batch, at most 200 ms.
+    assert_eq!(coalescing.holds(start, 3, start + ms(10)), Some(start + ms(200)));
+    assert_eq!(coalescing.holds(start, 4, start + ms(10)), None, "its batch is there");
+    assert_eq!(coalescing.holds(start, 3, start + ms(200)), None, "waited long enough");
+    assert_eq!(coalescing.holds(start, 1, start + ms(4)), None, "written within 5 ms: company comes by itself");
+    // Caught up: holding is what let the shard catch up; it shrinks once per 200 ms.
+    coalescing.observe(Duration::ZERO, start + ms(199));
+    assert_eq!(coalescing.batch(), 4);
+    coalescing.observe(Duration::ZERO, start + ms(200));
+    assert_eq!(coalescing.batch(), 2);
+    coalescing.observe(Duration::ZERO, start + ms(399));
+    assert_eq!(coalescing.batch(), 2);
+    // Between caught up and behind it stays; behind, it grows at once.
+    coalescing.observe(ms(3), start + ms(450));
+    assert_eq!(coalescing.batch(), 2);
+    coalescing.observe(ms(10), start + ms(450));
+    assert_eq!(coalescing.batch(), 4);
+    coalescing.observe(Duration::ZERO, start + ms(650));
+    assert_eq!(coalescing.batch(), 2);
+    coalescing.observe(Duration::ZERO, start + ms(850));
+    assert_eq!(coalescing.batch(), 1, "back to writing every turn");
+    assert_eq!(coalescing.wait(), Duration::ZERO);
+}
+
+#[test]
+fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longest_wait() {
+    // A connection hearing events often gathers its batch in milliseconds: it must not
+    // wait the 200 ms a connection hearing them rarely may wait.
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 4096;
+        c.write_coalescing_max_ms = 200;
+    });
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.output(key);
+    h.publish("a", "0");
+    h.turn();
+    assert_eq!(event_data(&h.frames(key)), [0]);
+    // Two turns whose events (for nobody) waited 10 ms: the batch is 4.
+    for _ in 0..2 {
+        h.publish("z", "0");
+        h.now += Duration::from_millis(10);
+        h.turn();
+    }
+    let filler = |h: &mut Harness| (0..40).for_each(|_| h.publish("z", "0"));
+    for n in 1..=3 {
+        h.publish("a", &n.to_string());
+    }
+    filler(&mut h);
+    let mut written = Vec::new();
+    while h.core.handle_inbox(h.now) {
+        written.extend(event_data(&h.frames(key)));
+    }
+    assert!(written.is_empty(), "three of four: held while more events come, {written:?}");
+    h.publish("a", "4");
+    filler(&mut h);
+    let mut with_company_coming = Vec::new();
+    while h.core.handle_inbox(h.now) {
+        with_company_coming.extend(event_data(&h.frames(key)));
+    }
+    assert_eq!(with_company_coming, [1, 2, 3, 4], "written with its fourth event, 20 ms after the last write");
+    // Held and written by its batch over and over within one longest wait: the heap keeps
+    // one entry for it, not one per round.
+    for round in 0..20 {
+        for n in 0..4 {
+            h.publish("a", &(round * 4 + n).to_string());
+        }
+        filler(&mut h);
+        h.now += Duration::from_millis(1);
+        while h.core.handle_inbox(h.now) {
+            assert_eq!(event_data(&h.frames(key)).len() % 4, 0, "whole batches");
+        }
+        h.frames(key);
+        assert!(h.core.held_entries() <= 1, "round {round}: {} entries", h.core.held_entries());
+    }
 }
 
 #[test]
@@ -542,7 +603,8 @@ fn a_turn_stops_fanning_out_once_it_leaves_enough_writes_behind() {
 #[test]
 fn a_shard_behind_widens_its_turns_and_narrows_them_once_caught_up() {
     // Six topics of NEW_WRITES_PER_TURN / 2 + 8 subscribers: a bounded turn takes two.
-    let mut h = Harness::new(|_| {});
+    // Nothing held for company (write_coalescing_max_ms 0): this is about the turns.
+    let mut h = Harness::new(|c| c.write_coalescing_max_ms = 0);
     let per_topic = super::NEW_WRITES_PER_TURN / 2 + 8;
     let mut keys = Vec::new();
     for i in 0..6 * per_topic {
