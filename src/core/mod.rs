@@ -258,10 +258,10 @@ const COALESCE_BYTES: usize = 16 * 1024;
 /// inbox longer than `BEHIND`), every delivery costs a kernel send for the shard and a
 /// read for the client, and the only way to deliver more per second is to put several
 /// events in one write: the batch a connection gathers doubles on every turn the shard
-/// is behind (up to `MAX_BATCH`, 16), and a connection waits until it has that many events or
-/// until `max` has passed since it was last written. The batch, not a time, is what
+/// is behind (up to `MAX_BATCH`, 4), and a connection waits until it has that many events
+/// or until `max` has passed since it was last written. The batch, not a time, is what
 /// adapts, because connections hear events at very different rates: a connection of a
-/// 1,000-subscriber broadcast at 4,000/s gathers 8 events in 2 ms, one of a 100-topic
+/// 1,000-subscriber broadcast at 4,000/s gathers 4 events in 1 ms, one of a 100-topic
 /// fan-out at 1,000/s gathers 2 in 100 ms. A window of time that widened until the
 /// fan-out caught up held the broadcast's connections that long too (p99 262 against
 /// 65 ms), and one that widened slowly enough for the broadcast let the fan-out fall
@@ -312,13 +312,12 @@ impl Coalescing {
         }
     }
 
-    /// How long a connection written at `released_at` may still wait at `now` with
-    /// `queued` events: `None` once it should be written.
-    fn holds(&self, released_at: Instant, queued: usize, now: Instant) -> Option<Instant> {
-        let due = released_at + self.wait();
+    /// Whether a connection written at `released_at` with `queued` events may wait at
+    /// `now` (until `released_at` + [`Self::wait`]).
+    fn holds(&self, released_at: Instant, queued: usize, now: Instant) -> bool {
         let recent = now < released_at + Self::RECENT || self.flushed_at.is_some_and(|at| released_at >= at);
         let gathering = self.batch > 1 && queued < self.batch && !recent;
-        (now < due && (gathering || now < released_at + self.min)).then_some(due)
+        now < released_at + self.wait() && (gathering || now < released_at + self.min)
     }
 
     /// Marks the end of a flush at `now`: connections written from then on were written
@@ -932,6 +931,8 @@ impl Core {
         let mut budget = FANOUT_BYTES_PER_TURN.min(shared.config.max_outbound_bytes / 4);
         let mut more = false;
         let dirty_before = ctx.dirty.len();
+        // Connections that reached their batch, per event (kept across events: reused).
+        let mut full = Vec::new();
         #[cfg(feature = "fault-injection")]
         let mut dropped = Vec::new();
         while let Some(Delivery { event, ticket }) = inbox.events.pop() {
@@ -948,7 +949,6 @@ impl Core {
             let counters = &shared.counters[ctx.id];
             let local = LocalEvent::new(event.clone());
             let mut slow = Vec::new();
-            let mut full = Vec::new();
             // A connection gathering a batch is written once it has it (1: nothing gathers).
             let batch = match ctx.coalescing.batch() {
                 1 => usize::MAX,
@@ -1048,7 +1048,7 @@ impl Core {
             let held = hold
                 && !conn.out.has_owned()
                 && conn.queued_bytes() < COALESCE_BYTES
-                && conn.released_at.is_some_and(|at| ctx.coalescing.holds(at, conn.queued_events(), now).is_some());
+                && conn.released_at.is_some_and(|at| ctx.coalescing.holds(at, conn.queued_events(), now));
             match conn.released_at {
                 // One entry per connection: one already in the heap is brought up to date
                 // when it comes out.

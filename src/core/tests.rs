@@ -389,7 +389,7 @@ fn the_batch_grows_on_every_turn_behind_and_shrinks_once_per_longest_wait() {
     let ms = Duration::from_millis;
     let mut coalescing = super::Coalescing::new(Duration::ZERO, ms(200));
     let start = Instant::now();
-    assert_eq!(coalescing.holds(start, 1, start), None, "keeping up: nothing waits");
+    assert!(!coalescing.holds(start, 1, start), "keeping up: nothing waits");
     let batches: Vec<_> = (0..3)
         .map(|_| {
             coalescing.observe(ms(10), start);
@@ -398,10 +398,11 @@ fn the_batch_grows_on_every_turn_behind_and_shrinks_once_per_longest_wait() {
         .collect();
     assert_eq!(batches, [2, 4, 4]);
     // A connection written at `start` waits for its batch, at most 200 ms.
-    assert_eq!(coalescing.holds(start, 3, start + ms(10)), Some(start + ms(200)));
-    assert_eq!(coalescing.holds(start, 4, start + ms(10)), None, "its batch is there");
-    assert_eq!(coalescing.holds(start, 3, start + ms(200)), None, "waited long enough");
-    assert_eq!(coalescing.holds(start, 1, start + ms(4)), None, "written within 5 ms: company comes by itself");
+    assert!(coalescing.holds(start, 3, start + ms(10)));
+    assert_eq!(coalescing.wait(), ms(200));
+    assert!(!coalescing.holds(start, 4, start + ms(10)), "its batch is there");
+    assert!(!coalescing.holds(start, 3, start + ms(200)), "waited long enough");
+    assert!(!coalescing.holds(start, 1, start + ms(4)), "written within 5 ms: company comes by itself");
     // Caught up: holding is what let the shard catch up; it shrinks once per 200 ms.
     coalescing.observe(Duration::ZERO, start + ms(199));
     assert_eq!(coalescing.batch(), 4);
@@ -474,6 +475,35 @@ fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longes
         h.frames(key);
         assert!(h.core.held_entries() <= 1, "round {round}: {} entries", h.core.held_entries());
     }
+}
+
+#[test]
+fn a_connection_written_in_the_turn_before_is_not_held_for_a_batch() {
+    // A closed loop's or a broadcast's connections get events every turn, however long a
+    // turn takes: holding them for a batch only slowed the publishers waiting on them.
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 4096;
+        c.write_coalescing_max_ms = 200;
+    });
+    let key = h.websocket("/ws");
+    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+    h.output(key);
+    // Behind for two turns (their events, for nobody, waited 10 ms): the batch is 4.
+    for _ in 0..2 {
+        h.publish("z", "0");
+        h.now += Duration::from_millis(10);
+        h.turn();
+        h.frames(key);
+    }
+    h.publish("a", "0");
+    h.turn();
+    assert_eq!(event_data(&h.frames(key)), [0], "written in this turn's flush");
+    // The next turn comes 10 ms later (a long turn), with more events waiting behind.
+    h.now += Duration::from_millis(10);
+    h.publish("a", "1");
+    (0..40).for_each(|_| h.publish("z", "0"));
+    assert!(h.core.handle_inbox(h.now), "company is coming");
+    assert_eq!(event_data(&h.frames(key)), [1], "written in the turn before: not held");
 }
 
 #[test]
