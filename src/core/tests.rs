@@ -422,10 +422,10 @@ fn the_batch_grows_on_every_turn_behind_and_shrinks_once_per_longest_wait() {
     assert_eq!(coalescing.wait(), Duration::ZERO);
 }
 
-#[test]
-fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longest_wait() {
-    // A connection hearing events often gathers its batch in milliseconds: it must not
-    // wait the 200 ms a connection hearing them rarely may wait.
+/// A WebSocket subscribed to `a` on a shard (200 ms `write_coalescing_max_ms`, 1 KiB of
+/// events per turn) whose last two turns found events (for nobody) that waited 10 ms: its
+/// batch is 4.
+fn subscriber_of_a_on_a_shard_that_fell_behind() -> (Harness, usize) {
     let mut h = Harness::new(|c| {
         c.max_outbound_bytes = 4096;
         c.write_coalescing_max_ms = 200;
@@ -433,13 +433,26 @@ fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longes
     let key = h.websocket("/ws");
     h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
     h.output(key);
+    for _ in 0..2 {
+        h.publish("z", "0");
+        h.now += Duration::from_millis(10);
+        h.turn();
+        h.frames(key);
+    }
+    (h, key)
+}
+
+#[test]
+fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longest_wait() {
+    // A connection hearing events often gathers its batch in milliseconds: it must not
+    // wait the 200 ms a connection hearing them rarely may wait.
+    let (mut h, key) = subscriber_of_a_on_a_shard_that_fell_behind();
     h.publish("a", "0");
     h.turn();
     assert_eq!(event_data(&h.frames(key)), [0]);
-    // Two turns whose events (for nobody) waited 10 ms: the batch is 4. (The shard
-    // flushes every turn: a connection written in the turn before is not held.)
+    // 20 ms later (the shard flushes every turn: a connection written in the turn before
+    // is not held), events for it keep coming.
     for _ in 0..2 {
-        h.publish("z", "0");
         h.now += Duration::from_millis(10);
         h.turn();
         assert!(h.frames(key).is_empty());
@@ -481,20 +494,7 @@ fn a_shard_behind_writes_a_connection_once_it_has_its_batch_not_after_the_longes
 fn a_connection_written_in_the_turn_before_is_not_held_for_a_batch() {
     // A closed loop's or a broadcast's connections get events every turn, however long a
     // turn takes: holding them for a batch only slowed the publishers waiting on them.
-    let mut h = Harness::new(|c| {
-        c.max_outbound_bytes = 4096;
-        c.write_coalescing_max_ms = 200;
-    });
-    let key = h.websocket("/ws");
-    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
-    h.output(key);
-    // Behind for two turns (their events, for nobody, waited 10 ms): the batch is 4.
-    for _ in 0..2 {
-        h.publish("z", "0");
-        h.now += Duration::from_millis(10);
-        h.turn();
-        h.frames(key);
-    }
+    let (mut h, key) = subscriber_of_a_on_a_shard_that_fell_behind();
     h.publish("a", "0");
     h.turn();
     assert_eq!(event_data(&h.frames(key)), [0], "written in this turn's flush");
