@@ -964,8 +964,8 @@ impl Core {
                     Ok(()) => queued += 1,
                     Err(over) => slow.push((at.conn, over)),
                 }
-                if conn.dirty_since.is_none() {
-                    conn.dirty_since = Some(now);
+                if !conn.dirty {
+                    conn.dirty = true;
                     ctx.dirty.push(at.conn);
                 } else if !conn.transmit_queued
                     && (conn.queued_events() >= batch || conn.queued_bytes() >= COALESCE_BYTES)
@@ -981,7 +981,7 @@ impl Core {
                 ctx.slow_consumer(key, &mut conns[key], over, now);
             }
             for key in full.drain(..) {
-                if conns[key].dirty_since.is_some() {
+                if conns[key].dirty {
                     ctx.release(&mut conns[key], key, now);
                 }
             }
@@ -1044,7 +1044,7 @@ impl Core {
         let Core { conns, ctx } = self;
         let mut dirty = std::mem::take(&mut ctx.dirty);
         for key in dirty.drain(..) {
-            let Some(conn) = conns.get_mut(key).filter(|c| c.dirty_since.is_some()) else { continue };
+            let Some(conn) = conns.get_mut(key).filter(|c| c.dirty) else { continue };
             let held = hold
                 && !conn.out.has_owned()
                 && conn.queued_bytes() < COALESCE_BYTES
@@ -1070,17 +1070,17 @@ impl Core {
             ctx.held.pop();
             // The key may name another connection by now.
             let Some(conn) = conns.get_mut(key).filter(|c| c.id == id) else { continue };
-            match (conn.dirty_since, conn.released_at) {
+            match (conn.dirty, conn.released_at) {
                 // Written since (it gathered its batch, or a reply took its events along)
                 // and dirty again: due a wait after that write.
-                (Some(_), Some(last)) if last != at && now < last + wait => {
+                (true, Some(last)) if last != at && now < last + wait => {
                     ctx.held.push(Reverse((last, key, id)));
                 }
-                (Some(_), _) => {
+                (true, _) => {
                     conn.held = false;
                     ctx.release(conn, key, now);
                 }
-                (None, _) => conn.held = false,
+                (false, _) => conn.held = false,
             }
         }
         ctx.next_flush = ctx.held.peek().map(|Reverse((at, _, _))| *at + wait);
@@ -1110,7 +1110,7 @@ impl Core {
 /// many events went compressed.
 fn write_batch(conn: &mut Conn, wall: SystemTime) -> usize {
     let State::WebSocket(ws) = &mut conn.state else { return 0 };
-    if ws.batch_pending.is_empty() {
+    if !ws.batch || ws.batch_pending.is_empty() {
         return 0;
     }
     let events = ws.batch_pending.take();
@@ -1236,7 +1236,7 @@ impl Ctx {
 
     /// Ends a connection's wait for company: its events are written this turn.
     fn release(&mut self, conn: &mut Conn, key: usize, now: Instant) {
-        conn.dirty_since = None;
+        conn.dirty = false;
         conn.released_at = Some(now);
         self.transmit_now(conn, key);
     }

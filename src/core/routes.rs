@@ -419,7 +419,7 @@ impl Ctx {
             batch: request.query_param("batch").is_some_and(|b| b == "1" || b == "true"),
             batch_pending: Default::default(),
             client_id: super::members::client_id(conn.id),
-            subs: Vec::new(),
+            subs: Default::default(),
             next_key: 1,
             sent: 0,
             last_heard: now,

@@ -403,10 +403,6 @@ impl Ctx {
         let joiner = Joiner { conn_id: conn.id, user, info: info.as_deref(), transport: Transport::WebSocket };
         self.join_presence(&joiner, &sub.filter.patterns, now);
         let replay_filter = replay.is_some().then(|| sub.filter.clone());
-        if ws.subs.is_empty() {
-            // Most connections hold one subscription: do not let the first take room for four.
-            ws.subs.reserve_exact(1);
-        }
         let payload = json!({"subscription_id": sub.id, "status": "subscribed", "recovered": recovered});
         ws.subs.push(sub);
         self.gauge(None, None, 1);
