@@ -442,13 +442,14 @@ pub struct HttpConn {
 /// A connection that upgraded to WebSocket.
 ///
 /// Laid out in declaration order from a cache-line boundary: the fields every delivery
-/// reads (`Conn::wants`, `Conn::push_event`, the bound and the write) fill the first two
-/// lines, the first subscription's hot fields inline among them, so a fan-out touches
-/// two adjacent lines of this box per connection. With the compiler's order and the
-/// subscriptions in a heap block of their own they sat on five lines (the subscription
-/// list at byte 432, the pending batch at 376, deflate at 632, the batch flag at 685, the
-/// subscription elsewhere), each a cache miss on a connection not seen since its last
-/// event (`cargo bench --bench fanout -- core_100`).
+/// reads (`Conn::wants`, `Conn::push_event`, the bound and the write) fill the first three
+/// lines, the first subscription inline among them (its hot fields in the first two, the
+/// list's capacity word after it), so a fan-out touches three adjacent lines of this box
+/// per connection. With the compiler's order and the subscriptions in a heap block of
+/// their own they sat on four lines of the box (the pending batch at byte 376, the
+/// subscription list at 432, deflate at 632, the batch flag at 685) and one or two of the
+/// block, each a cache miss on a connection not seen since its last event
+/// (`cargo bench --bench fanout -- core_100`).
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub struct WsConn {
@@ -912,10 +913,10 @@ mod tests {
         ] {
             assert!(end <= 3 * 64, "{end}");
         }
-        // Its WebSocket box: deflate, the batch flag, the subscription list with its
-        // first subscription in the first three lines (the list's length past the inline
-        // one), and that subscription's key, `after`, sources and correlation id in its
-        // first 88 bytes.
+        // Its WebSocket box: deflate and the batch flag in the first line, the
+        // subscription list with its first subscription inline (and its capacity word
+        // after it) within the first three, and that subscription's key, `after`, sources
+        // and correlation id in its first 88 bytes.
         assert_eq!(align_of::<WsConn>(), 64);
         assert!(offset_of!(WsConn, batch) < 64 && offset_of!(WsConn, deflate) + size_of::<Option<Agreement>>() <= 64);
         assert!(offset_of!(WsConn, subs) + size_of::<SmallVec<[Subscription; 1]>>() <= 3 * 64);
