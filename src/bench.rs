@@ -223,13 +223,18 @@ impl Report {
     }
 }
 
-/// The capacity rule: the highest offered rate delivered in full with p99 at or under
-/// `slo`. `rows` are (offered rate, its report).
+/// The capacity rule: the highest offered rate up to which every rate tried was delivered
+/// in full with p99 at or under `slo`. A rate that met the bound above one that missed it
+/// does not count: at a machine's edge a pass after a miss is the run's luck, and counting
+/// it put a fan-out capacity at 5,000/s in a sweep that missed at 3,000/s. `rows` are
+/// (offered rate, its report), in any order.
 pub fn capacity<'r>(rows: impl IntoIterator<Item = (u64, &'r Report)>, window: Duration, slo: Duration) -> Option<u64> {
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    rows.sort_by_key(|(rate, _)| *rate);
     rows.into_iter()
-        .filter(|(_, r)| r.delivered_in_full(window) && r.latency_us.p99 <= slo.as_micros() as u64)
+        .take_while(|(_, r)| r.delivered_in_full(window) && r.latency_us.p99 <= slo.as_micros() as u64)
         .map(|(rate, _)| rate)
-        .max()
+        .last()
 }
 
 /// When each publish of an open-loop publisher is due: `rate` per second from `start_us`
@@ -1355,10 +1360,12 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_the_highest_rate_delivered_in_full_within_the_bound() {
+    fn capacity_is_the_highest_rate_up_to_which_every_rate_was_delivered_in_full_within_the_bound() {
         let window = Duration::from_secs(10);
         let slo = Duration::from_millis(50);
         let rows = [
+            // Within the bound above a miss: not counted.
+            (6_000, report(6_000, 60_000, 0, 45)),
             (1_000, report(1_000, 10_000, 0, 5)),
             (2_000, report(2_000, 20_000, 0, 40)),
             // Over the latency bound.
@@ -1369,7 +1376,8 @@ mod tests {
             (5_000, report(5_000, 50_000, 3, 10)),
         ];
         assert_eq!(capacity(rows.iter().map(|(r, rep)| (*r, rep)), window, slo), Some(2_000));
-        assert_eq!(capacity(rows[2..].iter().map(|(r, rep)| (*r, rep)), window, slo), None);
+        assert_eq!(capacity(rows[3..].iter().map(|(r, rep)| (*r, rep)), window, slo), None);
+        assert_eq!(capacity(rows[..3].iter().map(|(r, rep)| (*r, rep)), window, slo), Some(6_000));
     }
 
     #[test]

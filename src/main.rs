@@ -84,7 +84,7 @@ struct BenchArgs {
     #[arg(long, value_name = "N")]
     closed_loop: Option<u64>,
     /// One row per offered rate (open loop), then each server's capacity: the highest rate
-    /// delivered in full with p99 at or under --slo-ms.
+    /// up to which every rate tried was delivered in full with p99 at or under --slo-ms.
     #[arg(long, value_delimiter = ',', value_name = "R1,R2,...")]
     sweep: Vec<u64>,
     /// The latency bound of the capacity rule, milliseconds (p99).
