@@ -135,6 +135,14 @@ impl Harness {
         key
     }
 
+    /// A WebSocket subscribed to topic `a`, its ack read.
+    pub fn subscriber_of_a(&mut self) -> usize {
+        let key = self.websocket("/ws");
+        self.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
+        self.output(key);
+        key
+    }
+
     pub fn gauges(&self) -> (i64, i64, i64, i64) {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.shared.counters[0];
@@ -357,9 +365,7 @@ fn a_held_connection_with_a_writes_worth_queued_goes_at_once() {
         c.write_coalescing_min_ms = 300;
         c.write_coalescing_max_ms = 300;
     });
-    let key = h.websocket("/ws");
-    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
-    h.output(key);
+    let key = h.subscriber_of_a();
     h.publish("a", "0");
     h.turn();
     assert_eq!(event_data(&h.frames(key)), [0], "written: the next events may be held");
@@ -430,9 +436,7 @@ fn subscriber_of_a_on_a_shard_that_fell_behind() -> (Harness, usize) {
         c.max_outbound_bytes = 4096;
         c.write_coalescing_max_ms = 200;
     });
-    let key = h.websocket("/ws");
-    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
-    h.output(key);
+    let key = h.subscriber_of_a();
     for _ in 0..2 {
         h.publish("z", "0");
         h.now += Duration::from_millis(10);
@@ -514,9 +518,7 @@ fn events_are_never_held_once_the_inbox_is_empty() {
         c.write_coalescing_min_ms = 20;
         c.write_coalescing_max_ms = 20;
     });
-    let key = h.websocket("/ws");
-    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
-    h.output(key);
+    let key = h.subscriber_of_a();
     for round in 0..10 {
         h.publish("a", &round.to_string());
         h.turn();
@@ -954,9 +956,7 @@ fn a_connection_keeps_one_timer_entry_however_often_it_pauses() {
 #[test]
 fn coalescing_follows_this_nodes_clock_not_the_publishers() {
     let mut h = Harness::new(|c| c.write_coalescing_max_ms = 20);
-    let key = h.websocket("/ws");
-    h.input(key, &text(r#"{"type":"subscribe","payload":{"topics":["a"]}}"#));
-    h.frames(key);
+    let key = h.subscriber_of_a();
     // Entries stamped by a node whose clock runs five seconds ahead of... behind ours.
     let skewed = std::time::SystemTime::now() - Duration::from_secs(5);
     let mut timestamp = String::new();
